@@ -1,0 +1,98 @@
+"""The only module that builds Envoy ext_proc responses (besides the server's framing).
+
+Header values always go in `raw_value`: Envoy reads mutations from it, and `value` alone empties the header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+
+__all__ = [
+    "STREAMED_RESPONSE",
+    "Header",
+    "continue_request_body",
+    "continue_response_body",
+    "continue_response_headers",
+    "immediate",
+    "request_body",
+    "response_body",
+    "response_headers",
+]
+
+Header = tuple[str, str]
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+STREAMED_RESPONSE = processing_mode_pb2.ProcessingMode(
+    response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED,
+)
+
+
+def _mutation(set_headers: Iterable[Header], remove: Iterable[str] = ()) -> ep.HeaderMutation:
+    return ep.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE
+            )
+            for k, v in set_headers
+        ],
+        remove_headers=list(remove),
+    )
+
+
+def request_body(body: bytes, set_headers: Iterable[Header]) -> ep.ProcessingResponse:
+    """Replace the buffered request body; headers are still held, so `:path` and content-length can change."""
+    return ep.ProcessingResponse(
+        request_body=ep.BodyResponse(
+            response=ep.CommonResponse(header_mutation=_mutation(set_headers), body_mutation=ep.BodyMutation(body=body))
+        )
+    )
+
+
+def response_headers(
+    set_headers: Iterable[Header] = (),
+    remove: Iterable[str] = (),
+    mode: processing_mode_pb2.ProcessingMode | None = None,
+) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(
+        response_headers=ep.HeadersResponse(response=ep.CommonResponse(header_mutation=_mutation(set_headers, remove))),
+        mode_override=mode,
+    )
+
+
+def response_body(body: bytes, set_headers: Iterable[Header] = ()) -> ep.ProcessingResponse:
+    """Replace a response body (a whole buffered body, or one streamed chunk; b"" emits nothing for this chunk)."""
+    mutation = _mutation(set_headers) if set_headers else None
+    return ep.ProcessingResponse(
+        response_body=ep.BodyResponse(
+            response=ep.CommonResponse(header_mutation=mutation, body_mutation=ep.BodyMutation(body=body))
+        )
+    )
+
+
+def immediate(status: int, body: bytes, headers: Iterable[Header] = ()) -> ep.ProcessingResponse:
+    """Answer the client now, without (or instead of) Shimmy's answer."""
+    return ep.ProcessingResponse(
+        immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=_mutation([("content-type", "application/json"), *headers]),
+            body=body,
+        )
+    )
+
+
+def continue_response_headers() -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+
+
+def continue_response_body() -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(response_body=ep.BodyResponse())
+
+
+def continue_request_body() -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(request_body=ep.BodyResponse())

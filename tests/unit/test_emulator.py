@@ -1,0 +1,724 @@
+"""The Shimmy emulator against the protocol spec (shimmy-api.md), byte for byte where the gateway depends on it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+from aiohttp import web
+
+from shimmy import axum, binary
+from shimmy.emulator import EmulatorConfig, create_app
+from shimmy.engine import tokenize
+from shimmy.native import GENERATE
+from shimmy.profiles import profile_for
+
+MODEL = "phi3-lora"
+REPLY = "Hello! I am the Shimmy emulator. How can I help you today?"
+PLAIN = "text/plain; charset=utf-8"
+CORS = {
+    "access-control-allow-origin": "*",
+    "access-control-allow-methods": "GET, POST, OPTIONS",
+    "access-control-allow-headers": "Content-Type, Authorization",
+    "access-control-max-age": "86400",
+}
+
+
+@dataclass
+class Emulator:
+    client: httpx.AsyncClient
+    config: EmulatorConfig
+    url: str
+
+    async def configure(self, **changes: Any) -> None:
+        r = await self.client.put("/_emulator/config", json=changes)
+        assert r.status_code == 200, r.text
+
+    async def stats(self) -> dict[str, Any]:
+        return (await self.client.get("/_emulator/stats")).json()  # type: ignore[no-any-return]
+
+    async def generate(self, **body: Any) -> httpx.Response:
+        return await self.client.post("/api/generate", json={"model": MODEL, **body})
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    config = EmulatorConfig(version="2.5.0", models=[MODEL], reply=REPLY)
+    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            yield Emulator(client, config, url)
+    finally:
+        await runner.cleanup()
+
+
+def events(body: str) -> list[str]:
+    """SSE event data, joined per the SSE spec (one leading space stripped, lines joined with \\n)."""
+    out = []
+    for block in body.split("\n\n"):
+        if block:
+            out.append("\n".join(line.removeprefix("data:").removeprefix(" ") for line in block.split("\n")))
+    return out
+
+
+# --- engine and tokenizer ---------------------------------------------------------------------------------------
+
+
+def test_tokens_look_like_a_bpe_tokenizer_and_rebuild_the_reply() -> None:
+    text = "Hello! I am fine.\n\nBye_now 42  x\ty"
+    tokens = [t.text for t in tokenize(text)]
+    assert tokens[:8] == ["Hello", "!", " I", " am", " fine", ".", "\n\n", "Bye"]
+    assert "".join(tokens) == text
+    assert tokenize(" world")[0].sse == b"data:  world\n\n"
+    assert tokenize("\n")[0].sse == b"data: \ndata: \n\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "wire"),
+    [
+        ("Hello", b"data: Hello\n\n"),
+        (" world", b"data:  world\n\n"),
+        ("\n", b"data: \ndata: \n\n"),
+        ("!\n\n", b"data: !\ndata: \ndata: \n\n"),
+        ("", b"data: \n\n"),
+        ("[DONE]", b"data: [DONE]\n\n"),
+    ],
+)
+def test_axum_sse_framing(data: str, wire: bytes) -> None:
+    assert axum.sse_event(data) == wire
+
+
+@pytest.mark.parametrize(
+    ("body", "syntax", "message"),
+    [
+        ("", True, "EOF while parsing a value at line 1 column 0"),
+        ('{"model":"m"', True, "EOF while parsing an object at line 1 column 12"),
+        ('{"model":"m",}', True, "trailing comma at line 1 column 14"),
+        ('{"model":"m"} x', True, "trailing characters at line 1 column 15"),
+        ('{"prompt":"hi"}', False, "missing field `model` at line 1 column 15"),
+        (
+            '{"model":"m","stream":"true"}',
+            False,
+            'stream: invalid type: string "true", expected a boolean at line 1 column 28',
+        ),
+        (
+            '{"model":"m","max_tokens":-1}',
+            False,
+            "max_tokens: invalid value: integer `-1`, expected usize at line 1 column 28",
+        ),
+        (
+            '{"model":"m","max_tokens":100.0}',
+            False,
+            "max_tokens: invalid type: floating point `100.0`, expected usize at line 1 column 31",
+        ),
+        (
+            '{"model":"m","messages":[{"role":"user","content":null}]}',
+            False,
+            "messages[0].content: invalid type: null, expected a string at line 1 column 54",
+        ),
+        (
+            '{"model":"m","messages":[{"role":"user"}]}',
+            False,
+            "messages[0]: missing field `content` at line 1 column 40",
+        ),
+        ('{"model":"m","extra":{"a":[1,}}', True, "extra: expected value at line 1 column 30"),
+        (
+            '{"model":"m",\n"top_k":1.5}',
+            False,
+            "top_k: invalid type: floating point `1.5`, expected i32 at line 2 column 11",
+        ),
+    ],
+)
+def test_serde_errors_are_reproduced(body: str, syntax: bool, message: str) -> None:
+    with pytest.raises(axum.Invalid) as info:
+        axum.parse(body, GENERATE)
+    assert info.value.syntax is syntax
+    assert info.value.path_message(body) == message
+
+
+def test_valid_bodies_parse_to_plain_json() -> None:
+    body = '{"model":"m","stream":null,"max_tokens":0,"unknown":[1,{"x":null}],"temperature":1}'
+    assert axum.parse(body, GENERATE) == json.loads(body)
+
+
+def test_profiles() -> None:
+    old, head = profile_for("v1.7.2"), profile_for("2.5.0")
+    assert ("POST", "/v1/completions") not in old.routes and ("POST", "/v1/completions") in head.routes
+    assert ("POST", "/v1/messages") not in old.routes and ("POST", "/v1/messages") in profile_for("1.7.4").routes
+    assert not old.stream_error_event and head.stream_error_event
+    assert old.duplicate_discovered and not head.duplicate_discovered
+    assert profile_for("1.7.4").models_root and not head.models_root
+    with pytest.raises(ValueError, match="not a Shimmy version"):
+        profile_for("latest")
+
+
+def test_binary_recipe(tmp_path: Any) -> None:
+    assert binary.command("/opt/shimmy", 8080) == ["/opt/shimmy", "serve", "--bind", "127.0.0.1:8080"]
+    assert binary.environment("/m/phi.gguf", "/m;/n") == {
+        "SHIMMY_BASE_GGUF": "/m/phi.gguf",
+        "SHIMMY_MODEL_PATHS": "/m;/n",
+    }
+    assert binary.environment("", "") == {}
+    gguf = tmp_path / "phi.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert binary.available(sys.executable, str(gguf), "")
+    assert not binary.available(sys.executable, "", "")
+    assert not binary.available("no-such-shimmy-binary", str(gguf), "")
+
+
+# --- /api/generate ------------------------------------------------------------------------------------------------
+
+
+async def test_generate_streams_when_stream_is_absent(emu: Emulator) -> None:
+    r = await emu.generate(prompt="hi")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/event-stream"
+    assert r.headers["cache-control"] == "no-cache"
+    assert r.headers["transfer-encoding"] == "chunked"
+    assert r.text.endswith("data: [DONE]\n\n")
+    assert "".join(events(r.text)[:-1]) == REPLY
+
+
+async def test_stream_wire_bytes(emu: Emulator) -> None:
+    await emu.configure(reply="Hi there!\nBye")
+    r = await emu.generate(prompt="hi", stream=True)
+    assert r.content == b"data: Hi\n\ndata:  there\n\ndata: !\n\ndata: \ndata: \n\ndata: Bye\n\ndata: [DONE]\n\n"
+    assert events(r.text) == ["Hi", " there", "!", "\n", "Bye", "[DONE]"]
+
+
+async def test_stream_null_also_streams(emu: Emulator) -> None:
+    r = await emu.generate(stream=None, max_tokens=1)
+    assert r.content == b"data: Hello\n\ndata: [DONE]\n\n"
+
+
+async def test_non_stream_body(emu: Emulator) -> None:
+    r = await emu.generate(prompt="hi", stream=False)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert r.content == json.dumps({"response": REPLY}, separators=(",", ":")).encode()
+    assert (await emu.generate(stream=False, max_tokens=2)).json() == {"response": "Hello!"}
+    assert (await emu.generate(stream=False, max_tokens=0)).json() == {"response": ""}
+
+
+async def test_repeat_fills_max_tokens(emu: Emulator) -> None:
+    await emu.configure(reply="ab cd", repeat=True)
+    assert (await emu.generate(stream=False, max_tokens=5)).json() == {"response": "ab cdab cdab"}
+
+
+async def test_unknown_model_is_an_empty_404(emu: Emulator) -> None:
+    r = await emu.client.post("/api/generate", json={"model": "gpt-4o", "prompt": "hi"})
+    assert (r.status_code, r.content) == (404, b"")
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "text"),
+    [
+        (b'{"model":"phi3-lora"}', None, 415, "Expected request with `Content-Type: application/json`"),
+        (b'{"model":"phi3-lora"}', "text/json", 415, "Expected request with `Content-Type: application/json`"),
+        (
+            b"{",
+            "application/json",
+            400,
+            "Failed to parse the request body as JSON: EOF while parsing an object at line 1 column 1",
+        ),
+        (
+            b'{"prompt":"Say hi"}',
+            "application/json",
+            422,
+            "Failed to deserialize the JSON body into the target type: missing field `model` at line 1 column 19",
+        ),
+        (
+            b'{"model":"phi3-lora","max_tokens":-5}',
+            "application/json; charset=utf-8",
+            422,
+            "Failed to deserialize the JSON body into the target type: max_tokens: invalid value: integer `-5`, "
+            "expected usize at line 1 column 36",
+        ),
+        (
+            b'{"model":"phi3-lora","max_tokens":1.5}',
+            "application/json",
+            422,
+            "Failed to deserialize the JSON body into the target type: max_tokens: invalid type: floating point "
+            "`1.5`, expected usize at line 1 column 37",
+        ),
+        (
+            b'{"model":"phi3-lora","stream":"true"}',
+            "application/vnd.shimmy+json",
+            422,
+            'Failed to deserialize the JSON body into the target type: stream: invalid type: string "true", '
+            "expected a boolean at line 1 column 36",
+        ),
+    ],
+)
+async def test_axum_rejections_are_plain_text(
+    emu: Emulator, content: bytes, content_type: str | None, status: int, text: str
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    r = await emu.client.post("/api/generate", content=content, headers=headers)
+    assert (r.status_code, r.headers["content-type"], r.text) == (status, PLAIN, text)
+
+
+async def test_body_over_2_mib_is_413(emu: Emulator) -> None:
+    body = json.dumps({"model": MODEL, "prompt": "x" * (2 * 1024 * 1024)}).encode()
+    r = await emu.client.post("/api/generate", content=body, headers={"content-type": "application/json"})
+    assert (r.status_code, r.text) == (413, "Failed to buffer the request body: length limit exceeded")
+
+
+async def test_stream_error_is_reported_in_2x(emu: Emulator) -> None:
+    await emu.configure(error_after=2)
+    r = await emu.generate(stream=True)
+    assert r.status_code == 200
+    assert r.text == (
+        "data: Hello\n\ndata: !\n\ndata: [ERROR] generation failed after 2 tokens (emulated)\n\ndata: [DONE]\n\n"
+    )
+
+
+async def test_stream_error_is_swallowed_in_1x(emu: Emulator) -> None:
+    await emu.configure(version="1.7.2", error_after=2)
+    r = await emu.generate(stream=True)
+    assert r.text == "data: Hello\n\ndata: !\n\ndata: [DONE]\n\n"
+
+
+async def test_non_stream_generation_failure_is_an_empty_502(emu: Emulator) -> None:
+    await emu.configure(error_after=1)
+    r = await emu.generate(stream=False)
+    assert (r.status_code, r.content) == (502, b"")
+
+
+async def test_fail_load_is_an_empty_502(emu: Emulator) -> None:
+    await emu.configure(fail_load=True)
+    for stream in (True, False):
+        r = await emu.generate(stream=stream)
+        assert (r.status_code, r.content) == (502, b"")
+    chat = await emu.client.post("/v1/chat/completions", json=CHAT)
+    assert (chat.status_code, chat.content) == (502, b"")
+
+
+async def test_drop_after_truncates_the_stream(emu: Emulator) -> None:
+    await emu.configure(drop_after=2)
+    received = b""
+    with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+        async with emu.client.stream("POST", "/api/generate", json={"model": MODEL}) as r:
+            assert r.status_code == 200
+            async for chunk in r.aiter_raw():
+                received += chunk
+    assert received == b"data: Hello\n\ndata: !\n\n"
+
+
+async def test_drop_after_closes_a_non_stream_request_without_response(emu: Emulator) -> None:
+    await emu.configure(drop_after=1)
+    with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+        await emu.generate(stream=False)
+
+
+async def test_carriage_return_token_aborts_the_stream_like_axum(emu: Emulator) -> None:
+    await emu.configure(reply="a\r\nb")
+    with pytest.raises(httpx.RemoteProtocolError):
+        await emu.generate(stream=True)
+
+
+async def test_hang_answers_nothing_until_the_client_leaves(emu: Emulator) -> None:
+    await emu.configure(hang=True)
+    with pytest.raises(httpx.ReadTimeout):
+        await emu.client.post("/api/generate", json={"model": MODEL, "stream": False}, timeout=0.3)
+    for _ in range(40):
+        if (await emu.stats())["active_generations"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await emu.stats())["active_generations"] == 0
+
+
+async def test_tokens_are_paced_and_flushed_one_by_one(emu: Emulator) -> None:
+    await emu.configure(reply="one two three four", token_delay_ms=200)
+    arrivals: list[float] = []
+    buffer = b""
+    start = time.monotonic()
+    async with emu.client.stream("POST", "/api/generate", json={"model": MODEL, "stream": True}) as r:
+        async for chunk in r.aiter_raw():
+            buffer += chunk
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                arrivals.append(time.monotonic() - start)
+                assert event
+    assert len(arrivals) == 5  # four tokens and [DONE]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals[:4])]  # [DONE] follows the last token at once
+    assert arrivals[0] >= 0.15
+    assert all(0.15 <= gap <= 0.6 for gap in gaps), gaps
+
+
+async def test_load_delay_once_in_2x_every_time_in_1x(emu: Emulator) -> None:
+    async def elapsed() -> float:
+        start = time.monotonic()
+        assert (await emu.generate(stream=False, max_tokens=1)).status_code == 200
+        return time.monotonic() - start
+
+    await emu.configure(load_delay_ms=300)
+    assert await elapsed() >= 0.28
+    assert await elapsed() < 0.2
+    await emu.configure(version="1.7.2")
+    assert await elapsed() >= 0.28
+    assert await elapsed() >= 0.28
+
+
+async def test_generations_run_concurrently(emu: Emulator) -> None:
+    await emu.configure(reply="a b c d e", token_delay_ms=100)
+    start = time.monotonic()
+    tasks = [asyncio.create_task(emu.generate(stream=False)) for _ in range(8)]
+    await asyncio.sleep(0.25)
+    assert (await emu.stats())["active_generations"] == 8
+    results = await asyncio.gather(*tasks)
+    assert all(r.json() == {"response": "a b c d e"} for r in results)
+    assert time.monotonic() - start < 1.5
+
+
+async def test_messages_are_rendered_like_shimmy(emu: Emulator) -> None:
+    messages = [{"role": "user", "content": "Say hi"}]
+    await emu.generate(system="You are terse.", messages=messages, prompt="ignored", stream=False)
+    expected = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nSay hi<|im_end|>\n"
+    assert (await emu.stats())["last_prompt"] == expected
+
+
+# --- listings, health, metrics -------------------------------------------------------------------------------------
+
+
+async def test_health_body_per_version(emu: Emulator) -> None:
+    r = await emu.client.get("/health")
+    body = r.json()
+    assert list(body) == sorted(body)
+    assert body["version"] == "2.5.0"
+    assert body["models"] == {"discovered": 1, "manual": 0, "total": 1}
+    assert body["compatibility"] == {"cors": True, "openai": True}
+    assert body["endpoints"]["generate"] == "/api/generate"
+    assert abs(body["uptime_seconds"] - time.time()) < 5  # epoch seconds, Shimmy's quirk
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3}|\.\d{6}|\.\d{9})?\+00:00", body["timestamp"])
+
+    await emu.configure(version="1.7.2")
+    body = (await emu.client.get("/health")).json()
+    assert (body["version"], body["models"]) == ("1.7.2", {"discovered": 1, "manual": 1, "total": 1})
+
+    await emu.configure(version="1.2.0")
+    assert "endpoints" not in (await emu.client.get("/health")).json()
+    await emu.configure(version="1.0.0")
+    assert (await emu.client.get("/health")).content == b'{"status":"ok"}'
+
+
+async def test_v1_models_shape(emu: Emulator) -> None:
+    await emu.configure(models=["zeta", MODEL, "zeta"])
+    data = (await emu.client.get("/v1/models")).json()
+    assert data["object"] == "list"
+    assert [m["id"] for m in data["data"]] == [MODEL, "zeta"]
+    entry = data["data"][0]
+    assert list(entry) == ["id", "object", "created", "owned_by"]
+    assert entry["owned_by"] == "shimmy" and abs(entry["created"] - time.time()) < 5
+
+    await emu.configure(version="1.7.2")
+    assert (await emu.client.get("/v1/models")).json()["data"][0]["created"] == 0
+    await emu.configure(version="1.7.4")
+    assert (await emu.client.get("/v1/models")).json()["data"][0]["root"] == MODEL
+
+
+async def test_api_models_duplicates_in_1x(emu: Emulator) -> None:
+    models = (await emu.client.get("/api/models")).json()["models"]
+    assert [(m["name"], m["source"]) for m in models] == [(MODEL, "discovered")]
+    await emu.configure(version="1.7.2")
+    models = (await emu.client.get("/api/models")).json()["models"]
+    assert [(m["name"], m["source"]) for m in models] == [(MODEL, "registered"), (MODEL, "discovered")]
+    assert models[0] == {
+        "name": MODEL,
+        "size_bytes": None,
+        "model_type": None,
+        "parameter_count": None,
+        "source": "registered",
+    }
+    assert models[1]["model_type"] == "Phi"
+
+
+async def test_metrics_is_json(emu: Emulator) -> None:
+    body = (await emu.client.get("/metrics")).json()
+    assert body["service"] == "shimmy" and body["models"]["total_count"] == 1
+    assert body["features"] == {"huggingface": True} and body["gpu_detected"] is False
+    await emu.configure(version="1.7.2")
+    body = (await emu.client.get("/metrics")).json()
+    assert "gpu_detected" not in body and body["features"] == {"huggingface": True, "llama": True}
+
+
+# --- Shimmy's own /v1/chat/completions ---------------------------------------------------------------------------
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"}]}
+
+
+async def test_chat_streams_by_default_with_shimmy_chunks(emu: Emulator) -> None:
+    await emu.configure(reply="Hi there!")
+    r = await emu.client.post("/v1/chat/completions", json=CHAT)
+    assert r.headers["content-type"] == "text/event-stream"
+    data = events(r.text)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert len({c["id"] for c in chunks}) == 1 and re.fullmatch(r"chatcmpl-[0-9a-f]{32}", chunks[0]["id"])
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL for c in chunks)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"content": None, "role": "assistant"}
+    assert deltas[1:-1] == [{"content": t, "role": None} for t in ("Hi", " there", "!")]
+    assert deltas[-1] == {"content": None, "role": None}
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, None, None, "stop"]
+    assert list(deltas[1]) == ["content", "role"]
+    prompt = (await emu.stats())["last_prompt"]
+    assert prompt == "<|im_start|>system\nBe brief<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+async def test_chat_non_stream_when_the_default_is_openais(emu: Emulator) -> None:
+    await emu.configure(openai_stream_default=False)
+    r = await emu.client.post("/v1/chat/completions", json=CHAT)
+    body = r.json()
+    assert list(body) == ["id", "object", "created", "model", "choices", "usage"]
+    assert body["object"] == "chat.completion"
+    assert body["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": REPLY}, "finish_reason": "stop"}
+    ]
+    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert (await emu.client.post("/v1/chat/completions", json={**CHAT, "stream": True})).text.endswith("[DONE]\n\n")
+
+
+async def test_chat_stream_error_looks_like_a_normal_end(emu: Emulator) -> None:
+    await emu.configure(error_after=1)
+    data = events((await emu.client.post("/v1/chat/completions", json={**CHAT, "stream": True})).text)
+    assert len(data) == 4 and json.loads(data[2])["choices"][0]["finish_reason"] == "stop" and data[3] == "[DONE]"
+    r = await emu.client.post("/v1/chat/completions", json={**CHAT, "stream": False})
+    assert (r.status_code, r.content) == (502, b"")
+
+
+async def test_chat_errors(emu: Emulator) -> None:
+    r = await emu.client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4o"})
+    assert r.status_code == 404
+    assert r.json() == {
+        "error": {
+            "code": "model_not_found",
+            "message": "Model 'gpt-4o' not found. Available models: [\"phi3-lora\"]",
+            "param": "model",
+            "type": "invalid_request_error",
+        }
+    }
+    r = await emu.client.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_messages")
+    r = await emu.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 0})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_max_tokens")
+    r = await emu.client.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": None}]}
+    )
+    assert r.status_code == 422 and "untagged enum MessageContent" in r.text
+
+    await emu.configure(version="1.7.2", openai_stream_default=False)
+    r = await emu.client.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert r.status_code == 200  # 1.x renders an empty prompt and generates
+    r = await emu.client.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": None}]}
+    )
+    assert r.status_code == 422 and "messages[0].content: invalid type: null, expected a string" in r.text
+
+
+async def test_chat_double_framing_before_1_4_2(emu: Emulator) -> None:
+    await emu.configure(version="1.4.1", reply="Hi")
+    text = (await emu.client.post("/v1/chat/completions", json=CHAT)).text
+    assert text.startswith('data: data: {"id":"chatcmpl-')
+    assert text.endswith("data: data: [DONE]\ndata: \ndata: \n\n")
+
+
+async def test_other_compat_routes_exist_only_where_shimmy_has_them(emu: Emulator) -> None:
+    r = await emu.client.post("/v1/completions", json={"model": MODEL, "prompt": "two words", "max_tokens": 2})
+    assert r.json()["choices"][0]["text"] == "Hello!" and r.json()["usage"]["prompt_tokens"] == 2
+    assert (await emu.client.get("/api/tags")).json()["models"][0]["name"] == MODEL
+    messages = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    assert (await emu.client.post("/v1/messages", json=messages)).json()["content"] == [
+        {"type": "text", "text": "Hello"}
+    ]
+    await emu.configure(version="1.7.2")
+    for method, path in (("POST", "/v1/completions"), ("GET", "/api/tags"), ("POST", "/v1/messages")):
+        r = await emu.client.request(method, path)
+        assert (r.status_code, r.content) == (404, b"")
+
+
+# --- routing, CORS, stubs ----------------------------------------------------------------------------------------
+
+
+async def test_unknown_paths_and_wrong_methods(emu: Emulator) -> None:
+    for path in ("/v1/chat-completion", "/api/health", "/v1/models/phi3-lora", "/health/"):
+        r = await emu.client.get(path)
+        assert (r.status_code, r.content) == (404, b""), path
+    r = await emu.client.get("/api/generate")
+    assert (r.status_code, r.content, r.headers["allow"]) == (405, b"", "POST")
+    r = await emu.client.post("/health")
+    assert (r.status_code, r.headers["allow"]) == (405, "GET,HEAD")
+    r = await emu.client.head("/health")
+    assert (r.status_code, r.content) == (200, b"")
+
+
+async def test_cors_headers_and_options(emu: Emulator) -> None:
+    for method, path in (
+        ("OPTIONS", "/api/generate"),
+        ("OPTIONS", "/no/such/path"),
+        ("GET", "/nope"),
+        ("GET", "/health"),
+    ):
+        r = await emu.client.request(method, path)
+        assert {k: r.headers.get(k) for k in CORS} == CORS, (method, path)
+    assert (await emu.client.options("/api/generate")).status_code == 200
+    stream = await emu.generate(max_tokens=1)
+    assert {k: stream.headers.get(k) for k in CORS} == CORS
+
+    await emu.configure(version="1.3.3")  # before the CORS layer
+    r = await emu.client.options("/api/generate")
+    assert (r.status_code, r.headers["allow"]) == (405, "POST")
+    assert "access-control-allow-origin" not in r.headers
+
+
+async def test_stub_routes(emu: Emulator) -> None:
+    r = await emu.client.post("/api/models/my%20model/load")
+    assert r.content == b'{"message":"Model my model load requested","status":"pending"}'
+    assert (await emu.client.get("/api/models/x/status")).json() == {"loaded": False, "model": "x", "status": "unknown"}
+    assert (await emu.client.get("/api/tools")).json() == {"tools": []}
+    assert (await emu.client.post("/api/tools/calc/execute", json={})).json() == {"error": "Tool calc not available"}
+    assert (await emu.client.post("/api/tools/calc/execute")).status_code == 415
+    discovered = (await emu.client.post("/api/models/discover")).json()
+    assert discovered["discovered"] == 1 and discovered["models"][0]["source"] == "discovered"
+    assert set((await emu.client.get("/diag")).json()) == {"os", "cores", "mem_total_mb"}
+
+
+async def test_websocket_generate(emu: Emulator) -> None:
+    await emu.configure(reply="Hi there")
+    async with aiohttp.ClientSession() as session, session.ws_connect(emu.url + "/ws/generate") as ws:
+        await ws.send_str(json.dumps({"model": MODEL, "stream": False}))
+        frames = [msg.data async for msg in ws]
+    assert frames == ["Hi", " there", '{"done":true}']
+    async with aiohttp.ClientSession() as session, session.ws_connect(emu.url + "/ws/generate") as ws:
+        await ws.send_str(json.dumps({"model": "nope"}))
+        assert [msg.data async for msg in ws] == ['{"error":"model not found"}']
+    r = await emu.client.get("/ws/generate")
+    assert (r.status_code, r.text) == (400, "Connection header did not include 'upgrade'")
+
+
+# --- the emulator's controls ---------------------------------------------------------------------------------------
+
+
+async def test_config_controls(emu: Emulator) -> None:
+    config = (await emu.client.get("/_emulator/config")).json()
+    assert set(config) == {
+        "version",
+        "models",
+        "reply",
+        "token_delay_ms",
+        "load_delay_ms",
+        "repeat",
+        "openai_stream_default",
+        "fail_load",
+        "error_after",
+        "drop_after",
+        "hang",
+    }
+    r = await emu.client.put("/_emulator/config", json={"reply": "x", "bogus": 1})
+    assert r.status_code == 400 and "bogus" in r.json()["error"]
+    for bad in ({"token_delay_ms": -1}, {"version": "latest"}, {"models": []}, {"error_after": 1.5}, {"hang": "yes"}):
+        assert (await emu.client.put("/_emulator/config", json=bad)).status_code == 400, bad
+    assert (await emu.client.put("/_emulator/config", content=b"{")).status_code == 400
+    assert (await emu.client.get("/_emulator/config")).json() == config  # nothing changed
+
+    await emu.configure(reply="Changed", version="1.7.2")
+    assert emu.config.reply == "Changed"  # the caller's config object is the live one
+    assert (await emu.generate(stream=False)).json() == {"response": "Changed"}
+    emu.config.reply = "Direct"
+    assert (await emu.generate(stream=False)).json() == {"response": "Direct"}
+
+    reset = await emu.client.post("/_emulator/reset")
+    assert reset.json() == config
+    assert (await emu.generate(stream=False)).json() == {"response": REPLY}
+
+
+async def test_stats_show_what_reached_shimmy(emu: Emulator) -> None:
+    assert await emu.stats() == {
+        "generate_requests": 0,
+        "last_generate_body": None,
+        "last_prompt": None,
+        "active_generations": 0,
+        "chat_requests": 0,
+    }
+    await emu.generate(prompt="p", stream=False, max_tokens=3, stop=["x"])
+    await emu.client.post("/v1/chat/completions", json={**CHAT, "stream": False})
+    stats = await emu.stats()
+    assert stats["generate_requests"] == 1 and stats["chat_requests"] == 1
+    assert stats["last_generate_body"] == {
+        "model": MODEL,
+        "prompt": "p",
+        "stream": False,
+        "max_tokens": 3,
+        "stop": ["x"],
+    }
+    await emu.client.post("/api/generate", json={"model": MODEL, "max_tokens": -1})
+    assert (await emu.stats())["last_generate_body"] == {"model": MODEL, "max_tokens": -1}
+    await emu.client.post("/api/generate", content=b"{", headers={"content-type": "application/json"})
+    stats = await emu.stats()
+    assert stats["generate_requests"] == 3 and stats["last_generate_body"] is None
+    await emu.client.post("/_emulator/reset")
+    assert (await emu.stats())["generate_requests"] == 0
+
+
+# --- the console script ------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_console_script_serves_and_stops_on_sigterm() -> None:
+    script = shutil.which("shimmy-emulator", path=os.path.dirname(sys.executable))
+    assert script is not None
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMULATOR_", "SHIMMY_", "MODEL_NAME"))}
+    proc = subprocess.Popen(
+        [script, "--shimmy-port", str(port), "--emulator-version", "1.7.2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        health = None
+        with httpx.Client(timeout=1) as client:
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    health = client.get(f"http://127.0.0.1:{port}/health").json()
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+        assert health is not None and health["version"] == "1.7.2"
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=5)
+        assert proc.returncode == 0
+        assert time.monotonic() - start < 3
+        assert f"Shimmy emulator 1.7.2 listening on http://127.0.0.1:{port} (model phi3-lora)" in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -1,0 +1,202 @@
+"""The ext_proc servicer: phase routing and the protobuf answers Envoy gets, without Envoy.
+
+grpcio-testing drives the processors through its in-memory RPC machinery (it runs synchronous servicers, so a
+three-line adapter feeds `ExternalProcessor.dispatch`); a second test runs the real `grpc.aio` server on a
+loopback port and talks to it with a real channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import grpc
+import grpc_testing
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
+
+from extproc.health import ShimmyMonitor
+from extproc.processors import Context
+from extproc.server import ExternalProcessor, serve
+
+SERVICE = ep.DESCRIPTOR.services_by_name["ExternalProcessor"]
+CHAT = [("x-gateway-route", "chat")]
+
+
+def context() -> Context:
+    monitor = ShimmyMonitor("http://127.0.0.1:9", "phi3-lora", interval=60)
+    monitor.healthy, monitor.models = True, frozenset({"phi3-lora"})
+    return Context(templates={}, monitor=monitor)
+
+
+class SyncAdapter:
+    """grpcio-testing calls synchronous servicers; this one forwards each message to the real dispatch."""
+
+    def __init__(self, inner: ExternalProcessor) -> None:
+        self.inner = inner
+
+    def Process(self, requests: Iterator[ep.ProcessingRequest], ctx: grpc.ServicerContext) -> Iterator[ep.ProcessingResponse]:  # noqa: E501
+        processor = self.inner.processor_for(ctx.invocation_metadata())
+        for msg in requests:
+            response = self.inner.dispatch(processor, msg)
+            if response is None:
+                return
+            yield response
+
+
+@pytest.fixture
+def rpc_factory():
+    server = grpc_testing.server_from_dictionary(
+        {SERVICE: SyncAdapter(ExternalProcessor(context()))}, grpc_testing.strict_real_time()
+    )
+
+    def start(metadata: list[tuple[str, str]]):
+        return server.invoke_stream_stream(SERVICE.methods_by_name["Process"], metadata, 5)
+
+    return start
+
+
+def headers(**pairs: str) -> ep.HttpHeaders:
+    return ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()])
+    )
+
+
+def status_headers(status: int) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(response_headers=ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=str(status).encode())])
+    ))
+
+
+def set_headers(mutation: ep.HeaderMutation) -> dict[str, str]:
+    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+
+
+CHAT_BODY = b'{"model":"phi3-lora","messages":[{"role":"user","content":"Hi"}],"max_tokens":4}'
+
+
+def test_non_stream_chat_takes_three_messages(rpc_factory) -> None:
+    rpc = rpc_factory(CHAT)
+    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
+    first = rpc.take_response().request_body.response
+    sent = set_headers(first.header_mutation)
+    assert sent[":path"] == "/api/generate"
+    assert int(sent["content-length"]) == len(first.body_mutation.body)
+    assert json.loads(first.body_mutation.body)["stream"] is True
+
+    rpc.send_request(status_headers(200))
+    second = rpc.take_response()
+    assert set_headers(second.response_headers.response.header_mutation)["content-type"] == "application/json"
+    assert not second.HasField("mode_override")  # non-stream stays BUFFERED
+
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(
+        body=b"data: Hi\n\ndata:  there\n\ndata: [DONE]\n\n", end_of_stream=True)))
+    third = rpc.take_response().response_body.response
+    doc = json.loads(third.body_mutation.body)
+    assert doc["choices"][0]["message"]["content"] == "Hi there"
+    assert set_headers(third.header_mutation)["content-length"] == str(len(third.body_mutation.body))
+    rpc.requests_closed()
+    assert rpc.termination()[1] == grpc.StatusCode.OK
+
+
+def test_stream_chat_switches_this_response_to_streamed(rpc_factory) -> None:
+    rpc = rpc_factory(CHAT)
+    stream_body = CHAT_BODY.replace(b'"max_tokens":4', b'"stream":true')
+    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=stream_body, end_of_stream=True)))
+    rpc.take_response()
+    rpc.send_request(status_headers(200))
+    answer = rpc.take_response()
+    assert answer.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.STREAMED
+    common = answer.response_headers.response
+    assert set_headers(common.header_mutation)["content-type"] == "text/event-stream"
+    assert set_headers(common.header_mutation)["x-accel-buffering"] == "no"
+    assert "content-length" in common.header_mutation.remove_headers
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: Hi\n\n")))
+    chunk = rpc.take_response().response_body.response.body_mutation.body
+    assert b'"role":"assistant"' in chunk and b'"content":"Hi"' in chunk
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: [DONE]\n\n", end_of_stream=True)))
+    assert rpc.take_response().response_body.response.body_mutation.body.endswith(b"data: [DONE]\n\n")
+    rpc.requests_closed()
+    rpc.termination()
+
+
+def test_invalid_body_is_answered_immediately(rpc_factory) -> None:
+    rpc = rpc_factory(CHAT)
+    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"model":1}', end_of_stream=True)))
+    answer = rpc.take_response().immediate_response
+    assert answer.status.code == 400
+    assert json.loads(answer.body)["error"]["param"] == "model"
+    assert set_headers(answer.headers)["content-type"] == "application/json"
+    rpc.requests_closed()
+    rpc.termination()
+
+
+def test_shimmy_empty_502_becomes_openai_error(rpc_factory) -> None:
+    rpc = rpc_factory(CHAT)
+    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
+    rpc.take_response()
+    rpc.send_request(status_headers(502))
+    answer = rpc.take_response().immediate_response
+    assert answer.status.code == 502
+    assert json.loads(answer.body)["error"]["code"] == "upstream_error"
+    rpc.requests_closed()
+    rpc.termination()
+
+
+def test_models_and_health_routes(rpc_factory) -> None:
+    rpc = rpc_factory([("x-gateway-route", "models")])
+    rpc.send_request(status_headers(200))
+    rpc.take_response()
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(
+        body=b'{"models":[{"name":"b"},{"name":"a"},{"name":"b"}]}', end_of_stream=True)))
+    doc = json.loads(rpc.take_response().response_body.response.body_mutation.body)
+    assert [m["id"] for m in doc["data"]] == ["a", "b"]
+    assert {m["owned_by"] for m in doc["data"]} == {"shimmy"}
+    rpc.requests_closed()
+    rpc.termination()
+
+    rpc = rpc_factory([("x-gateway-route", "health")])
+    rpc.send_request(ep.ProcessingRequest(request_headers=headers(**{":path": "/health"})))
+    answer = rpc.take_response().immediate_response
+    assert answer.status.code == 200
+    assert json.loads(answer.body) == {"status": "healthy", "shimmy_status": "healthy"}
+    rpc.requests_closed()
+    rpc.termination()
+
+
+def test_unknown_route_passes_through(rpc_factory) -> None:
+    rpc = rpc_factory([])
+    rpc.send_request(ep.ProcessingRequest(request_headers=headers(**{":path": "/x"})))
+    assert rpc.take_response().HasField("request_headers")
+    rpc.requests_closed()
+    rpc.termination()
+
+
+async def test_real_aio_server_over_loopback(unused_tcp_port: int) -> None:
+    servicer = ExternalProcessor(context())
+    started = asyncio.Event()
+    address = f"127.0.0.1:{unused_tcp_port}"
+    server = asyncio.create_task(serve(servicer, address, started, grace=0.1))
+    await asyncio.wait_for(started.wait(), 5)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = epg.ExternalProcessorStub(channel).Process(metadata=CHAT)
+            await call.write(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
+            first = await call.read()
+            assert first.request_body.response.body_mutation.body.startswith(b'{"model":"phi3-lora"')
+            assert servicer.live_streams == 1
+            await call.done_writing()
+            assert await call.read() == grpc.aio.EOF
+        for _ in range(50):
+            if servicer.live_streams == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert servicer.live_streams == 0
+    finally:
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server

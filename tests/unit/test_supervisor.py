@@ -1,0 +1,405 @@
+"""The supervisor against real child processes (small Python scripts), and the readiness probes against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import socket
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from gateway.probes import envoy_ready, grpc_serving, http_ok
+from gateway.supervisor import Backoff, Child, format_line, supervise
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Prints its PID, then writes the ready file named by argv[1] and sleeps; argv[2], if given, is an exit delay.
+SLEEPER = textwrap.dedent("""
+    import os, pathlib, sys, time
+    print("pid", os.getpid(), flush=True)
+    pathlib.Path(sys.argv[1]).touch()
+    time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 60)
+""")
+
+
+def python(script: str, *args: object) -> list[str]:
+    return [sys.executable, "-c", script, *map(str, args)]
+
+
+def exists(path: Path) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        return await asyncio.to_thread(path.exists)
+
+    return probe
+
+
+async def dies(pid: int) -> bool:
+    """Whether `pid` is dead within a second: a killed process closes its files a moment before it is marked dead."""
+    for _ in range(50):
+        if not alive(pid):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def never() -> bool:
+    return False
+
+
+def pids(lines: list[str], name: str = r"\w+") -> list[int]:
+    """The PIDs that children named `name` (a regex) printed as `pid N`."""
+    return [int(m[1]) for line in lines if (m := re.match(rf"\[{name}\] +pid (\d+)$", line))]
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for init (a reparented grandchild)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Run:
+    """One in-process `supervise` call with its output collected."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.ready_calls = 0
+
+    def on_ready(self) -> None:
+        self.ready_calls += 1
+
+    async def __call__(self, *children: Child, stop_timeout: float = 2.0) -> int:
+        async with asyncio.timeout(15):
+            return await supervise(
+                children, on_ready=self.on_ready, stop_timeout=stop_timeout, printer=self.lines.append
+            )
+
+    def index(self, text: str) -> int:
+        return next(i for i, line in enumerate(self.lines) if text in line)
+
+
+def test_format_line_pads_after_the_bracket() -> None:
+    assert format_line("envoy", 10, "hi") == "[envoy]      hi"
+    assert format_line("supervisor", 10, "hi") == "[supervisor] hi"
+
+
+def test_backoff_doubles_to_the_cap_and_resets_after_a_long_run() -> None:
+    backoff = Backoff()
+    assert [backoff.delay(up_for=1.0) for _ in range(7)] == [0.5, 1, 2, 4, 8, 10, 10]
+    assert backoff.delay(up_for=30.0) == 0.5
+    assert backoff.delay(up_for=0.0) == 1
+
+
+async def test_children_start_in_order_and_an_exit_after_ready_stops_the_rest(tmp_path: Path) -> None:
+    a_ready, b_ready = tmp_path / "a", tmp_path / "b"
+    second = textwrap.dedent("""
+        import os, pathlib, sys, time
+        print("saw a:", pathlib.Path(sys.argv[1]).exists(), flush=True)
+        pathlib.Path(sys.argv[2]).touch()
+        time.sleep(0.5)
+        sys.stdout.buffer.write(b"bad \\xff\\r\\nlast words without newline")
+        sys.exit(3)
+    """)
+    run = Run()
+    code = await run(
+        Child("a", python("import time; time.sleep(0.3); " + SLEEPER, a_ready), exists(a_ready)),
+        Child("b", python(second, a_ready, b_ready), exists(b_ready)),
+    )
+    assert code == 1
+    assert run.ready_calls == 1
+    assert "[b]          saw a: True" in run.lines
+    assert "[b]          bad \ufffd" in run.lines
+    assert run.index("last words without newline") < run.index("[supervisor] b exited with code 3")
+    [a_pid] = pids(run.lines, "a")
+    assert not alive(a_pid)
+
+
+async def test_exit_before_ready_stops_the_children_already_running(tmp_path: Path) -> None:
+    run = Run()
+    code = await run(
+        Child("a", python(SLEEPER, tmp_path / "a"), exists(tmp_path / "a")),
+        Child("b", python("print('boom'); raise SystemExit(1)"), never),
+    )
+    assert code == 1
+    assert run.ready_calls == 0
+    assert run.index("[b]          boom") < run.index("[supervisor] b exited with code 1 before it was ready")
+    assert not alive(pids(run.lines, "a")[0])
+
+
+async def test_ready_timeout_stops_the_child(tmp_path: Path) -> None:
+    run = Run()
+    assert await run(Child("a", python(SLEEPER, tmp_path / "a"), never, ready_timeout=0.5)) == 1
+    assert "[supervisor] a not ready after 0.5 s" in run.lines
+    assert not alive(pids(run.lines, "a")[0])
+
+
+async def test_a_program_that_cannot_start_is_reported() -> None:
+    run = Run()
+    assert await run(Child("a", ["/nonexistent/program"], never)) == 1
+    assert run.lines[0].startswith("[supervisor] cannot start a: [Errno 2]")
+
+
+async def test_a_child_that_ignores_sigterm_is_killed_after_stop_timeout(tmp_path: Path) -> None:
+    stubborn = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + SLEEPER
+    run = Run()
+    code = await run(
+        Child("a", python(stubborn, tmp_path / "a"), exists(tmp_path / "a")),
+        Child("b", python(SLEEPER, tmp_path / "b", 0.3), exists(tmp_path / "b")),
+        stop_timeout=0.5,
+    )
+    assert code == 1
+    assert "[supervisor] a still running, sending SIGKILL" in run.lines
+    assert not alive(pids(run.lines, "a")[0])
+
+
+async def test_restart_brings_the_child_back_and_leaves_later_children_alone(tmp_path: Path) -> None:
+    flaky = textwrap.dedent("""
+        import os, pathlib, sys, time
+        ready, runs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+        n = int(runs.read_text()) + 1 if runs.exists() else 1
+        runs.write_text(str(n))
+        print("pid", os.getpid(), flush=True)
+        ready.touch()
+        if n == 1:
+            time.sleep(0.3)
+            ready.unlink()
+            sys.exit(2)
+        time.sleep(60)
+    """)
+    states: list[str] = []
+    up = asyncio.Event()
+
+    def on_state(state: str) -> None:
+        states.append(state)
+        if state == "up":
+            up.set()
+
+    run = Run()
+    task = asyncio.create_task(
+        run(
+            Child(
+                "a",
+                python(flaky, tmp_path / "a", tmp_path / "runs"),
+                exists(tmp_path / "a"),
+                restart=True,
+                on_state=on_state,
+            ),
+            Child("b", python(SLEEPER, tmp_path / "b"), exists(tmp_path / "b")),
+        )
+    )
+    try:
+        async with asyncio.timeout(5):
+            await up.wait()
+        assert states == ["down", "up"]
+        assert "[supervisor] a exited with code 2" in run.lines
+        assert "[supervisor] restarting a in 0.5 s" in run.lines
+        first_a, second_a = pids(run.lines, "a")
+        [b] = pids(run.lines, "b")
+        assert not alive(first_a)
+        assert alive(second_a) and alive(b)
+    finally:
+        task.cancel()  # cancelling supervise is an exception path too: it must still stop everything
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert not any(map(alive, [*pids(run.lines, "a"), *pids(run.lines, "b")]))
+
+
+async def test_an_exception_in_the_supervisor_stops_everything(tmp_path: Path) -> None:
+    lines: list[str] = []
+
+    def on_ready() -> None:
+        raise RuntimeError("caller bug")
+
+    with pytest.raises(RuntimeError, match="caller bug"):
+        await supervise(
+            [Child("a", python(SLEEPER, tmp_path / "a"), exists(tmp_path / "a"))],
+            on_ready=on_ready,
+            printer=lines.append,
+        )
+    assert not alive(pids(lines, "a")[0])
+
+
+# `supervise` in its own process, so that real signals can reach it and it can run on uvloop as well.
+# argv: event loop, stop_timeout, the child script, then one `name:mode` per child.
+SUPERVISOR_SCRIPT = textwrap.dedent("""
+    import asyncio, sys, uvloop
+    from gateway.supervisor import Child, supervise
+
+    async def ready():
+        return True
+
+    loop, stop_timeout, script, *specs = sys.argv[1:]
+    children = [Child(n, [sys.executable, "-c", script, mode], ready) for n, mode in (s.split(":") for s in specs)]
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    sys.exit(run(supervise(children, on_ready=lambda: print("READY", flush=True), stop_timeout=float(stop_timeout))))
+""")
+
+# Modes: "sleep" prints its PID and sleeps; "stubborn" does the same but ignores SIGTERM; "orphaner" starts a
+# grandchild that prints *its* PID and sleeps, then exits, leaving the grandchild holding the output pipe.
+CHILD_SCRIPT = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    SLEEP = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(60)"
+    if sys.argv[1] == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.argv[1] == "orphaner":
+        subprocess.Popen([sys.executable, "-c", SLEEP])
+        time.sleep(0.5)
+    else:
+        exec(SLEEP)
+""")
+
+
+class SupervisorProcess:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        self.process = process
+        self._stdout = process.stdout
+        self.lines: list[str] = []
+
+    async def read_until(self, done: Callable[[list[str]], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not done(self.lines):
+                line = await self._stdout.readline()
+                assert line, f"supervisor ended early: {self.lines}"
+                self.lines.append(line.decode().rstrip("\n"))
+
+    async def finish(self) -> int:
+        """The rest of the output, and the exit code, which must come within 5 s."""
+        async with asyncio.timeout(5):
+            self.lines += (await self._stdout.read()).decode().splitlines()
+            return await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def supervisor_process(loop: str, stop_timeout: float, *children: str) -> AsyncIterator[SupervisorProcess]:
+    process = await asyncio.create_subprocess_exec(
+        *python(SUPERVISOR_SCRIPT, loop, stop_timeout, CHILD_SCRIPT, *children),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        yield SupervisorProcess(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def ready_with(count: int) -> Callable[[list[str]], bool]:
+    return lambda lines: "READY" in lines and len(pids(lines)) == count
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+async def test_a_signal_stops_all_children_with_the_shell_exit_code(loop: str, sig: signal.Signals, code: int) -> None:
+    async with supervisor_process(loop, 5, "shimmy:sleep", "extproc:sleep", "envoy:sleep") as supervisor:
+        await supervisor.read_until(ready_with(3))
+        supervisor.process.send_signal(sig)
+        assert await supervisor.finish() == code
+    assert f"[supervisor] received {sig.name}, stopping" in supervisor.lines
+    assert all(pids(supervisor.lines, name) for name in ("shimmy", "extproc", "envoy"))
+    assert not any(map(alive, pids(supervisor.lines)))
+
+
+async def test_a_second_signal_kills_at_once() -> None:
+    async with supervisor_process("asyncio", 30, "envoy:stubborn") as supervisor:
+        await supervisor.read_until(ready_with(1))
+        supervisor.process.send_signal(signal.SIGTERM)
+        await supervisor.read_until(lambda lines: "[supervisor] received SIGTERM, stopping" in lines)
+        supervisor.process.send_signal(signal.SIGINT)
+        assert await supervisor.finish() == 143
+    assert "[supervisor] envoy still running, sending SIGKILL" in supervisor.lines
+    assert not alive(pids(supervisor.lines)[0])
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_a_child_exit_is_seen_while_a_grandchild_holds_its_output_and_the_grandchild_is_killed(
+    loop: str,
+) -> None:
+    async with supervisor_process(loop, 5, "shimmy:orphaner") as supervisor:
+        assert await supervisor.finish() == 1  # within 5 s, though the grandchild would sleep for 60
+    assert "[supervisor] shimmy exited with code 0" in supervisor.lines
+    assert await dies(pids(supervisor.lines)[0])
+
+
+@pytest.fixture
+async def http_server() -> AsyncIterator[tuple[int, dict[str, tuple[int, str]]]]:
+    """A server whose `/ready` and `/health` answer with the (status, body) in the returned dict."""
+    answers: dict[str, tuple[int, str]] = {"/ready": (200, "LIVE\n"), "/health": (200, "ok")}
+
+    async def handle(request: web.Request) -> web.Response:
+        status, body = answers.get(request.path, (404, "no"))
+        return web.Response(status=status, text=body)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1], answers
+    finally:
+        await runner.cleanup()
+
+
+async def test_http_ok(http_server: tuple[int, dict[str, tuple[int, str]]]) -> None:
+    port, answers = http_server
+    assert await http_ok(f"http://127.0.0.1:{port}/health")
+    assert not await http_ok(f"http://127.0.0.1:{port}/missing")
+    answers["/health"] = (503, "starting")
+    assert not await http_ok(f"http://127.0.0.1:{port}/health")
+    assert not await http_ok(f"http://127.0.0.1:{free_port()}/health")
+
+
+async def test_envoy_ready(http_server: tuple[int, dict[str, tuple[int, str]]]) -> None:
+    port, answers = http_server
+    assert await envoy_ready(port)
+    answers["/ready"] = (503, "PRE_INITIALIZING\n")
+    assert not await envoy_ready(port)
+    answers["/ready"] = (200, "DRAINING\n")
+    assert not await envoy_ready(port)
+    assert not await envoy_ready(free_port())
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+async def test_grpc_serving(where: str, tmp_path: Path) -> None:
+    server = grpc.aio.server()
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if where == "tcp":
+        target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    else:
+        target = f"unix:{tmp_path / 'health.sock'}"
+        server.add_insecure_port(target)
+    await server.start()
+    try:
+        assert await grpc_serving(target)
+        await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert not await grpc_serving(target)
+    finally:
+        await server.stop(None)
+    assert not await grpc_serving(target)
+
+
+async def test_grpc_serving_on_a_closed_port() -> None:
+    assert not await grpc_serving(f"127.0.0.1:{free_port()}")
