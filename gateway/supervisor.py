@@ -63,7 +63,7 @@ class Backoff:
 
 
 def format_line(name: str, width: int, line: str) -> str:
-    """`[name] line`, the text padded to `width` names so the output of all children lines up."""
+    """`[name] line`, with the text starting in the same column for every name up to `width` characters."""
     return f"{'[' + name + ']':<{width + 2}} {line}"
 
 
@@ -262,6 +262,7 @@ class _Supervisor:
         """Kill what is left of the child's group, so no grandchild outlives it, and collect its last output."""
         if running.reaped:
             return
+        # Safe after the leader is gone: Linux keeps its PID reserved while any member of its group lives.
         _signal_group(running.pid, signal.SIGKILL)
         await asyncio.shield(running.output.exited)
         await asyncio.wait({running.output.drained}, timeout=_DRAIN_TIMEOUT)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from extproc.chat import ChatState, start_chat
 from extproc.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
@@ -254,3 +256,26 @@ def test_stop_matcher_holds_only_possible_prefixes(
     matcher = StopMatcher(stops)
     assert [matcher.feed(t) for t in tokens] == emitted
     assert matcher.stopped is stopped
+
+
+# -- re-chunking ----------------------------------------------------------------------------------------
+
+RECORDED = shimmy_stream("Hello", "!", " How", " can", " I", "\n", "help", " you", "?\n\n", "", " Bye")
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(RECORDED)), max_size=30),
+       stop=st.sampled_from([None, "can I", "u?", "\n\n", "zz"]))
+def test_relay_is_invariant_under_rechunking(cuts: list[int], stop: str | None) -> None:
+    """However Envoy splits Shimmy's bytes, the client gets the same text, count and finish."""
+    def run(pieces: list[bytes]) -> tuple[str, int, str]:
+        state = state_for(stream=True, stop=stop, stream_options={"include_usage": True})
+        out = b"".join(state.relay(p, end=False) for p in pieces) + state.relay(b"", end=True)
+        chunks = events(out)
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        finish = next(c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and
+                      c["choices"][0]["finish_reason"])
+        return text, chunks[-1]["usage"]["completion_tokens"], finish
+
+    bounds = sorted({0, *cuts, len(RECORDED)})
+    pieces = [RECORDED[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    assert run(pieces) == run([RECORDED])

@@ -43,15 +43,6 @@ def exists(path: Path) -> Callable[[], Awaitable[bool]]:
     return probe
 
 
-async def dies(pid: int) -> bool:
-    """Whether `pid` is dead within a second: a killed process closes its files a moment before it is marked dead."""
-    for _ in range(50):
-        if not alive(pid):
-            return True
-        await asyncio.sleep(0.02)
-    return False
-
-
 async def never() -> bool:
     return False
 
@@ -68,6 +59,15 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def dies(pid: int) -> bool:
+    """Whether `pid` is dead within a second: a killed process closes its files a moment before it is marked dead."""
+    for _ in range(50):
+        if not alive(pid):
+            return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 def free_port() -> int:
