@@ -78,7 +78,8 @@ def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 60.0) 
     }
     log = Path(tempfile.mkstemp(prefix="stack-", suffix=".log")[1])
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "up"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        argv = [sys.executable, "-m", "gateway.cli", "up"]
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     stack = Stack(proc, log, ports["gateway"], ports["shimmy"], ports["admin"], ports["extproc"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import httpx
@@ -80,7 +81,7 @@ def test_tokens_arrive_as_they_are_generated(stack: Stack) -> None:
             if '"content":"' in line and '"content":""' not in line:
                 arrivals.append(time.monotonic())
     assert len(arrivals) == len(TOKENS)
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     # Paced 200 ms apart upstream: a buffering proxy would deliver them in one burst (gaps ~0).
     assert min(gaps) > 0.1, gaps
     assert arrivals[-1] - arrivals[0] > 0.6
@@ -163,16 +164,17 @@ def test_dropped_upstream_connection_ends_the_response_without_a_hang(stack: Sta
     """Envoy cannot append bytes after the upstream resets mid-response: it resets the client's stream too.
     The client sees a prompt transport error (never a hang, never a half-written event), and the next
     request is served."""
-    stack.configure(reply=REPLY, drop_after=2, token_delay_ms=100)  # paced, so the client has the first bytes
+    stack.configure(reply=REPLY, drop_after=3, token_delay_ms=100)  # paced, so the client has the first bytes
     started = time.monotonic()
     received: list[str] = []
-    with pytest.raises(httpx.RemoteProtocolError):  # noqa: PT012 - the error surfaces while reading
+    with pytest.raises(httpx.RemoteProtocolError):  # raised while reading the body
         with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=CHAT, timeout=10) as resp:
             for line in resp.iter_lines():
                 received.append(line)
     assert time.monotonic() - started < 5
     assert all(line == "" or line.startswith("data: {") for line in received)
-    assert any('"content":" quick"' in line for line in received)  # the tokens before the drop arrived
+    # Tokens sent well before the drop arrived (the very last one may race the reset inside Envoy).
+    assert any('"content":" quick"' in line for line in received)
     stack.configure(drop_after=None)
     assert httpx.post(f"{stack.url}/v1/chat/completions",
                       json={**CHAT, "stream": False}).status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -277,5 +278,5 @@ def test_relay_is_invariant_under_rechunking(cuts: list[int], stop: str | None) 
         return text, chunks[-1]["usage"]["completion_tokens"], finish
 
     bounds = sorted({0, *cuts, len(RECORDED)})
-    pieces = [RECORDED[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [RECORDED[a:b] for a, b in itertools.pairwise(bounds)]
     assert run(pieces) == run([RECORDED])

@@ -39,7 +39,9 @@ class SyncAdapter:
     def __init__(self, inner: ExternalProcessor) -> None:
         self.inner = inner
 
-    def Process(self, requests: Iterator[ep.ProcessingRequest], ctx: grpc.ServicerContext) -> Iterator[ep.ProcessingResponse]:  # noqa: E501
+    def Process(
+        self, requests: Iterator[ep.ProcessingRequest], ctx: grpc.ServicerContext
+    ) -> Iterator[ep.ProcessingResponse]:
         processor = self.inner.processor_for(ctx.invocation_metadata())
         for msg in requests:
             response = self.inner.dispatch(processor, msg)
@@ -61,9 +63,8 @@ def rpc_factory():
 
 
 def headers(**pairs: str) -> ep.HttpHeaders:
-    return ep.HttpHeaders(
-        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()])
-    )
+    values = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
+    return ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=values))
 
 
 def status_headers(status: int) -> ep.ProcessingRequest:
