@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 
@@ -24,6 +25,7 @@ __all__ = ["RequestRun", "StreamFormat", "StreamRun", "percentile", "requests", 
 StreamFormat = Literal["native", "openai"]
 _HEADERS = {"Content-Type": "application/json"}
 _TIMEOUT = aiohttp.ClientTimeout(total=30)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +36,7 @@ class RequestRun:
     concurrency: int
     seconds: float
     requests: int
-    errors: int
+    errors: dict[str, int]  # failed requests by reason ("HTTP 429", "ServerDisconnectedError", ...)
     p50_ms: float
     p99_ms: float
     client_cpu_s: float
@@ -57,7 +59,7 @@ class StreamRun:
     seconds: float
     tokens: int
     streams_done: int
-    errors: int
+    errors: dict[str, int]
     ttft_p50_ms: float
     client_cpu_s: float
 
@@ -68,6 +70,10 @@ class StreamRun:
     @property
     def client_cpu_share(self) -> float:
         return self.client_cpu_s / self.seconds
+
+
+def _reason(failure: int | BaseException) -> str:
+    return f"HTTP {failure}" if isinstance(failure, int) else type(failure).__name__
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -99,22 +105,21 @@ async def _for(seconds: float, concurrency: int, worker: Callable[[aiohttp.Clien
 async def requests(url: str, body: bytes, concurrency: int, seconds: float) -> RequestRun:
     """POST `body` to `url` in a closed loop; latency of each response read to its end."""
     latencies: list[float] = []
-    errors = 0
+    errors: Counter[str] = Counter()
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal errors
         while True:
             t0 = time.perf_counter()
             try:
                 async with session.post(url, data=body, headers=_HEADERS) as response:
                     await response.read()
-                    ok = response.status == 200
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
-            if ok:
+                    failure: int | BaseException | None = None if response.status == 200 else response.status
+            except (aiohttp.ClientError, TimeoutError) as e:
+                failure = e
+            if failure is None:
                 latencies.append(time.perf_counter() - t0)
             else:
-                errors += 1
+                errors[_reason(failure)] += 1
 
     cpu = time.process_time()
     elapsed = await _for(seconds, concurrency, worker)
@@ -124,7 +129,7 @@ async def requests(url: str, body: bytes, concurrency: int, seconds: float) -> R
         concurrency=concurrency,
         seconds=elapsed,
         requests=len(latencies),
-        errors=errors,
+        errors=dict(errors),
         p50_ms=percentile(latencies, 0.50) * 1000,
         p99_ms=percentile(latencies, 0.99) * 1000,
         client_cpu_s=time.process_time() - cpu,
@@ -147,10 +152,11 @@ def _is_content(first_data_line: bytes, fmt: StreamFormat) -> bool:
 async def streams(url: str, body: bytes, fmt: StreamFormat, concurrency: int, seconds: float) -> StreamRun:
     """Keep `concurrency` streams open; count content events and each stream's time to its first one."""
     ttfts: list[float] = []
-    tokens = streams_done = errors = 0
+    tokens = streams_done = 0
+    errors: Counter[str] = Counter()
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal tokens, streams_done, errors
+        nonlocal tokens, streams_done
         while True:
             t0 = time.perf_counter()
             first = True
@@ -159,7 +165,7 @@ async def streams(url: str, body: bytes, fmt: StreamFormat, concurrency: int, se
                 async with session.post(url, data=body, headers=_HEADERS) as response:
                     if response.status != 200:
                         await response.read()
-                        errors += 1
+                        errors[_reason(response.status)] += 1
                         continue
                     async for line in response.content:
                         if line == b"\n":
@@ -172,8 +178,8 @@ async def streams(url: str, body: bytes, fmt: StreamFormat, concurrency: int, se
                                     ttfts.append(time.perf_counter() - t0)
                                     first = False
                 streams_done += 1
-            except (aiohttp.ClientError, TimeoutError):
-                errors += 1
+            except (aiohttp.ClientError, TimeoutError) as e:
+                errors[_reason(e)] += 1
 
     cpu = time.process_time()
     elapsed = await _for(seconds, concurrency, worker)
@@ -183,16 +189,16 @@ async def streams(url: str, body: bytes, fmt: StreamFormat, concurrency: int, se
         seconds=elapsed,
         tokens=tokens,
         streams_done=streams_done,
-        errors=errors,
+        errors=dict(errors),
         ttft_p50_ms=percentile(ttfts, 0.50) * 1000,
         client_cpu_s=time.process_time() - cpu,
     )
 
 
-def run[T](load: Awaitable[T]) -> T:
-    """Run one load on a fresh event loop, uvloop's where installed (it roughly halves the client's cost)."""
+def run(load: Coroutine[Any, Any, T]) -> T:
+    """Run one load on a fresh event loop, uvloop's where installed (a cheaper loop is a faster client)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(load)  # type: ignore[arg-type]
-    return uvloop.run(load)  # type: ignore[arg-type]
+        return asyncio.run(load)
+    return uvloop.run(load)

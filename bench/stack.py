@@ -2,12 +2,14 @@
 
 Plain Envoy and the gateway share the emulator so that the only difference between them is the ext_proc filter
 (and the path rewrite that exists for it). Everything is started with `subprocess.Popen` from the harness's main
-thread: Envoy sets PR_SET_PDEATHSIG, so it dies with the thread that started it, which must be the long-lived one.
-`running()` stops every process on the way out, whether the benchmark finished, failed or was interrupted.
+thread, and each child asks the kernel (PR_SET_PDEATHSIG) for SIGTERM when that thread ends, so even a harness
+killed with SIGKILL leaves nothing running; Envoy does not ask for that itself. `running()` stops every process on
+the way out, whether the benchmark finished, failed or was interrupted.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -27,16 +29,34 @@ from gateway.cli import envoy_binary
 from gateway.envoy_config import render
 from gateway.settings import Settings, load
 
-__all__ = ["EMULATOR", "ENVOY_GATEWAY", "ENVOY_PLAIN", "EXTPROC", "MODEL", "Ports", "Proc", "Stack", "plain_config", "running"]
+__all__ = [
+    "EMULATOR",
+    "ENVOY_GATEWAY",
+    "ENVOY_PLAIN",
+    "EXTPROC",
+    "MODEL",
+    "Ports",
+    "Proc",
+    "Stack",
+    "plain_config",
+    "running",
+]
 
 EMULATOR, EXTPROC, ENVOY_GATEWAY, ENVOY_PLAIN = "emulator", "extproc", "envoy-gateway", "envoy-plain"
 MODEL = "phi3-lora"
 ENVOY_CONCURRENCY = "2"  # one worker per core of the 2-core machine the benchmark is written for
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 10.0
 # A proxy from the environment must not see requests to our own loopback ports.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec (the harness has no other thread then, so this is safe)."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -127,10 +147,19 @@ def _get(url: str, data: bytes | None = None, method: str | None = None) -> tupl
 class Stack:
     """The four processes and their addresses. Build it with `running()`."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, max_concurrency: int) -> None:
         self.workdir = workdir
         self.ports = Ports(*_free_ports(len(fields(Ports))))
         self.procs: dict[str, Proc] = {}
+        # Settings that differ from the shipped defaults (besides ports). Envoy's admission limits (circuit breakers
+        # on the Shimmy cluster, sized for a real Shimmy that runs two generations at a time) are lifted to the
+        # benchmark's highest concurrency: otherwise both Envoys would queue at 2 and answer 429 beyond 18 requests,
+        # and the runs would time the queue instead of the proxies.
+        self.overrides = {
+            "MAX_ACTIVE_REQUESTS": str(max_concurrency),
+            "MAX_QUEUED_REQUESTS": str(max_concurrency),
+            "EMULATOR_TOKEN_DELAY_MS": "0",
+        }
 
     @staticmethod
     def url(port: int, path: str) -> str:
@@ -146,7 +175,7 @@ class Stack:
                 "SHIMMY_PORT": str(self.ports.emulator),
                 "EXTPROC_PORT": str(self.ports.extproc),
                 "MODEL_NAME": MODEL,
-                "EMULATOR_TOKEN_DELAY_MS": "0",
+                **self.overrides,
             },
         )
 
@@ -154,7 +183,9 @@ class Stack:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
             stdout = subprocess.DEVNULL if quiet_stdout else out
-            popen = subprocess.Popen(argv, env=env, stdout=stdout, stderr=out, stdin=subprocess.DEVNULL)
+            popen = subprocess.Popen(
+                argv, env=env, stdout=stdout, stderr=out, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            )
         self.procs[name] = Proc(name, popen, log)
 
     def _envoy(self, name: str, config: dict[str, Any]) -> None:
@@ -224,9 +255,9 @@ class Stack:
 
 
 @contextmanager
-def running(workdir: Path) -> Iterator[Stack]:
+def running(workdir: Path, max_concurrency: int) -> Iterator[Stack]:
     """A started stack; every process is stopped on exit, including on Ctrl-C or a failed start."""
-    stack = Stack(workdir)
+    stack = Stack(workdir, max_concurrency)
     try:
         stack.start()
         yield stack

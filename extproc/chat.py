@@ -39,10 +39,12 @@ def start_chat(
     body: bytes,
     template_overrides: Mapping[str, str],
     known_models: Collection[str] | None = None,
+    timeout: float = 600.0,
 ) -> tuple[bytes, ChatState]:
     """Validate an OpenAI request; return Shimmy's `/api/generate` body and the state for the response.
 
     `known_models` (when the processor has read Shimmy's list) lets an unknown model fail here, before Shimmy.
+    `timeout` is the generation deadline in seconds, enforced in-band on streams (Envoy answers 504 otherwise).
     """
     request = parse_chat_request(body)
     if known_models is not None and request.model not in known_models:
@@ -58,6 +60,7 @@ def start_chat(
         max_tokens=max_tokens,
         prompt_tokens=estimate_tokens(prompt),
         stops=StopMatcher(request.stop_sequences + templates.STOP_MARKERS[template]),
+        deadline=time.monotonic() + timeout,
     )
     return shimmy_body, state
 
@@ -82,6 +85,7 @@ class ChatState:
     max_tokens: int  # sent to Shimmy explicitly; reaching it means finish_reason "length"
     prompt_tokens: int  # estimate, see module docstring
     stops: StopMatcher  # client's stop sequences plus the template's end-of-turn markers
+    deadline: float  # time.monotonic() after which a stream ends with an in-band timeout error
     completion_tokens: int = 0  # one per Shimmy SSE event, counted until a stop sequence cuts the text
     upstream_done: bool = False  # Shimmy sent [DONE]; without it the stream was cut short
     error: str | None = None  # Shimmy's [ERROR] text, or our reason the stream is unusable
@@ -168,6 +172,16 @@ class ChatState:
 
     # -- stream ----------------------------------------------------------------------------------
 
+    def _stream_failure(self, end: bool) -> tuple[str, str, None, str] | None:
+        """The in-band error that ends this stream now, if any: (message, type, param, code)."""
+        if self.error is not None:
+            return f"Shimmy failed during generation: {self.error}", "server_error", None, "generation_failed"
+        if end and not self.upstream_done:
+            return "Shimmy's stream ended before [DONE]", "server_error", None, "generation_failed"
+        if not self.upstream_done and not self.stops.stopped and time.monotonic() > self.deadline:
+            return "The generation took longer than the gateway allows", "server_error", None, "timeout"
+        return None
+
     def relay(self, data: bytes, end: bool) -> bytes:
         """Shimmy's SSE bytes (one body chunk) -> OpenAI SSE bytes to send now (possibly empty)."""
         if self.finished:
@@ -180,13 +194,9 @@ class ChatState:
             out.append(head + b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]' + tail)
         for piece in pieces:
             out.append(head + b'[{"index":0,"delta":{"content":%s},"finish_reason":null}]' % _encode(piece) + tail)
-        if self.error is not None or (end and not self.upstream_done):
-            reason = self.error or "Shimmy's stream ended before [DONE]"
-            out.append(
-                encode_event(
-                    error_json(f"Shimmy failed during generation: {reason}", "server_error", None, "generation_failed")
-                )
-            )
+        failure = self._stream_failure(end)
+        if failure is not None:
+            out.append(encode_event(error_json(*failure)))
             out.append(SSE_DONE)
             self.finished = True
         elif self.upstream_done or self.stops.stopped:

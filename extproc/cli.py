@@ -16,7 +16,15 @@ from gateway.settings import load, parse_templates
 
 __all__ = ["main"]
 
-SETTINGS = ("EXTPROC_PORT", "SHIMMY_PORT", "MODEL_NAME", "PROMPT_TEMPLATES", "HEALTH_INTERVAL_S", "LOG_LEVEL")
+SETTINGS = (
+    "EXTPROC_PORT",
+    "SHIMMY_PORT",
+    "MODEL_NAME",
+    "PROMPT_TEMPLATES",
+    "GENERATION_TIMEOUT_S",
+    "HEALTH_INTERVAL_S",
+    "LOG_LEVEL",
+)
 
 
 def grpc_address(extproc_port: str) -> str:
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"PROMPT_TEMPLATES: {exc}") from None
     monitor = ShimmyMonitor(f"http://127.0.0.1:{settings.shimmy_port}", settings.model_name, settings.health_interval_s)
-    ctx = Context(templates=overrides, monitor=monitor)
+    ctx = Context(templates=overrides, monitor=monitor, generation_timeout=settings.generation_timeout_s)
     try:
         import uvloop
     except ImportError:

@@ -39,6 +39,7 @@ class Context:
 
     templates: Mapping[str, str]
     monitor: ShimmyMonitor
+    generation_timeout: float  # seconds; a stream still running then ends with an in-band error
 
     @property
     def known_models(self) -> Collection[str] | None:
@@ -126,7 +127,9 @@ class ChatProcessor(Processor):
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         try:
-            body, self.state = start_chat(msg.body, self.ctx.templates, self.ctx.known_models)
+            body, self.state = start_chat(
+                msg.body, self.ctx.templates, self.ctx.known_models, self.ctx.generation_timeout
+            )
         except GatewayError as exc:
             return _error(exc)
         return mutations.request_body(
@@ -136,9 +139,13 @@ class ChatProcessor(Processor):
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         state = self.state
-        if state is None:  # Envoy skipped the body phase: the request had no body
-            return _error(InvalidRequest("The request body is missing", code="missing_body"))
         status = _status(msg)
+        if state is None:
+            # We never saw the request: either an earlier filter answered it (an Envoy local reply, already
+            # JSON) and it passes through, or it had no body and still reached Shimmy, which must not count.
+            if 200 <= status < 300:
+                return _error(InvalidRequest("The request body is missing", code="missing_body"))
+            return mutations.continue_response_headers()
         if status != 200:
             return _error(upstream_error(status, b"", state.model))
         if state.stream:
@@ -147,7 +154,8 @@ class ChatProcessor(Processor):
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         state = self.state
-        assert state is not None  # response_headers answered every stateless request already
+        if state is None:  # an Envoy local reply passing through (see response_headers)
+            return mutations.continue_response_body()
         if state.stream:
             return mutations.response_body(state.relay(msg.body, msg.end_of_stream))
         try:

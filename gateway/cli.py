@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -40,8 +41,10 @@ def envoy_binary() -> str:
 def choose_backend(settings: Settings, say: logging.Logger) -> str:
     """`shimmy` or `emulator`, per SHIMMY_BACKEND; `auto` says in one line why it picked the emulator."""
     wanted = settings.shimmy_backend
-    if wanted not in {"auto", "shimmy", "emulator"}:
-        raise SystemExit(f"SHIMMY_BACKEND must be auto, shimmy or emulator, not {wanted!r}")
+    if wanted not in {"auto", "shimmy", "emulator", "external"}:
+        raise SystemExit(f"SHIMMY_BACKEND must be auto, shimmy, emulator or external, not {wanted!r}")
+    if wanted == "external":
+        return wanted
     real = binary.available(settings.shimmy_bin, settings.shimmy_base_gguf, settings.shimmy_model_dir)
     if wanted == "shimmy" and not real:
         raise SystemExit("SHIMMY_BACKEND=shimmy needs a shimmy binary on PATH and SHIMMY_BASE_GGUF or SHIMMY_MODEL_DIR")
@@ -54,20 +57,28 @@ def choose_backend(settings: Settings, say: logging.Logger) -> str:
     return "shimmy" if wanted != "emulator" else "emulator"
 
 
-def children(settings: Settings, backend: str, envoy_config: Path) -> list[Child]:
-    env = {**_base_env(), **settings.env()}
-    shimmy_url = f"http://127.0.0.1:{settings.shimmy_port}/health"
+def backend_child(settings: Settings, backend: str, env: dict[str, str]) -> list[Child]:
+    """The Shimmy child, or none for an `external` backend (a sidecar, or one a test controls)."""
+    if backend == "external":
+        return []
     if backend == "shimmy":
-        shimmy_argv = binary.command(settings.shimmy_bin, settings.shimmy_port)
-        env_shimmy = {**env, **binary.environment(settings.shimmy_base_gguf, settings.shimmy_model_dir)}
+        argv = binary.command(settings.shimmy_bin, settings.shimmy_port)
+        env = {**env, **binary.environment(settings.shimmy_base_gguf, settings.shimmy_model_dir)}
     else:
-        shimmy_argv = [sys.executable, "-m", "shimmy"]
-        env_shimmy = env
+        argv = [sys.executable, "-m", "shimmy"]
+    ready = partial(probes.http_ok, f"http://127.0.0.1:{settings.shimmy_port}/health")
+    return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0)]
+
+
+def children(settings: Settings, backend: str, envoy_config: Path) -> list[Child]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **settings.env()}
     extproc_port = str(settings.extproc_port)
     target = extproc_port if extproc_port.startswith("unix:") else f"127.0.0.1:{extproc_port}"
     return [
-        Child("shimmy", shimmy_argv, partial(probes.http_ok, shimmy_url), env=env_shimmy, ready_timeout=300.0),
-        Child("extproc", [sys.executable, "-m", "extproc.cli"], partial(probes.grpc_serving, target), env=env),
+        *backend_child(settings, backend, env),
+        # A dead processor is restarted with backoff; meanwhile Envoy answers 500/503 JSON (envoy/gateway.yaml).
+        Child("extproc", [sys.executable, "-m", "extproc.cli"], partial(probes.grpc_serving, target), env=env,
+              restart=True),
         Child(
             "envoy",
             [
@@ -82,12 +93,6 @@ def children(settings: Settings, backend: str, envoy_config: Path) -> list[Child
             env=env,
         ),
     ]
-
-
-def _base_env() -> dict[str, str]:
-    import os
-
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def up(settings: Settings) -> int:

@@ -41,6 +41,27 @@ def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
+def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_keys: str) -> None:
+    """Put Envoy's api_key_auth filter first; health stays open, because probes carry no key."""
+    keys = [k.strip() for k in raw_keys.split(",") if k.strip()]
+    hcm["http_filters"].insert(
+        0,
+        {
+            "name": "envoy.filters.http.api_key_auth",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
+                "credentials": [{"key": key, "client": f"key-{i}"} for i, key in enumerate(keys)],
+                "key_sources": [{"header": "authorization"}],
+                "forwarding": {"hide_credentials": True},  # Shimmy never sees a client's key
+            },
+        },
+    )
+    _named(routes, "health").setdefault("typed_per_filter_config", {})["envoy.filters.http.api_key_auth"] = {
+        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+        "disabled": True,
+    }
+
+
 def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     """The Envoy bootstrap for `settings`, as a dict (Envoy reads the JSON dump of it)."""
     config: dict[str, Any] = yaml.safe_load((source or config_path()).read_text())
@@ -53,8 +74,12 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["stream_idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
 
-    chat = _named(hcm["route_config"]["virtual_hosts"][0]["routes"], "chat")["route"]
-    chat["timeout"] = _seconds(settings.route_timeout_s)
+    # Envoy's deadline is a backstop one second behind the processor's, so a stream still flowing at the
+    # deadline ends with the processor's in-band error rather than a reset.
+    route_timeout = settings.generation_timeout_s + 1
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    chat = _named(routes, "chat")["route"]
+    chat["timeout"] = _seconds(route_timeout)
     chat["idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
 
     _named(hcm["http_filters"], "envoy.filters.http.buffer")["typed_config"]["max_request_bytes"] = (
@@ -62,10 +87,15 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     )
     ext_proc = _named(hcm["http_filters"], "envoy.filters.http.ext_proc")["typed_config"]
     ext_proc["message_timeout"] = _seconds(settings.extproc_message_timeout_ms / 1000)
-    ext_proc["grpc_service"]["timeout"] = _seconds(settings.route_timeout_s)
+    ext_proc["grpc_service"]["timeout"] = _seconds(route_timeout)
+    if settings.gateway_api_keys.strip():
+        _require_api_keys(hcm, routes, settings.gateway_api_keys)
 
     shimmy = _named(resources["clusters"], "shimmy")
     _endpoint(shimmy)["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": settings.shimmy_port}}
+    [limits] = shimmy["circuit_breakers"]["thresholds"]
+    limits["max_connections"] = limits["max_requests"] = settings.max_active_requests
+    limits["max_pending_requests"] = settings.max_queued_requests
     for check in shimmy["health_checks"]:
         check["interval"] = check["no_traffic_interval"] = _seconds(settings.health_interval_s)
 

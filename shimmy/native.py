@@ -92,6 +92,7 @@ async def generate(request: web.Request, rt: Runtime) -> web.StreamResponse:
     stats = rt.stats
     stats.generate_requests += 1
     stats.last_generate_body = None
+    stats.last_generate_headers = dict(request.headers)
     try:
         body = await read_json(request, GENERATE)
     except Rejection as r:

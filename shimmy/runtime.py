@@ -63,6 +63,7 @@ class Stats:
 
     generate_requests: int = 0
     last_generate_body: Any = None
+    last_generate_headers: dict[str, str] | None = None  # lets tests see what a proxy let through
     last_prompt: str | None = None
     active_generations: int = 0
     chat_requests: int = 0

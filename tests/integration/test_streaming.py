@@ -186,7 +186,7 @@ def test_a_45_second_stream_survives_every_timeout() -> None:
     stack = start_stack({
         "STREAM_IDLE_TIMEOUT_S": "5",
         "EXTPROC_MESSAGE_TIMEOUT_MS": "2000",
-        "ROUTE_TIMEOUT_S": "70",
+        "GENERATION_TIMEOUT_S": "70",
         "EMULATOR_TOKEN_DELAY_MS": "1000",
         "EMULATOR_REPLY": " ".join(["tick"] * 46),
     })

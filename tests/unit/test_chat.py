@@ -280,3 +280,11 @@ def test_relay_is_invariant_under_rechunking(cuts: list[int], stop: str | None) 
     bounds = sorted({0, *cuts, len(RECORDED)})
     pieces = [RECORDED[a:b] for a, b in itertools.pairwise(bounds)]
     assert run(pieces) == run([RECORDED])
+
+
+def test_stream_past_the_deadline_ends_in_band() -> None:
+    state = start_chat(body(stream=True), {}, timeout=-1)[1]
+    frames = [f for f in state.relay(shimmy_stream("a", done=False), end=False).decode().split("\n\n") if f]
+    assert json.loads(frames[-2].removeprefix("data: "))["error"]["code"] == "timeout"
+    assert frames[-1] == "data: [DONE]"
+    assert state.relay(shimmy_stream("b"), end=True) == b""

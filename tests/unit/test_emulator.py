@@ -656,6 +656,7 @@ async def test_stats_show_what_reached_shimmy(emu: Emulator) -> None:
     assert await emu.stats() == {
         "generate_requests": 0,
         "last_generate_body": None,
+        "last_generate_headers": None,
         "last_prompt": None,
         "active_generations": 0,
         "chat_requests": 0,
@@ -664,6 +665,7 @@ async def test_stats_show_what_reached_shimmy(emu: Emulator) -> None:
     await emu.client.post("/v1/chat/completions", json={**CHAT, "stream": False})
     stats = await emu.stats()
     assert stats["generate_requests"] == 1 and stats["chat_requests"] == 1
+    assert stats["last_generate_headers"]["Content-Type"] == "application/json"
     assert stats["last_generate_body"] == {
         "model": MODEL,
         "prompt": "p",

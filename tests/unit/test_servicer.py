@@ -30,7 +30,7 @@ CHAT = [("x-gateway-route", "chat")]
 def context() -> Context:
     monitor = ShimmyMonitor("http://127.0.0.1:9", "phi3-lora", interval=60)
     monitor.healthy, monitor.models = True, frozenset({"phi3-lora"})
-    return Context(templates={}, monitor=monitor)
+    return Context(templates={}, monitor=monitor, generation_timeout=60)
 
 
 class SyncAdapter:

