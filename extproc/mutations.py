@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
 __all__ = [
-    "STREAMED_RESPONSE",
+    "DUPLEX_RESPONSE",
     "Header",
     "continue_request_body",
     "continue_response_body",
@@ -22,14 +22,17 @@ __all__ = [
     "request_body",
     "response_body",
     "response_headers",
+    "streamed_body",
 ]
 
 Header = tuple[str, str]
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
-STREAMED_RESPONSE = processing_mode_pb2.ProcessingMode(
-    response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED,
+# Full duplex lets the processor answer a chunk with nothing (held-back text) and end the client's response
+# itself (a stop sequence or the deadline), instead of waiting for Shimmy to finish.
+DUPLEX_RESPONSE = processing_mode_pb2.ProcessingMode(
+    response_body_mode=processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED,
 )
 
 
@@ -71,6 +74,17 @@ def response_body(body: bytes, set_headers: Iterable[Header] = ()) -> ep.Process
     return ep.ProcessingResponse(
         response_body=ep.BodyResponse(
             response=ep.CommonResponse(header_mutation=mutation, body_mutation=ep.BodyMutation(body=body))
+        )
+    )
+
+
+def streamed_body(body: bytes, end: bool) -> ep.ProcessingResponse:
+    """One chunk of a FULL_DUPLEX_STREAMED response; `end` finishes the client's response."""
+    return ep.ProcessingResponse(
+        response_body=ep.BodyResponse(
+            response=ep.CommonResponse(
+                body_mutation=ep.BodyMutation(streamed_response=ep.StreamedBodyResponse(body=body, end_of_stream=end))
+            )
         )
     )
 

@@ -8,7 +8,7 @@ processor needs:
     health   request headers                             1 (answered at once)
     models   response headers, response body (BUFFERED)  2
     chat     request body (BUFFERED), response headers,  3 non-stream; 2 + one per Shimmy chunk when streaming
-             response body (BUFFERED, or STREAMED by mode_override for stream=true)
+             response body (BUFFERED, or FULL_DUPLEX_STREAMED by mode_override for stream=true)
 
 A phase a processor does not override answers "continue unchanged" (the `Processor` base).
 """
@@ -72,7 +72,8 @@ class Processor:
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         return mutations.continue_response_headers()
 
-    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | None:
+        """None answers nothing for this chunk, which only a FULL_DUPLEX_STREAMED body allows."""
         return mutations.continue_response_body()
 
     def close(self) -> None:
@@ -149,15 +150,18 @@ class ChatProcessor(Processor):
         if status != 200:
             return _error(upstream_error(status, b"", state.model))
         if state.stream:
-            return mutations.response_headers(_STREAM_HEADERS, ["content-length"], mutations.STREAMED_RESPONSE)
+            return mutations.response_headers(_STREAM_HEADERS, ["content-length"], mutations.DUPLEX_RESPONSE)
         return mutations.response_headers(_JSON_HEADERS, ["content-length"])
 
-    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | None:
         state = self.state
         if state is None:  # an Envoy local reply passing through (see response_headers)
             return mutations.continue_response_body()
         if state.stream:
-            return mutations.response_body(state.relay(msg.body, msg.end_of_stream))
+            if state.finished:  # the client's response is complete; Shimmy's late chunks go nowhere
+                return None
+            out = state.relay(msg.body, msg.end_of_stream)
+            return mutations.streamed_body(out, state.finished) if out or state.finished else None
         try:
             body = state.complete(msg.body)
         except GatewayError as exc:

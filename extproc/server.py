@@ -41,7 +41,7 @@ class ExternalProcessor:
 
     @staticmethod
     def dispatch(processor: Processor, msg: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
-        """The processor's answer to one message; None ends the stream (a phase we never asked for)."""
+        """The processor's answer to one message, or None to answer nothing (full-duplex bodies only)."""
         match msg.WhichOneof("request"):
             case "request_headers":
                 return processor.request_headers(msg.request_headers)
@@ -51,6 +51,10 @@ class ExternalProcessor:
                 return processor.response_headers(msg.response_headers)
             case "response_body":
                 return processor.response_body(msg.response_body)
+            case "request_trailers":
+                return ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
+            case "response_trailers":
+                return ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
             case other:
                 log.warning("unexpected ext_proc message %s; is the Envoy processing mode right?", other)
                 return None
@@ -63,9 +67,8 @@ class ExternalProcessor:
         try:
             async for msg in requests:
                 response = self.dispatch(processor, msg)
-                if response is None:
-                    return
-                yield response
+                if response is not None:
+                    yield response
         finally:
             self.live_streams -= 1
             processor.close()

@@ -45,9 +45,8 @@ class SyncAdapter:
         processor = self.inner.processor_for(ctx.invocation_metadata())
         for msg in requests:
             response = self.inner.dispatch(processor, msg)
-            if response is None:
-                return
-            yield response
+            if response is not None:
+                yield response
 
 
 @pytest.fixture
@@ -104,23 +103,26 @@ def test_non_stream_chat_takes_three_messages(rpc_factory) -> None:
     assert rpc.termination()[1] == grpc.StatusCode.OK
 
 
-def test_stream_chat_switches_this_response_to_streamed(rpc_factory) -> None:
+def test_stream_chat_switches_this_response_to_full_duplex(rpc_factory) -> None:
     rpc = rpc_factory(CHAT)
     stream_body = CHAT_BODY.replace(b'"max_tokens":4', b'"stream":true')
     rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=stream_body, end_of_stream=True)))
     rpc.take_response()
     rpc.send_request(status_headers(200))
     answer = rpc.take_response()
-    assert answer.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.STREAMED
+    assert answer.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
     common = answer.response_headers.response
     assert set_headers(common.header_mutation)["content-type"] == "text/event-stream"
     assert set_headers(common.header_mutation)["x-accel-buffering"] == "no"
     assert "content-length" in common.header_mutation.remove_headers
     rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: Hi\n\n")))
-    chunk = rpc.take_response().response_body.response.body_mutation.body
-    assert b'"role":"assistant"' in chunk and b'"content":"Hi"' in chunk
-    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: [DONE]\n\n", end_of_stream=True)))
-    assert rpc.take_response().response_body.response.body_mutation.body.endswith(b"data: [DONE]\n\n")
+    first = rpc.take_response().response_body.response.body_mutation.streamed_response
+    assert b'"role":"assistant"' in first.body and b'"content":"Hi"' in first.body
+    assert not first.end_of_stream
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: [DONE]\n\n")))
+    last = rpc.take_response().response_body.response.body_mutation.streamed_response
+    assert last.body.endswith(b"data: [DONE]\n\n")
+    assert last.end_of_stream  # the processor ends the client's response as soon as [DONE] is out
     rpc.requests_closed()
     rpc.termination()
 
