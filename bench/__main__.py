@@ -57,8 +57,14 @@ def _meta() -> dict[str, str]:
     }
 
 
+def _sigterm_as_sigint(signum: int, frame: object) -> None:
+    """`kill` stops the run the way Ctrl-C does. Raising here instead could land in any I/O callback of the
+    running event loop, which may swallow it; SIGINT is what asyncio turns into a clean cancellation."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C does
+    signal.signal(signal.SIGTERM, _sigterm_as_sigint)
     options = _options(argv)
     meta = _meta()
     started = time.monotonic()

@@ -92,11 +92,13 @@ async def _for(seconds: float, concurrency: int, worker: Callable[[aiohttp.Clien
     async with aiohttp.ClientSession(connector=connector, timeout=_TIMEOUT) as session:
         start = time.perf_counter()
         tasks = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
-        done, _ = await asyncio.wait(tasks, timeout=seconds)
-        elapsed = time.perf_counter() - start
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=seconds)
+            elapsed = time.perf_counter() - start
+        finally:  # also on Ctrl-C: no worker may outlive its session
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         for task in done:  # a worker only returns early by failing: surface the bug
             task.result()
     return elapsed

@@ -46,11 +46,24 @@ class Context:
         return self.monitor.models
 
 
-def _status(headers: ep.HttpHeaders) -> int:
+def _header(headers: ep.HttpHeaders, name: str) -> str:
     for h in headers.headers.headers:
-        if h.key == ":status":
-            return int(h.raw_value or h.value)
-    return 0
+        if h.key == name:
+            return (h.raw_value or h.value.encode()).decode()
+    return ""
+
+
+def _status(headers: ep.HttpHeaders) -> int:
+    return int(_header(headers, ":status") or 0)
+
+
+def _local_reply(headers: ep.HttpHeaders) -> bool:
+    """An error Envoy made itself (an earlier filter refused the request, or the queue is full).
+
+    Envoy's local-reply config makes every such reply JSON (envoy/gateway.yaml), while Shimmy's native errors are
+    empty or plain text, so a JSON error is passed through untouched rather than wrapped as Shimmy's failure.
+    """
+    return _header(headers, "content-type").startswith("application/json")
 
 
 def _error(exc: GatewayError) -> ep.ProcessingResponse:
@@ -89,13 +102,19 @@ class HealthProcessor(Processor):
 class ModelsProcessor(Processor):
     """Shimmy `/api/models` (Envoy rewrote the path) -> OpenAI model list."""
 
+    passthrough = False  # the response is an Envoy local reply, not Shimmy's list
+
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         status = _status(msg)
         if status != 200:
-            return _error(upstream_error(status, b""))
+            if not _local_reply(msg):
+                return _error(upstream_error(status, b""))
+            self.passthrough = True
         return mutations.continue_response_headers()
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        if self.passthrough:
+            return mutations.continue_response_body()
         try:
             names = model_names(msg.body)
         except GatewayError as exc:
@@ -141,11 +160,12 @@ class ChatProcessor(Processor):
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         state = self.state
         status = _status(msg)
-        if state is None:
-            # We never saw the request: either an earlier filter answered it (an Envoy local reply, already
-            # JSON) and it passes through, or it had no body and still reached Shimmy, which must not count.
-            if 200 <= status < 300:
+        if state is None or (status != 200 and _local_reply(msg)):
+            # Either an earlier filter answered (an Envoy local reply, already JSON) and it passes through, or
+            # a request without a body still reached Shimmy, whose answer must not count.
+            if state is None and 200 <= status < 300:
                 return _error(InvalidRequest("The request body is missing", code="missing_body"))
+            self.state = None
             return mutations.continue_response_headers()
         if status != 200:
             return _error(upstream_error(status, b"", state.model))
