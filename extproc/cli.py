@@ -23,6 +23,7 @@ SETTINGS = (
     "PROMPT_TEMPLATES",
     "GENERATION_TIMEOUT_S",
     "HEALTH_INTERVAL_S",
+    "WARMUP",
     "LOG_LEVEL",
 )
 
@@ -60,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         templates.check_overrides(overrides)
     except ValueError as exc:
         raise SystemExit(f"PROMPT_TEMPLATES: {exc}") from None
-    monitor = ShimmyMonitor(f"http://127.0.0.1:{settings.shimmy_port}", settings.model_name, settings.health_interval_s)
+    monitor = ShimmyMonitor(
+        f"http://127.0.0.1:{settings.shimmy_port}",
+        settings.model_name,
+        settings.health_interval_s,
+        warmup=settings.flag("warmup"),
+    )
     ctx = Context(templates=overrides, monitor=monitor, generation_timeout=settings.generation_timeout_s)
     try:
         import uvloop

@@ -14,6 +14,8 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+import aiohttp
+
 from gateway import probes
 from gateway.envoy_config import render
 from gateway.settings import Settings, load
@@ -57,6 +59,26 @@ def choose_backend(settings: Settings, say: logging.Logger) -> str:
     return "shimmy" if wanted != "emulator" else "emulator"
 
 
+async def drain_envoy(admin_port: int, within: float) -> None:
+    """Close Envoy's listeners to new connections, then wait (up to `within` s) for in-flight requests to end."""
+    admin = f"http://127.0.0.1:{admin_port}"
+    active = "http.gateway.downstream_rq_active"
+    try:
+        async with (
+            asyncio.timeout(within),
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+        ):
+            async with session.post(f"{admin}/drain_listeners?inboundonly") as resp:
+                resp.raise_for_status()
+            while True:
+                async with session.get(f"{admin}/stats", params={"filter": f"^{active}$"}) as resp:
+                    if (await resp.text()).strip() in ("", f"{active}: 0"):
+                        return
+                await asyncio.sleep(0.1)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        logging.getLogger("gateway").warning("drain ended early: %s", exc.__class__.__name__)
+
+
 def backend_child(settings: Settings, backend: str, env: dict[str, str]) -> list[Child]:
     """The Shimmy child, or none for an `external` backend (a sidecar, or one a test controls)."""
     if backend == "external":
@@ -91,6 +113,7 @@ def children(settings: Settings, backend: str, envoy_config: Path) -> list[Child
             ],
             partial(probes.envoy_ready, settings.envoy_admin_port),
             env=env,
+            drain=partial(drain_envoy, settings.envoy_admin_port, settings.drain_timeout_s),
         ),
     ]
 

@@ -57,6 +57,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_QUEUED_REQUESTS", "16", "Chat requests queued in Envoy for Shimmy (429 beyond).", int),
     Setting("GATEWAY_API_KEYS", "", "Comma-separated bearer keys; empty turns the check off."),
     Setting("HEALTH_INTERVAL_S", "2", "How often the processor and Envoy probe Shimmy's `/health`.", float),
+    Setting("WARMUP", "false", "Keep `/health` at 503 until Shimmy has answered one tiny generation."),
+    Setting("DRAIN_TIMEOUT_S", "20", "On SIGTERM, how long in-flight requests may finish before the stop.", float),
     Setting("EMULATOR_VERSION", "2.5.0", "Shimmy version the emulator mimics (`1.7.2` or `2.5.0`)."),
     Setting("EMULATOR_REPLY", "Hello! I am the Shimmy emulator. How can I help you today?", "Emulator reply text."),
     Setting("EMULATOR_TOKEN_DELAY_MS", "0", "Emulator pause between tokens.", float),

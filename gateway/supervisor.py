@@ -40,6 +40,7 @@ class Child:
     ready_timeout: float = 60.0
     restart: bool = False  # restart it with backoff when it dies after being ready, instead of stopping everything
     on_state: Callable[[Literal["up", "down"]], None] | None = None  # told when a restarting child goes down/up
+    drain: Callable[[], Awaitable[None]] | None = None  # awaited before SIGTERM on a shutdown: finish in-flight work
 
 
 @dataclass(slots=True)
@@ -248,7 +249,13 @@ class _Supervisor:
             await self._stop(running)
 
     async def _stop(self, running: _Running) -> None:
-        """SIGTERM the child's group; SIGKILL it after `stop_timeout`, or at once on another signal."""
+        """Drain it if it can be; SIGTERM its group; SIGKILL it after `stop_timeout`, or at once on another signal."""
+        drain = running.child.drain
+        if drain is not None and self._signals and not running.output.exited.done() and not self._kill_now.done():
+            self._say(f"draining {running.child.name}")
+            draining = asyncio.ensure_future(drain())
+            await asyncio.wait({draining, running.output.exited, self._kill_now}, return_when=asyncio.FIRST_COMPLETED)
+            draining.cancel()
         if not running.output.exited.done():
             _signal_group(running.pid, signal.SIGTERM)
             await asyncio.wait(

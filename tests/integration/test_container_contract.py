@@ -182,7 +182,7 @@ def test_streamed_chat_completion(client: httpx.Client, container: Container) ->
 
 def test_rendered_envoy_config_lives_in_tmpdir(container: Container) -> None:
     workdirs = list(Path(container.env["TMPDIR"]).glob("shimmy-gateway-*"))
-    assert [p.name for w in workdirs for p in w.iterdir()] == ["envoy.json"]
+    assert len(workdirs) == 1 and (workdirs[0] / "envoy.json").is_file()
 
 
 def test_image_healthcheck_command(container: Container, dockerfile: Dockerfile) -> None:
@@ -196,11 +196,11 @@ def test_sigterm_stops_everything_cleanly(container: Container, dockerfile: Dock
     stack = container.stack
     started = time.monotonic()
     stack.proc.send_signal(signal.SIGTERM)
-    returncode = stack.proc.wait(timeout=10)
+    returncode = stack.proc.wait(timeout=15)
     elapsed = time.monotonic() - started
     output = stack.output()
     assert returncode == 128 + signal.SIGTERM, output
-    assert elapsed < 5, f"stopping took {elapsed:.1f} s"
+    assert elapsed < 10, f"stopping took {elapsed:.1f} s"
     assert "received SIGTERM, stopping" in output and "SIGKILL" not in output, output
     assert port_closed(stack.gateway_port) and port_closed(stack.shimmy_port), "a child outlived the supervisor"
     assert not list(Path(container.env["TMPDIR"]).iterdir()), "the supervisor leaves its temporary files behind"

@@ -248,3 +248,38 @@ def test_processor_killed_mid_request_is_restarted(faulty: tuple[Stack, Emulator
     wait_for(lambda: chat_ok(stack))
     assert _extproc_pid(stack) != pid
     assert "[supervisor] restarting extproc" in stack.output()
+
+
+def test_warmup_keeps_health_at_503_until_the_model_answered() -> None:
+    shimmy_port = free_port()
+    emulator = Emulator(shimmy_port)
+    emulator.start()
+    emulator.configure(load_delay_ms=2500)  # the first generation pays the model load
+    stack = start_stack({"SHIMMY_BACKEND": "external", "SHIMMY_PORT": str(shimmy_port), "WARMUP": "true"}, wait=False)
+    try:
+        wait_for(lambda: "warming up" in httpx.get(f"{stack.url}/v1/health").json().get("reason", ""))
+        assert httpx.get(f"{stack.url}/v1/health").status_code == 503
+        wait_for(lambda: healthy(stack), timeout=20)
+        stats = httpx.get(f"http://127.0.0.1:{shimmy_port}/_emulator/stats").json()
+        assert stats["generate_requests"] >= 1 and stats["last_generate_body"]["max_tokens"] == 1
+    finally:
+        stop_stack(stack)
+        emulator.kill()
+
+
+def test_sigterm_lets_in_flight_requests_finish() -> None:
+    stack = start_stack({"EMULATOR_TOKEN_DELAY_MS": "100"})
+    try:
+        results: list[httpx.Response] = []
+        call = threading.Thread(target=lambda: results.append(
+            httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 15}, timeout=20)))
+        call.start()
+        time.sleep(0.5)
+        stack.proc.send_signal(signal.SIGTERM)
+        call.join()
+        assert results[0].status_code == 200
+        assert results[0].json()["usage"]["completion_tokens"] == 15  # all of it: the request was not cut
+        assert stack.proc.wait(15) == 143
+        assert "[supervisor] draining envoy" in stack.output()
+    finally:
+        stop_stack(stack)

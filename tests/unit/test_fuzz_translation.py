@@ -15,6 +15,7 @@ the marker and widen the strategy (`NEST_DEPTH`, `TOP_K`).
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -48,7 +49,8 @@ texts = st.one_of(
     st.sampled_from(["", " ", "<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "\n\n", "\x00", "\u2028"]),
 )
 junk_texts = texts | st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2)
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), junk_texts)
+finite = st.floats(allow_nan=False, allow_infinity=False)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), finite, junk_texts)
 # Nesting is bounded by max_leaves; beyond ~1000 levels see test_deeply_nested_value_is_a_400 (xfail).
 NEST_DEPTH = 12
 json_values = st.recursive(
@@ -65,8 +67,11 @@ any_json = st.recursive(
 
 
 def _field(good: st.SearchStrategy[Any], junk: st.SearchStrategy[Any] = json_values) -> st.SearchStrategy[Any]:
-    """Mostly plausible values for a field (five to one), sometimes any JSON value at all."""
-    return st.one_of(good, good, good, good, good, junk)
+    """Mostly plausible values for a field, sometimes (about one in seven) any JSON value at all.
+
+    Not `one_of(good, ..., junk)`: hypothesis flattens nested `one_of`s into one list of branches, so the weights
+    would follow how many branches each side happens to have."""
+    return st.integers(0, 5).flatmap(lambda i: junk if i == 5 else good)
 
 
 _int_free_junk = st.one_of(st.none(), st.booleans(), st.floats(), texts, st.lists(scalars, max_size=3))
@@ -74,8 +79,10 @@ MODELS = [*KNOWN_MODELS, "gemma-2b", "qwen2.5-7b", "hermes", "no-such-model", ""
 ROLES = ["system", "developer", "user", "assistant", "tool"]
 BAD_ROLES = ["function", "model", "ipython", "", "USER"]
 PART_TYPES = ["image_url", "input_audio", "file", "refusal", "", "TEXT"]
+BIG_INTS = [2**31, 2**53 + 1, 2**63, 2**64, 10**30]
 # Shimmy's top_k is an i32; a wider one passes the gateway today (test_top_k_beyond_i32_is_refused_before_shimmy).
-TOP_K = st.one_of(st.integers(-2, 100), st.integers(max_value=I32_MAX))
+# Once fixed, widen to: st.sampled_from([-1, 0, 1, I32_MAX, I32_MAX + 1, *BIG_INTS]) | st.integers()
+TOP_K = st.sampled_from([-1, 0, 1, I32_MAX]) | st.integers(-2, 100) | st.integers(max_value=I32_MAX)
 
 parts = st.fixed_dictionaries(
     {"type": _field(st.just("text"), junk=st.sampled_from(PART_TYPES) | json_values)},
@@ -89,21 +96,34 @@ messages = _field(
     ),
     junk=st.fixed_dictionaries({}, optional={"role": st.sampled_from(ROLES), "content": contents}) | json_values,
 )
-token_counts = st.one_of(st.integers(-2, 300), st.integers(0, MAX_TOKENS_LIMIT + 2), st.integers())
+# Boundaries first: hypothesis finds an off-by-one at a limit far sooner when the limit is a listed value.
+token_counts = st.one_of(
+    st.sampled_from([-1, 0, 1, 256, MAX_TOKENS_LIMIT, MAX_TOKENS_LIMIT + 1, *BIG_INTS]),
+    st.integers(-2, 300),
+    st.integers(),
+)
+
+
+def _around(low: float, high: float) -> st.SearchStrategy[float | int]:
+    """Numbers at and just past both ends of [low, high], tiny and huge ones, and anything near the range."""
+    edges = [low, high, low - 1e-9, high + 1e-9, -0.0, 5e-324, 1e-40, 3.5e38, 1e308, int(low) - 1, int(high) + 1]
+    return st.sampled_from(edges) | st.floats(low - 0.5, high + 0.5) | st.integers(int(low) - 1, int(high) + 1)
+
+
 OPTIONAL_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "stream": _field(st.booleans() | st.none()),
     "stream_options": _field(st.none() | st.fixed_dictionaries({}, optional={"include_usage": _field(st.booleans())})),
     "max_tokens": _field(token_counts),
     "max_completion_tokens": _field(token_counts),
-    "temperature": _field(st.floats(-0.5, 2.5) | st.integers(-1, 3)),
-    "top_p": _field(st.floats(-0.5, 1.5) | st.integers(-1, 2)),
+    "temperature": _field(_around(0, 2)),
+    "top_p": _field(_around(0, 1)),
     "top_k": _field(TOP_K, junk=_int_free_junk),
     "stop": _field(st.none() | texts | st.lists(texts, max_size=MAX_STOP_SEQUENCES + 2)),
-    "n": _field(st.integers(-1, 3)),
-    "seed": _field(st.integers()),
+    "n": _field(st.sampled_from([-1, 0, 1, 2, *BIG_INTS]) | st.integers(-1, 3)),
+    "seed": _field(st.sampled_from([-(2**63) - 1, -(2**63), *BIG_INTS]) | st.integers()),
     "user": _field(texts),
-    "presence_penalty": _field(st.floats(-3, 3)),
-    "frequency_penalty": _field(st.floats(-3, 3)),
+    "presence_penalty": _field(_around(-2, 2)),
+    "frequency_penalty": _field(_around(-2, 2)),
     "metadata": _field(st.dictionaries(texts, texts, max_size=3)),
     "store": _field(st.booleans()),
     "tools": _field(st.lists(json_values, max_size=2)),
@@ -111,7 +131,7 @@ OPTIONAL_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "functions": _field(st.lists(json_values, max_size=2)),
     "function_call": _field(st.sampled_from(["none", "auto"])),
     "logprobs": _field(st.booleans()),
-    "top_logprobs": _field(st.integers(0, 5)),
+    "top_logprobs": _field(st.sampled_from([-1, 0, 1, 20, 21, *BIG_INTS]) | st.integers(0, 5)),
     "logit_bias": _field(st.dictionaries(texts, st.floats(-100, 100), max_size=2)),
     "response_format": _field(
         st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", ""])})
@@ -242,7 +262,7 @@ def huge_lines(draw: st.DrawFn) -> list[bytes]:
     line = b"data: " + b"x" * size + draw(st.sampled_from([b"", b"\n", b"\n\n", b"\r\n\r\n"]))
     cuts = sorted(draw(st.lists(st.integers(0, len(line)), max_size=3)))
     bounds = [0, *cuts, len(line)]
-    return [line[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [line[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @st.composite
@@ -401,8 +421,8 @@ def test_relay_emits_whole_events_and_one_done(request: dict[str, Any], chunks: 
     assert events.count(b"data: [DONE]") == 1 and events[-1] == b"data: [DONE]"
     last = json.loads(events[-2].removeprefix(b"data: "))
     if "error" not in last:  # a normal end: a finish_reason chunk, then the usage chunk when asked for
-        finals = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
-        reasons = [c["choices"][0]["finish_reason"] for c in finals if c["choices"] and c["choices"][0]["finish_reason"]]
+        choices = [json.loads(e.removeprefix(b"data: "))["choices"] for e in events[:-1]]
+        reasons = [c[0]["finish_reason"] for c in choices if c and c[0]["finish_reason"]]
         assert reasons in (["stop"], ["length"])
         assert ("usage" in last) is state.include_usage
     assert state.finished

@@ -1,0 +1,316 @@
+"""Issue 4, item 6: the fuzzed chat bodies of tests/unit/test_fuzz_translation.py, and raw HTTP garbage on a socket,
+through the live gateway (Envoy, the processor and the emulator).
+
+- A chat body is answered 200, 400 or 404, never 5xx and never late; every non-2xx answer is an OpenAI error object
+  with `content-type: application/json`; and Shimmy (the emulator's `generate_requests`) sees exactly the requests
+  that were answered 200: nothing the gateway refused reaches it.
+- Raw bytes on a socket get an HTTP reply or a closed connection within a deadline; every error reply is an OpenAI
+  error object; and the gateway still serves a valid request afterwards.
+
+Envoy's own replies to some malformed requests are still plain text or empty (a known bug, reproduced by
+test_envoy_reply_is_an_openai_error, strict xfail). The raw fuzzer tolerates exactly those replies
+(`KNOWN_PLAIN_REPLIES`); when they are fixed, empty that set and drop the xfail marker.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tests.integration.conftest import Stack
+from tests.unit.test_fuzz_translation import KNOWN_MODELS, check_error_body, request_bodies, split_events
+
+LIVE = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+REQUEST_TIMEOUT = httpx.Timeout(20.0)  # the emulator answers in milliseconds: reaching this is a hang
+SOCKET_DEADLINE_S = 10.0
+CHAT = {"model": KNOWN_MODELS[0], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def serve_models(stack: Stack, models: tuple[str, ...]) -> None:
+    """Let the emulator serve these models, and wait until the processor's probe has seen the list."""
+    stack.configure(models=list(models))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        probe = {**CHAT, "model": models[-1]}
+        if httpx.post(f"{stack.url}/v1/chat/completions", json=probe, timeout=REQUEST_TIMEOUT).status_code == 200:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the processor never learned of {models}")
+
+
+def generate_requests(stack: Stack) -> int:
+    return stack.emulator_stats()["generate_requests"]
+
+
+def check_chat_answer(resp: httpx.Response) -> None:
+    """A 200 is a whole completion or a whole stream; anything else is a 400/404 OpenAI error in JSON."""
+    assert resp.status_code in (200, 400, 404), (resp.status_code, resp.text[:500])
+    content_type = resp.headers.get("content-type")
+    if resp.status_code != 200:
+        assert content_type == "application/json", (resp.status_code, content_type, resp.text[:200])
+        error = check_error_body(resp.content, resp.status_code)
+        if resp.status_code == 404:
+            assert error["code"] == "model_not_found"
+        return
+    if content_type == "text/event-stream":
+        events = split_events(resp.content)
+        assert events.count(b"data: [DONE]") == 1 and events[-1] == b"data: [DONE]"
+        assert not any(e.startswith(b'data: {"error"') for e in events), events[-2:]
+    else:
+        assert content_type == "application/json", content_type
+        document = resp.json()
+        assert document["object"] == "chat.completion" and document["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@LIVE
+@given(body=request_bodies)
+def test_fuzzed_chat_bodies(stack: Stack, body: bytes) -> None:
+    if generate_requests(stack) == 0:  # the first example of this test: serve both fuzzed models
+        serve_models(stack, KNOWN_MODELS)
+    before = generate_requests(stack)
+    resp = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=REQUEST_TIMEOUT,
+    )
+    reached = generate_requests(stack) - before
+    event(f"status {resp.status_code}")
+    check_chat_answer(resp)
+    assert reached == (1 if resp.status_code == 200 else 0), (resp.status_code, reached, body[:300])
+
+
+# -- raw HTTP on a socket ------------------------------------------------------------------------------------------
+
+# Envoy's replies that are still not OpenAI error objects (see the module docstring). Each is reproduced below.
+KNOWN_PLAIN_REPLIES = {
+    (426, b"Upgrade Required"),  # HTTP/1.0 or an unknown version
+    (400, b"Bad Request"),  # an invalid Host (http.invalid_authority), an obs-fold header line
+    (501, b"Not Implemented"),  # a Transfer-Encoding other than chunked
+    (431, b"Request Header Fields Too Large"),
+    (403, b""),  # a WebSocket upgrade
+    (404, b""),  # OPTIONS *
+    (400, b""),  # QUERY without a content-type (query_missing_content_type)
+}
+
+METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "CONNECT", "QUERY", "get", "FOO", ""]
+PATHS = [
+    "/", "/v1/chat/completions", "/v1/models", "/health", "/v1/health", "/v2/models", "/admin", "/stats",
+    "/clusters", "/server_info", "/api/generate", "/api/models", "/_emulator/stats", "/v1/../admin",
+    "/v1/%2e%2e/stats", "/v1%2fchat%2fcompletions", "/v1/chat%2Fcompletions", "//v1//models", "/v1/models/",
+    "/v1/models?x=1&y", "/v1/models#f", "*", "http://127.0.0.1/v1/models", "/%00", "/\u00ff", "health", "?", "",
+]
+VERSIONS = ["HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "http/1.1", "HTTP/1.1 x", "HTTP/2", "HTTP/1.0", "HTTP/0.9", ""]
+HEADER_NAMES = [
+    "host", "content-type", "accept", "authorization", "x-envoy-original-path", "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-internal", "x-forwarded-for", "x-request-id", "te", "connection", "upgrade", "cookie", "expect",
+    "transfer-encoding", "x-gateway-route", ":path", "", "bad header", "x\ty",
+]
+HEADER_VALUES = [
+    "", "127.0.0.1", "application/json", "text/plain", "Bearer x", "/admin", "1", "trailers", "close", "upgrade",
+    "websocket", "h2c", "100-continue", "chunked", "gzip", "a\r\nx-injected: 1", "\tspaced", "\u00ff", "a" * 4000,
+]
+_token = st.text(st.characters(codec="ascii", categories=["L", "N"], include_characters="-_.~!#$%&'*+^`|"), max_size=12)
+_printable = st.text(st.characters(codec="ascii", min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> tuple[str, bytes]:
+    """(method, bytes) of one request: a request line and headers drawn from odd and ordinary parts, ended by a
+    blank line, with a body only when a correct Content-Length announces it (so a complete request never waits
+    for bytes that will not come)."""
+    method = draw(st.sampled_from(METHODS) | _token)
+    path = draw(st.sampled_from(PATHS) | _printable.map(lambda p: "/" + p.replace(" ", "%20")))
+    version = draw(st.sampled_from(VERSIONS))
+    eol = draw(st.sampled_from(["\r\n", "\r\n", "\n"]))
+    headers = [("host", draw(st.sampled_from(["127.0.0.1", "localhost:8000", "x"])))] if draw(st.integers(0, 5)) else []
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(st.sampled_from(HEADER_NAMES) | _token)
+        value = draw(st.sampled_from(HEADER_VALUES) | _printable)
+        if name.lower() not in ("content-length", "transfer-encoding", "expect") and "\n" not in name:
+            headers.append((name, value))
+    body = draw(st.sampled_from([b"", b"{}", json.dumps(CHAT).encode()]) | st.binary(max_size=64))
+    if body:
+        headers.append(("content-length", str(len(body))))
+    head = f"{method} {path} {version}".rstrip() + eol + "".join(f"{k}: {v}{eol}" for k, v in headers) + eol
+    return method, head.encode("utf-8", "surrogateescape") + body
+
+
+class Hang(AssertionError):
+    pass
+
+
+def read_reply(sock: socket.socket, method: str) -> tuple[int, dict[str, str], bytes] | None:
+    """The first final HTTP/1 reply on the socket, or None when the gateway closed the connection without one."""
+    deadline = time.monotonic() + SOCKET_DEADLINE_S
+    buf = b""
+
+    def more() -> bool:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Hang(f"no complete reply within {SOCKET_DEADLINE_S} s; got {buf[:300]!r}")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise Hang(f"no complete reply within {SOCKET_DEADLINE_S} s; got {buf[:300]!r}") from None
+        except ConnectionResetError:
+            chunk = b""
+        nonlocal_buf.append(chunk)
+        return bool(chunk)
+
+    nonlocal_buf: list[bytes] = []
+    while True:
+        while b"\r\n\r\n" not in buf:
+            if not more():
+                assert not buf, f"connection closed mid-reply: {buf[:300]!r}"
+                return None
+            buf += nonlocal_buf.pop()
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        version, status, *_ = status_line.split(" ", 2) + [""]
+        assert version in ("HTTP/1.1", "HTTP/1.0"), status_line
+        code = int(status)
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if 100 <= code < 200:  # 100 Continue: the final reply follows
+            continue
+        break
+    if method == "HEAD" or code in (204, 304):
+        return code, headers, b""
+    if "content-length" in headers:
+        size = int(headers["content-length"])
+        while len(buf) < size and more():
+            buf += nonlocal_buf.pop()
+        assert len(buf) >= size, f"connection closed mid-body: {buf[:300]!r}"
+        return code, headers, buf[:size]
+    if headers.get("transfer-encoding") == "chunked":
+        while not buf.endswith(b"0\r\n\r\n") and more():
+            buf += nonlocal_buf.pop()
+        body, rest = b"", buf
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                return code, headers, body
+            body, rest = body + rest[:size], rest[size + 2 :]
+    while more():  # neither: the body runs to the end of the connection
+        buf += nonlocal_buf.pop()
+    return code, headers, buf
+
+
+def send_raw(stack: Stack, method: str, raw: bytes) -> tuple[int, dict[str, str], bytes] | None:
+    with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=SOCKET_DEADLINE_S) as sock:
+        try:
+            sock.sendall(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            return None  # the gateway closed on us before we finished: a closed connection is an answer
+        return read_reply(sock, method)
+
+
+def check_raw_reply(reply: tuple[int, dict[str, str], bytes] | None, method: str) -> None:
+    if reply is None:
+        event("closed without a reply")
+        return
+    code, headers, body = reply
+    event(f"status {code}")
+    assert code < 500 or code == 501, (code, body[:300])  # 501 only as a known plain reply, checked next
+    if code < 400:
+        assert headers.get("content-type") in ("application/json", "text/event-stream"), (code, headers)
+        return
+    if (code, body) in KNOWN_PLAIN_REPLIES:
+        event(f"known plain reply {code}")
+        return
+    assert headers.get("content-type") == "application/json", (code, headers, body[:300])
+    if method != "HEAD":
+        check_error_body(body, code)
+
+
+@LIVE
+@given(request=raw_requests())
+def test_raw_http_garbage(stack: Stack, request: tuple[str, bytes]) -> None:
+    method, raw = request
+    before = generate_requests(stack)
+    reply = send_raw(stack, method, raw)
+    check_raw_reply(reply, method)
+    if reply is None or reply[0] != 200:
+        assert generate_requests(stack) == before, raw[:300]
+
+
+def test_gateway_serves_after_the_garbage(stack: Stack) -> None:
+    """Runs after the fuzzers in file order; the stack is shared, so this is what they left behind."""
+    for _ in range(3):
+        send_raw(stack, "GET", b"\xff\xfe GARBAGE \x00\r\n\r\n")
+    resp = httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, timeout=REQUEST_TIMEOUT)
+    assert resp.status_code == 200 and resp.json()["object"] == "chat.completion"
+    assert httpx.get(f"{stack.url}/health", timeout=REQUEST_TIMEOUT).status_code == 200
+
+
+# -- known bugs: minimal reproductions -----------------------------------------------------------------------------
+
+
+def _deep(name: str, depth: int = 2000) -> bytes:
+    return b'{"model":"phi3-lora","messages":[{"role":"user","content":"Hi"}],"%s":%s}' % (
+        name.encode(),
+        b"[" * depth + b"]" * depth,
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="bug: RecursionError in the processor becomes Envoy's 500 gateway_error")
+def test_deeply_nested_body_is_a_400_not_a_500(stack: Stack) -> None:
+    resp = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        content=_deep("tools"),
+        headers={"content-type": "application/json"},
+        timeout=REQUEST_TIMEOUT,
+    )
+    assert resp.status_code == 400, (resp.status_code, resp.text[:300])
+
+
+@pytest.mark.xfail(strict=True, reason="bug: top_k beyond i32 reaches Shimmy, which answers 422")
+def test_top_k_beyond_i32_never_reaches_shimmy(stack: Stack) -> None:
+    before = generate_requests(stack)
+    resp = httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "top_k": 2**31}, timeout=REQUEST_TIMEOUT)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_k", resp.text
+    assert generate_requests(stack) == before
+
+
+PLAIN_REPLY_CASES: dict[str, tuple[str, bytes]] = {
+    "http/1.0": ("GET", b"GET /health HTTP/1.0\r\n\r\n"),
+    "invalid authority": ("GET", b"GET /health HTTP/1.1\r\nHost: a b\r\n\r\n"),
+    "obs-fold header": ("GET", b"GET /health HTTP/1.1\r\nHost: x\r\n folded: y\r\n\r\n"),
+    "transfer-encoding gzip": ("GET", b"GET /health HTTP/1.1\r\nHost: x\r\ntransfer-encoding: gzip\r\n\r\n"),
+    "headers too large": ("GET", b"GET /health HTTP/1.1\r\nHost: x\r\nx: " + b"a" * 70000 + b"\r\n\r\n"),
+    "websocket upgrade": ("GET", b"GET /health HTTP/1.1\r\nHost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"),
+    "options *": ("OPTIONS", b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"),
+    "query without content-type": ("QUERY", b"QUERY /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="bug: some of Envoy's own error replies are plain text or empty, not JSON")
+@pytest.mark.parametrize("case", sorted(PLAIN_REPLY_CASES))
+def test_envoy_reply_is_an_openai_error(stack: Stack, case: str) -> None:
+    method, raw = PLAIN_REPLY_CASES[case]
+    reply = send_raw(stack, method, raw)
+    assert reply is not None
+    code, headers, body = reply
+    assert code >= 400
+    assert headers.get("content-type") == "application/json", (code, headers, body)
+    check_error_body(body, code)
+
+
+def _unused(_: Any) -> None:  # keeps `Any` imported for type hints of shared helpers
+    pass
