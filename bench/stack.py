@@ -162,11 +162,7 @@ class Stack:
         # on the Shimmy cluster, sized for a real Shimmy that runs two generations at a time) are lifted to the
         # benchmark's highest concurrency: otherwise both Envoys would queue at 2 and answer 429 beyond 18 requests,
         # and the runs would time the queue instead of the proxies.
-        self.overrides = {
-            "MAX_ACTIVE_REQUESTS": str(max_concurrency),
-            "MAX_QUEUED_REQUESTS": str(max_concurrency),
-            "EMULATOR_TOKEN_DELAY_MS": "0",
-        }
+        self.overrides = {"MAX_ACTIVE_REQUESTS": str(max_concurrency), "MAX_QUEUED_REQUESTS": str(max_concurrency)}
 
     @staticmethod
     def url(port: int, path: str) -> str:

@@ -40,19 +40,22 @@ def start_chat(
     template_overrides: Mapping[str, str],
     known_models: Collection[str] | None = None,
     timeout: float = 600.0,
+    aliases: Mapping[str, str] | None = None,
 ) -> tuple[bytes, ChatState]:
     """Validate an OpenAI request; return Shimmy's `/api/generate` body and the state for the response.
 
     `known_models` (when the processor has read Shimmy's list) lets an unknown model fail here, before Shimmy.
     `timeout` is the generation deadline in seconds, enforced in-band on streams (Envoy answers 504 otherwise).
+    `aliases` maps names clients use (`gpt-4o-mini`) to Shimmy's; answers carry the name the client sent.
     """
     request = parse_chat_request(body)
-    if known_models is not None and request.model not in known_models:
+    model = aliases.get(request.model, request.model) if aliases else request.model
+    if known_models is not None and model not in known_models:
         raise ModelNotFound(request.model)
-    template = templates.template_for(request.model, template_overrides)
+    template = templates.template_for(model, template_overrides)
     prompt = templates.render(template, [(m.role, m.text()) for m in request.messages])
     max_tokens = request.token_limit if request.token_limit is not None else DEFAULT_MAX_TOKENS
-    shimmy_body = generate_body(request.model, prompt, max_tokens, request.temperature, request.top_p, request.top_k)
+    shimmy_body = generate_body(model, prompt, max_tokens, request.temperature, request.top_p, request.top_k)
     state = ChatState(
         model=request.model,
         stream=bool(request.stream),
@@ -90,7 +93,9 @@ class ChatState:
     upstream_done: bool = False  # Shimmy sent [DONE]; without it the stream was cut short
     error: str | None = None  # Shimmy's [ERROR] text, or our reason the stream is unusable
     started: bool = False  # the role chunk went out
+    first_content_at: float | None = None  # time.monotonic() of the first content token sent (time to first token)
     finished: bool = False  # the final chunk and [DONE] went out; later bytes are dropped
+    failure: str | None = None  # code of the in-band error that ended the stream, if one did
     sse: SSEDecoder = field(default_factory=SSEDecoder)
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -192,10 +197,13 @@ class ChatState:
         if not self.started:
             self.started = True
             out.append(head + b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]' + tail)
+        if pieces and self.first_content_at is None:
+            self.first_content_at = time.monotonic()
         for piece in pieces:
             out.append(head + b'[{"index":0,"delta":{"content":%s},"finish_reason":null}]' % _encode(piece) + tail)
         failure = self._stream_failure(end)
         if failure is not None:
+            self.failure = failure[3]
             out.append(encode_event(error_json(*failure)))
             out.append(SSE_DONE)
             self.finished = True

@@ -1,4 +1,11 @@
-"""`shimmy-extproc`: the processor alone (inside the stack, or as a service behind your own Envoy)."""
+"""`shimmy-extproc`: the processor alone (inside the stack, or as a service behind your own Envoy).
+
+It serves Envoy's ext_proc API and the gRPC health service on `EXTPROC_HOST:EXTPROC_PORT` or a unix socket
+(`EXTPROC_PORT=unix:/path`), optionally over TLS (`EXTPROC_TLS_CERT`, `EXTPROC_TLS_KEY`) and mTLS
+(`EXTPROC_TLS_CLIENT_CA`), with gRPC reflection on request (`EXTPROC_REFLECTION`). SIGTERM or SIGINT: health
+turns NOT_SERVING, no new stream is accepted, live streams get `EXTPROC_SHUTDOWN_GRACE_S` to finish, exit 0; a
+second signal cuts the grace short. envoy/standalone.example.yaml plugs it into an Envoy of your own.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +13,28 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import sys
+
+import grpc
 
 from extproc import templates
 from extproc.health import ShimmyMonitor
 from extproc.processors import Context
-from extproc.server import ExternalProcessor, serve
-from gateway.settings import load, parse_templates
+from extproc.server import ExternalProcessor, GrpcServer
+from gateway.settings import Settings, load, parse_templates
 
-__all__ = ["main"]
+__all__ = ["grpc_address", "main", "tls_credentials"]
 
 SETTINGS = (
+    "EXTPROC_HOST",
     "EXTPROC_PORT",
+    "EXTPROC_TLS_CERT",
+    "EXTPROC_TLS_KEY",
+    "EXTPROC_TLS_CLIENT_CA",
+    "EXTPROC_REFLECTION",
+    "EXTPROC_SHUTDOWN_GRACE_S",
+    "SHIMMY_URL",
     "SHIMMY_PORT",
     "MODEL_NAME",
     "PROMPT_TEMPLATES",
@@ -27,28 +44,133 @@ SETTINGS = (
     "LOG_LEVEL",
 )
 
-
-def grpc_address(extproc_port: str) -> str:
-    """`EXTPROC_PORT` as a gRPC bind address: a port on 127.0.0.1, or `unix:/path` as given."""
-    return extproc_port if extproc_port.startswith("unix:") else f"127.0.0.1:{int(extproc_port)}"
+log = logging.getLogger("extproc")
 
 
-async def _run(ctx: Context, address: str) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    monitor = asyncio.create_task(ctx.monitor.run(), name="shimmy-monitor")
-    server = asyncio.create_task(serve(ExternalProcessor(ctx), address), name="grpc-server")
-    stopper = asyncio.create_task(stop.wait(), name="signals")
+def grpc_address(extproc_port: str, host: str = "127.0.0.1") -> str:
+    """`EXTPROC_PORT` as a gRPC bind address: `host:port` (IPv6 hosts bracketed), or `unix:/path` as given."""
+    port = str(extproc_port).strip()
+    if port.startswith("unix:"):
+        return port
     try:
-        await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (server, monitor, stopper):
-            task.cancel()
-        for task in (server, monitor, stopper):
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"EXTPROC_PORT={port!r}: expected a port number or unix:/path") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"EXTPROC_PORT={port!r}: expected a port number between 1 and 65535 or unix:/path")
+    host = host.strip() or "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{number}"
+
+
+def _no_password() -> bytes:
+    raise ValueError("the key is encrypted; give an unencrypted PEM key")
+
+
+def _read(setting: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"{setting}={path!r}: cannot read it ({exc.strerror or exc})") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{setting}={path!r}: not a PEM file")
+    return data
+
+
+def tls_credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCredentials | None:
+    """Server credentials for `EXTPROC_TLS_CERT`/`_KEY`/`_CLIENT_CA` (paths; all empty = plaintext).
+
+    Checked here, at start, so a half-configured TLS or a key that does not match its certificate is a clear error
+    now rather than a failed handshake at Envoy's first request.
+    """
+    if not (cert or key or client_ca):
+        return None
+    if not (cert and key):
+        missing = "EXTPROC_TLS_KEY" if cert else "EXTPROC_TLS_CERT"
+        given = "EXTPROC_TLS_CERT" if cert else ("EXTPROC_TLS_KEY" if key else "EXTPROC_TLS_CLIENT_CA")
+        raise ValueError(f"{given} is set but {missing} is not: TLS needs both a certificate and its key")
+    cert_pem, key_pem = _read("EXTPROC_TLS_CERT", cert), _read("EXTPROC_TLS_KEY", key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(f"EXTPROC_TLS_CERT={cert!r} with EXTPROC_TLS_KEY={key!r}: {exc}") from None
+    ca_pem = None
+    if client_ca:
+        ca_pem = _read("EXTPROC_TLS_CLIENT_CA", client_ca)
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as exc:
+            raise ValueError(f"EXTPROC_TLS_CLIENT_CA={client_ca!r}: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=ca_pem is not None
+    )
+
+
+async def _run(ctx: Context, server: GrpcServer, grace: float) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully; a second signal cuts the grace short."""
+    loop = asyncio.get_running_loop()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            hurry.set()
+        else:
+            log.info("%s received", sig.name)
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    monitor = asyncio.create_task(ctx.monitor.run(), name="shimmy-monitor")
+    try:
+        await server.start()
+        waiter = asyncio.create_task(stop.wait(), name="signals")
+        try:
+            await asyncio.wait({waiter, monitor}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await waiter
+        if monitor.done():  # it never returns; an exception here is a bug worth the traceback
+            monitor.result()
+        await server.stop(grace, hurry)
+    finally:
+        await server.stop(0)  # no-op after a graceful stop; cancels live streams on any other way out
+        monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await monitor
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def build(settings: Settings) -> tuple[Context, GrpcServer]:
+    """The processor's context and server from its settings; a bad setting is a ValueError naming it."""
+    overrides = parse_templates(settings.prompt_templates)
+    try:
+        templates.check_overrides(overrides)
+    except ValueError as exc:
+        raise ValueError(f"PROMPT_TEMPLATES: {exc}") from None
+    shimmy_url = settings.shimmy_url.strip() or f"http://127.0.0.1:{settings.shimmy_port}"
+    if not shimmy_url.startswith(("http://", "https://")):
+        raise ValueError(f"SHIMMY_URL={shimmy_url!r}: expected an http:// or https:// URL")
+    if settings.extproc_shutdown_grace_s < 0:
+        raise ValueError("EXTPROC_SHUTDOWN_GRACE_S must not be negative")
+    monitor = ShimmyMonitor(
+        shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup")
+    )
+    ctx = Context(templates=overrides, monitor=monitor, generation_timeout=settings.generation_timeout_s)
+    credentials = tls_credentials(
+        settings.extproc_tls_cert.strip(), settings.extproc_tls_key.strip(), settings.extproc_tls_client_ca.strip()
+    )
+    server = GrpcServer(
+        ExternalProcessor(ctx),
+        grpc_address(settings.extproc_port, settings.extproc_host),
+        credentials=credentials,
+        reflection=settings.flag("extproc_reflection"),
+    )
+    return ctx, server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,24 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
-    overrides = parse_templates(settings.prompt_templates)
     try:
-        templates.check_overrides(overrides)
+        ctx, server = build(settings)
     except ValueError as exc:
-        raise SystemExit(f"PROMPT_TEMPLATES: {exc}") from None
-    monitor = ShimmyMonitor(
-        f"http://127.0.0.1:{settings.shimmy_port}",
-        settings.model_name,
-        settings.health_interval_s,
-        warmup=settings.flag("warmup"),
-    )
-    ctx = Context(templates=overrides, monitor=monitor, generation_timeout=settings.generation_timeout_s)
+        raise SystemExit(f"shimmy-extproc: {exc}") from None
+    grace = settings.extproc_shutdown_grace_s
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_run(ctx, grpc_address(settings.extproc_port)))
+        run = asyncio.run
     else:
-        uvloop.run(_run(ctx, grpc_address(settings.extproc_port)))
+        run = uvloop.run
+    try:
+        run(_run(ctx, server, grace))
+    except OSError as exc:  # the address cannot be bound
+        raise SystemExit(f"shimmy-extproc: {exc}") from None
     return 0
 
 

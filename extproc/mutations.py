@@ -14,6 +14,7 @@ from envoy.type.v3 import http_status_pb2
 
 __all__ = [
     "DUPLEX_RESPONSE",
+    "METADATA_NAMESPACE",
     "Header",
     "continue_request_body",
     "continue_response_body",
@@ -22,6 +23,7 @@ __all__ = [
     "request_body",
     "response_body",
     "response_headers",
+    "set_metadata",
     "streamed_body",
 ]
 
@@ -87,6 +89,14 @@ def streamed_body(body: bytes, end: bool) -> ep.ProcessingResponse:
             )
         )
     )
+
+
+METADATA_NAMESPACE = "shimmy_gateway"  # listed in the ext_proc filter's metadata_options.receiving_namespaces
+
+
+def set_metadata(response: ep.ProcessingResponse, fields: dict[str, object]) -> None:
+    """Hand Envoy per-request facts (model, tokens, timings) as dynamic metadata; the access log prints them."""
+    response.dynamic_metadata.update({METADATA_NAMESPACE: fields})
 
 
 def immediate(status: int, body: bytes, headers: Iterable[Header] = ()) -> ep.ProcessingResponse:

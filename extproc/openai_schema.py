@@ -18,6 +18,7 @@ __all__ = ["ChatRequest", "Message", "StreamOptions", "TextPart", "parse_chat_re
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's own limit
 MAX_TOKENS_LIMIT = 131072  # Shimmy 2.x rejects more; no GGUF we serve has a longer context
+I32_MAX = 2**31 - 1  # Shimmy reads top_k as i32 and answers 422 beyond it
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -55,7 +56,7 @@ class ChatRequest(msgspec.Struct):
     max_completion_tokens: NonNegInt | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=1)] | None = None  # not OpenAI's, but llama.cpp users send it
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=I32_MAX)] | None = None  # not OpenAI's; llama.cpp users send it
     stop: Annotated[str, msgspec.Meta(min_length=1)] | StopList | None = None
     n: Annotated[int, msgspec.Meta(ge=1)] | None = None
     # Accepted and ignored: Shimmy's /api/generate has no such knobs (README lists what is honoured).
@@ -110,6 +111,8 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         request = _decoder.decode(body)
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8", code="invalid_encoding") from None
+    except RecursionError:  # msgspec decodes nested JSON recursively; a hostile body can nest thousands deep
+        raise InvalidRequest("The request body is nested too deeply", code="invalid_json") from None
     except msgspec.ValidationError as exc:
         text, param = _param_of(str(exc))
         raise InvalidRequest(f"Invalid request: {text}", param=param) from None

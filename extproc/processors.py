@@ -6,6 +6,7 @@ processor needs:
 
     route    phases Envoy sends                          messages per request
     health   request headers                             1 (answered at once)
+    metrics  response body (BUFFERED)                    1 (Envoy's /stats/prometheus, ours appended)
     models   response headers, response body (BUFFERED)  2
     chat     request body (BUFFERED), response headers,  3 non-stream; 2 + one per Shimmy chunk when streaming
              response body (BUFFERED, or FULL_DUPLEX_STREAMED by mode_override for stream=true)
@@ -17,18 +18,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc import mutations
+from extproc import metrics, mutations
 from extproc.chat import ChatState, start_chat
 from extproc.errors import GatewayError, InvalidRequest
 from extproc.health import ShimmyMonitor
 from extproc.shimmy_protocol import GENERATE_PATH, model_names, upstream_error
 
-__all__ = ["ROUTES", "ChatProcessor", "Context", "HealthProcessor", "ModelsProcessor", "Processor"]
+__all__ = ["ROUTES", "ChatProcessor", "Context", "HealthProcessor", "MetricsProcessor", "ModelsProcessor", "Processor"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -40,6 +42,7 @@ class Context:
     templates: Mapping[str, str]
     monitor: ShimmyMonitor
     generation_timeout: float  # seconds; a stream still running then ends with an in-band error
+    aliases: Mapping[str, str] = field(default_factory=dict)  # client-facing name -> Shimmy's model
 
     @property
     def known_models(self) -> Collection[str] | None:
@@ -120,13 +123,22 @@ class ModelsProcessor(Processor):
         except GatewayError as exc:
             return _error(exc)
         created = int(time.time())
+        served = set(names)
+        ids = sorted(served | {alias for alias, model in self.ctx.aliases.items() if model in served})
         body = _encode(
             {
                 "object": "list",
-                "data": [{"id": n, "object": "model", "created": created, "owned_by": "shimmy"} for n in names],
+                "data": [{"id": i, "object": "model", "created": created, "owned_by": "shimmy"} for i in ids],
             }
         )
         return mutations.response_body(body, [("content-type", "application/json"), ("content-length", str(len(body)))])
+
+
+class MetricsProcessor(Processor):
+    """Envoy's `/stats/prometheus` (Envoy rewrote the path to its admin) with the processor's metrics appended."""
+
+    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        return mutations.response_body(msg.body + metrics.exposition())
 
 
 _STREAM_HEADERS = (
@@ -139,19 +151,27 @@ _JSON_HEADERS = (("content-type", "application/json"), ("x-gateway-prompt-tokens
 
 
 class ChatProcessor(Processor):
-    """OpenAI `/v1/chat/completions` -> Shimmy `/api/generate` and back; the logic lives in `extproc.chat`."""
+    """OpenAI `/v1/chat/completions` -> Shimmy `/api/generate` and back; the logic lives in `extproc.chat`.
+
+    Besides translating, it keeps the request's metrics and, on its last answer, hands Envoy the request's
+    model, token counts and timings as dynamic metadata for the access log.
+    """
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.state: ChatState | None = None
+        self.started = time.monotonic()
+        self.model = ""  # as the client named it, once the body is read
+        self.outcome: str | None = None  # set once the request's end is recorded
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         try:
             body, self.state = start_chat(
-                msg.body, self.ctx.templates, self.ctx.known_models, self.ctx.generation_timeout
+                msg.body, self.ctx.templates, self.ctx.known_models, self.ctx.generation_timeout, self.ctx.aliases
             )
         except GatewayError as exc:
-            return _error(exc)
+            return self._failed(exc)
+        self.model = self.state.model
         return mutations.request_body(
             body,
             [(":path", GENERATE_PATH), ("content-type", "application/json"), ("content-length", str(len(body)))],
@@ -164,11 +184,11 @@ class ChatProcessor(Processor):
             # Either an earlier filter answered (an Envoy local reply, already JSON) and it passes through, or
             # a request without a body still reached Shimmy, whose answer must not count.
             if state is None and 200 <= status < 300:
-                return _error(InvalidRequest("The request body is missing", code="missing_body"))
+                return self._failed(InvalidRequest("The request body is missing", code="missing_body"))
             self.state = None
             return mutations.continue_response_headers()
         if status != 200:
-            return _error(upstream_error(status, b"", state.model))
+            return self._failed(upstream_error(status, b"", state.model))
         if state.stream:
             return mutations.response_headers(_STREAM_HEADERS, ["content-length"], mutations.DUPLEX_RESPONSE)
         return mutations.response_headers(_JSON_HEADERS, ["content-length"])
@@ -181,16 +201,50 @@ class ChatProcessor(Processor):
             if state.finished:  # the client's response is complete; Shimmy's late chunks go nowhere
                 return None
             out = state.relay(msg.body, msg.end_of_stream)
-            return mutations.streamed_body(out, state.finished) if out or state.finished else None
+            if not state.finished:
+                return mutations.streamed_body(out, False) if out else None
+            outcome = ("error", state.failure) if state.failure else ("ok", "")
+            return self._record(mutations.streamed_body(out, True), *outcome)
         try:
             body = state.complete(msg.body)
         except GatewayError as exc:
-            return _error(exc)
-        return mutations.response_body(body, [("content-length", str(len(body)))])
+            return self._failed(exc)
+        return self._record(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "")
+
+    def close(self) -> None:
+        if self.outcome is None and self.state is not None:  # the client or Envoy went away mid-request
+            self._record(None, "cancelled", "")
+
+    def _failed(self, exc: GatewayError) -> ep.ProcessingResponse:
+        return self._record(_error(exc), "error", exc.code or exc.type)
+
+    def _record(self, response: ResponseT, outcome: str, error_type: str) -> ResponseT:
+        """Count the request's end once, and put its summary in Envoy's dynamic metadata for the access log."""
+        self.outcome = outcome
+        duration = time.monotonic() - self.started
+        state, model = self.state, self.model or "unknown"
+        metrics.REQUESTS.labels(model, outcome, error_type).inc()
+        fields: dict[str, object] = {"model": model, "outcome": outcome, "duration_ms": round(duration * 1000, 1)}
+        if state is not None:
+            metrics.REQUEST_DURATION.labels(model, "true" if state.stream else "false").observe(duration)
+            metrics.TOKENS.labels(model, "input").inc(state.prompt_tokens)
+            metrics.TOKENS.labels(model, "output").inc(state.completion_tokens)
+            fields.update(prompt_tokens=state.prompt_tokens, completion_tokens=state.completion_tokens)
+            if state.first_content_at is not None:
+                ttft = state.first_content_at - self.started
+                metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
+                fields["ttft_ms"] = round(ttft * 1000, 1)
+        if response is not None:
+            mutations.set_metadata(response, fields)
+        return response
+
+
+ResponseT = TypeVar("ResponseT", ep.ProcessingResponse, None)
 
 
 ROUTES: dict[str, Callable[[Context], Processor]] = {
     "chat": ChatProcessor,
     "models": ModelsProcessor,
     "health": HealthProcessor,
+    "metrics": MetricsProcessor,
 }

@@ -6,16 +6,23 @@ No JSON, SSE or error policy lives here (practice 1 of shared/reference/style-an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
+import stat
+import time
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from extproc.processors import ROUTES, Context, Processor
 
-__all__ = ["ExternalProcessor", "serve"]
+__all__ = ["ExternalProcessor", "GrpcServer", "serve", "unix_socket_path"]
 
 log = logging.getLogger("extproc")
 
@@ -87,29 +94,159 @@ def _handler(servicer: ExternalProcessor) -> grpc.GenericRpcHandler:
     )
 
 
+def unix_socket_path(address: str) -> Path | None:
+    """The file of a `unix:/path` (or `unix:///path`, `unix:relative`) address; None for TCP."""
+    if not address.startswith("unix:"):
+        return None
+    path = address.removeprefix("unix:")
+    return Path("/" + path.lstrip("/") if path.startswith("//") else path)
+
+
+def _claim_socket_file(path: Path) -> None:
+    """Remove the socket file a dead processor left behind; refuse to take over a live one or a non-socket file."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"cannot bind unix:{path}: the file exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+            log.info("removed the stale socket file %s (nothing listens on it)", path)
+            return
+        except OSError:
+            pass  # a timeout: something owns it but is slow; still not ours to take
+    raise OSError(f"cannot bind unix:{path}: another process is listening on it")
+
+
+class GrpcServer:
+    """The processor's gRPC server: ext_proc, health and (optionally) reflection, over TCP or a unix socket,
+    plaintext or TLS. `stop()` is the graceful shutdown: NOT_SERVING, no new streams, live ones get `grace`."""
+
+    def __init__(
+        self,
+        servicer: ExternalProcessor,
+        address: str,
+        *,
+        credentials: grpc.ServerCredentials | None = None,
+        reflection: bool = False,
+    ) -> None:
+        self.servicer = servicer
+        self.address = address
+        self.credentials = credentials
+        self.reflection = reflection
+        self.socket_path = unix_socket_path(address)
+        self._socket_inode: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._stopped = False
+
+    async def start(self) -> None:
+        if self.socket_path is not None:
+            _claim_socket_file(self.socket_path)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),  # a port another processor holds is an error, not a shared port
+            ]
+        )
+        server.add_generic_rpc_handlers((_handler(self.servicer),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if self.reflection:
+            reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            if self.credentials is None:
+                port = server.add_insecure_port(self.address)
+            else:
+                port = server.add_secure_port(self.address, self.credentials)
+        except RuntimeError as exc:  # grpc's own message says only "Failed to bind"
+            raise OSError(f"cannot bind {self.address} (in use, or no such address or directory)") from exc
+        if port == 0 and self.socket_path is None:
+            raise OSError(f"cannot bind {self.address}")
+        await server.start()
+        self._server = server
+        if self.socket_path is not None:
+            self._socket_inode = self.socket_path.stat().st_ino
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        transport = "plaintext" if self.credentials is None else "TLS"
+        extra = ", reflection on" if self.reflection else ""
+        log.info("ext_proc listening on %s (%s%s)", self.address, transport, extra)
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None, "start() first"
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float, hurry: asyncio.Event | None = None) -> None:
+        """Graceful shutdown. Setting `hurry` (a second signal) cuts the grace short. Safe to call twice."""
+        if self._server is None or self._stopped:
+            return
+        self._stopped = True
+        started = time.monotonic()
+        log.info(
+            "shutting down: not accepting new streams; %d live stream(s) get up to %gs to finish",
+            self.servicer.live_streams,
+            grace,
+        )
+        await self._health.enter_graceful_shutdown()  # NOT_SERVING for every service, before the listener closes
+        stopping = asyncio.ensure_future(self._server.stop(grace))
+        if hurry is not None:
+            hurried = asyncio.ensure_future(hurry.wait())
+            try:
+                await asyncio.wait({stopping, hurried}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                hurried.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await hurried
+            if not stopping.done():
+                log.warning("shutdown hurried: cancelling %d live stream(s) now", self.servicer.live_streams)
+                await self._server.stop(None)
+        await stopping
+        await asyncio.sleep(0)  # let aborted handlers run their `finally` (the live-stream count)
+        self._remove_socket_file()
+        left = self.servicer.live_streams
+        log.info(
+            "shutdown complete after %.1fs: %s",
+            time.monotonic() - started,
+            "every stream finished" if left == 0 else f"{left} live stream(s) cut at the deadline",
+        )
+
+    def _remove_socket_file(self) -> None:
+        """gRPC unlinks its socket on stop; this covers the rest, and never removes a file that is not ours."""
+        if self.socket_path is None or self._socket_inode is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(self.socket_path).st_ino == self._socket_inode:
+                self.socket_path.unlink()
+
+
 async def serve(
-    servicer: ExternalProcessor, address: str, started: asyncio.Event | None = None, grace: float = 5.0
+    servicer: ExternalProcessor,
+    address: str,
+    started: asyncio.Event | None = None,
+    grace: float = 5.0,
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    reflection: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Run until cancelled. `address` is `host:port` or `unix:/path`."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
-    )
-    server.add_generic_rpc_handlers((_handler(servicer),))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
-        raise OSError(f"cannot bind {address}")
+    """Serve until `stop` is set or the task is cancelled, then shut down gracefully (`grace` seconds).
+
+    `address` is `host:port` or `unix:/path`.
+    """
+    server = GrpcServer(servicer, address, credentials=credentials, reflection=reflection)
     await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    log.info("ext_proc listening on %s", address)
     if started is not None:
         started.set()
     try:
-        await server.wait_for_termination()
+        if stop is None:
+            await server.wait_for_termination()
+        else:
+            await stop.wait()
     finally:
-        await health_servicer.enter_graceful_shutdown()
         await server.stop(grace)

@@ -108,6 +108,7 @@ def children(settings: Settings, backend: str, envoy_config: Path) -> list[Child
                 "-c",
                 str(envoy_config),
                 "--disable-hot-restart",  # several gateways (tests, benchmarks) share one machine
+                "--file-flush-interval-msec", "1000",  # access log lines out within a second, not 10 s
                 "--log-level",
                 ENVOY_LOG_LEVELS.get(settings.log_level, "warn"),
             ],

@@ -1,8 +1,9 @@
 """Render envoy/gateway.yaml with the configured ports, timeouts and limits.
 
 The shipped file is a complete, valid config with the default settings; rendering changes only the fields
-found here by name (listener `gateway`, route `chat`, the ext_proc and buffer filters, clusters `shimmy` and
-`extproc`), so the YAML stays the one place where routing, health checks and replies are declared.
+found here by name (listener `gateway`, routes `chat` and `metrics`, the ext_proc and buffer filters, clusters
+`shimmy`, `extproc` and `envoy_admin`), so the YAML stays the one place where routing, health checks and
+replies are declared.
 """
 
 from __future__ import annotations
@@ -77,7 +78,12 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     # Envoy's deadline is a backstop one second behind the processor's, so a stream still flowing at the
     # deadline ends with the processor's in-band error rather than a reset.
     route_timeout = settings.generation_timeout_s + 1
-    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    vhost = hcm["route_config"]["virtual_hosts"][0]
+    routes = vhost["routes"]
+    if not settings.flag("public_metrics"):
+        routes.remove(_named(routes, "metrics"))
+        routes.remove(_named(routes, "metrics_method_not_allowed"))
+        vhost["virtual_clusters"].remove(_named(vhost["virtual_clusters"], "metrics"))
     chat = _named(routes, "chat")["route"]
     chat["timeout"] = _seconds(route_timeout)
     chat["idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
@@ -98,6 +104,10 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     limits["max_pending_requests"] = settings.max_queued_requests
     for check in shimmy["health_checks"]:
         check["interval"] = check["no_traffic_interval"] = _seconds(settings.health_interval_s)
+
+    _endpoint(_named(resources["clusters"], "envoy_admin"))["address"]["socket_address"]["port_value"] = (
+        settings.envoy_admin_port
+    )
 
     extproc = _named(resources["clusters"], "extproc")
     port = str(settings.extproc_port)

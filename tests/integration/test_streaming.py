@@ -98,7 +98,7 @@ def test_stop_sequence_ends_the_stream_early(stack: Stack) -> None:
 def test_a_stop_sequence_ends_the_http_response_while_shimmy_still_generates(stack: Stack) -> None:
     stack.configure(reply=REPLY, repeat=True, token_delay_ms=200)  # 60 tokens would take 12 s
     started = time.monotonic()
-    resp, lines = stream_lines(stack, {**CHAT, "stop": [" brown"], "max_tokens": 60})
+    _, lines = stream_lines(stack, {**CHAT, "stop": [" brown"], "max_tokens": 60})
     assert time.monotonic() - started < 3
     assert sse_events(lines)[-1] == "[DONE]"
     assert stack.emulator_stats()["active_generations"] == 1  # Shimmy is still at it, unheard

@@ -292,7 +292,9 @@ def check_error_body(body: bytes, status: int) -> dict[str, Any]:
     assert isinstance(error["message"], str) and error["message"]
     assert error["param"] is None or isinstance(error["param"], str)
     assert error["code"] is None or isinstance(error["code"], str)
-    expected_type = "invalid_request_error" if status < 500 else "server_error"
+    expected_type = {401: "authentication_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
     assert error["type"] == expected_type, (status, error)
     return error
 
