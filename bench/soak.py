@@ -38,14 +38,27 @@ from typing import Any, Protocol
 
 import aiohttp
 
-__all__ = ["KINDS", "Outcome", "SoakReport", "Target", "extproc_pid", "main", "rss_bytes", "run"]
+__all__ = [
+    "KINDS",
+    "SPURIOUS_429",
+    "Outcome",
+    "SoakReport",
+    "Target",
+    "extproc_pid",
+    "main",
+    "queue_for",
+    "rss_bytes",
+    "run",
+]
 
 MODEL = "phi3-lora"
 KINDS = ("valid", "invalid", "stream", "abandon")
 WEIGHTS = (35, 25, 25, 15)
 MAX_ACTIVE_REQUESTS = 2  # the gateway's default: Shimmy serves one generation at a time, Envoy lets two in
 RSS_SLACK_BYTES = 20 * 1024 * 1024
+RETRY_AFTER_S = 2.0  # the gateway's Retry-After on 429
 STREAMS = "http.gateway.ext_proc.shimmy."
+SPURIOUS_429 = "spurious 429"  # how a problem line about 429s with room in the queue starts
 _JSON = {"content-type": "application/json"}
 
 # (body, status the gateway must answer): one of each refusal class the processor makes.
@@ -200,29 +213,31 @@ _REQUESTS: dict[str, Callable[[aiohttp.ClientSession, str, random.Random], Any]]
 
 
 async def _client(
-    session: aiohttp.ClientSession, url: str, rng: random.Random, until: float, timeout: float, out: list[Outcome]
+    session: aiohttp.ClientSession, url: str, rng: random.Random, until: float, limit_s: float, out: list[Outcome]
 ) -> None:
     while time.monotonic() < until:
         kind = rng.choices(KINDS, WEIGHTS)[0]
         started = time.monotonic()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(limit_s):
                 status, problem = await _REQUESTS[kind](session, url, rng)
         except TimeoutError:
-            status, problem = "hung", f"no answer within {timeout} s"
+            status, problem = "hung", f"no answer within {limit_s} s"
         except Exception as exc:  # a transport error, or an answer of the wrong shape: recorded, never fatal
             status, problem = type(exc).__name__, f"{type(exc).__name__}: {exc}"
         out.append(Outcome(kind, status, time.monotonic() - started, problem))
+        if status == 429:  # back off as the SDKs do (the gateway says Retry-After: 2), not in a tight loop
+            await asyncio.sleep(max(0.0, min(RETRY_AFTER_S, until - time.monotonic())))
 
 
-async def _load(url: str, clients: int, seconds: float, timeout: float, seed: int) -> list[Outcome]:
-    """`clients` closed-loop clients for `seconds`; each finishes its last request (bounded by `timeout`)."""
+async def _load(url: str, clients: int, seconds: float, limit_s: float, seed: int) -> list[Outcome]:
+    """`clients` closed-loop clients for `seconds`; each finishes its last request (bounded by `limit_s`)."""
     out: list[Outcome] = []
     until = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         await asyncio.gather(
-            *(_client(session, url, random.Random(seed * 100_003 + i), until, timeout, out) for i in range(clients))
+            *(_client(session, url, random.Random(seed * 100_003 + i), until, limit_s, out) for i in range(clients))
         )
     return out
 
@@ -262,12 +277,12 @@ def _snapshot(target: Target, since: float) -> Settled:
     )
 
 
-async def _settle(target: Target, timeout: float) -> Settled:
-    """Poll until no stream, request or generation is left anywhere, or `timeout` passes."""
+async def _settle(target: Target, limit_s: float) -> Settled:
+    """Poll until no stream, request or generation is left anywhere, or `limit_s` passes."""
     since = time.monotonic()
     while True:
         snap = await asyncio.to_thread(_snapshot, target, since)
-        if snap.quiet or snap.seconds >= timeout:
+        if snap.quiet or snap.seconds >= limit_s:
             return snap
         await asyncio.sleep(0.2)
 
@@ -309,16 +324,19 @@ class SoakReport:
 
     def _check(self) -> list[str]:
         problems: list[str] = []
-        for o in self.outcomes:
-            if o.problem is None:
-                continue
-            if o.status == 429 and self.queue_can_overflow:
-                continue  # the queue is full by design when there are more clients than it holds
-            problems.append(f"{o.kind}: {o.problem}")
+        rejected = [o for o in self.outcomes if o.status == 429]
+        if rejected and not self.queue_can_overflow:
+            problems.append(
+                f"{SPURIOUS_429}: {len(rejected)} requests answered 429 queue_full, though Envoy's active "
+                f"{MAX_ACTIVE_REQUESTS} + queued {self.max_queued} hold all {self.clients} clients"
+            )
+        same = Counter(f"{o.kind}: {o.problem}" for o in self.outcomes if o.problem is not None and o.status != 429)
+        problems += [f"{n} x {text}" if n > 1 else text for text, n in same.most_common()]
         if self.rss_start is None or self.rss_end is None:
             problems.append("processor RSS could not be read")
         elif self.rss_end - self.rss_start > RSS_SLACK_BYTES:
-            problems.append(f"processor RSS grew by {_mb(self.rss_end - self.rss_start)} (slack {_mb(RSS_SLACK_BYTES)})")
+            grown = _mb(self.rss_end - self.rss_start)
+            problems.append(f"processor RSS grew by {grown} (slack {_mb(RSS_SLACK_BYTES)})")
         if self.pid_start != self.pid_end:
             problems.append(f"processor pid changed from {self.pid_start} to {self.pid_end}: it was restarted")
         if not self.settled.quiet:
@@ -349,6 +367,7 @@ class SoakReport:
             )
         statuses = Counter(o.status for o in self.outcomes)
         fivexx = sum(n for s, n in statuses.items() if isinstance(s, int) and s >= 500)
+        settled = self.settled
         lines += [
             "",
             f"throughput: {len(self.outcomes) / self.seconds:.1f} requests/s; 5xx: {fivexx}; 429: {statuses[429]}; "
@@ -357,10 +376,10 @@ class SoakReport:
             f"processor RSS: start {_mb(self.rss_start)}, end {_mb(self.rss_end)} "
             f"({_signed_mb(self.rss_start, self.rss_end)}), peak during the soak {_mb(self.rss_peak)}; "
             f"pid {self.pid_start} -> {self.pid_end}",
-            f"settled in {self.settled.seconds:.1f} s: ext_proc streams started {self.settled.streams_started}, "
-            f"closed {self.settled.streams_closed} (open {self.settled.streams_started - self.settled.streams_closed}); "
-            f"Envoy downstream_rq_active {self.settled.downstream_active}, shimmy upstream_rq_active "
-            f"{self.settled.upstream_active}; emulator active_generations {self.settled.active_generations}",
+            f"settled in {settled.seconds:.1f} s: ext_proc streams started {settled.streams_started}, "
+            f"closed {settled.streams_closed} (open {settled.streams_started - settled.streams_closed}); "
+            f"Envoy downstream_rq_active {settled.downstream_active}, shimmy upstream_rq_active "
+            f"{settled.upstream_active}; emulator active_generations {settled.active_generations}",
             f"a valid request afterwards: {self.after[0]}",
         ]
         if self.processor_errors is not None:

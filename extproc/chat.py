@@ -5,8 +5,9 @@ Shimmy always streams to us (see shimmy_protocol); `ChatState.relay` turns Shimm
 `chat.completion.chunk` events as they come, and `ChatState.complete` turns a whole buffered SSE body into one
 `chat.completion`. Both count one completion token per Shimmy event and enforce stop sequences.
 
-Prompt tokens: Shimmy reports none and the gateway has no tokenizer, so `usage.prompt_tokens` is an estimate
-(UTF-8 bytes of the rendered prompt / 4, rounded up); the `x-gateway-prompt-tokens: estimated` header says so.
+Prompt tokens: Shimmy reports none, so `usage.prompt_tokens` is counted here by a `PromptCounter`
+(`extproc.tokens`): exact with the model's GGUF vocabulary, else an estimate (UTF-8 bytes of the rendered prompt
+/ 4, rounded up). `ChatState.prompt_tokens_kind` says which, for the `x-gateway-prompt-tokens` header.
 """
 
 from __future__ import annotations
@@ -25,14 +26,11 @@ from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS, DONE, ERROR_PREFIX, gene
 from extproc.sse import DONE as SSE_DONE
 from extproc.sse import SSEDecoder, SSEError, encode_event
 from extproc.stops import StopMatcher
+from extproc.tokens import ESTIMATE, ESTIMATED, PromptCounter, estimate_tokens
 
 __all__ = ["ChatState", "estimate_tokens", "start_chat"]
 
 _encode = msgspec.json.Encoder().encode
-
-
-def estimate_tokens(text: str) -> int:
-    return (len(text.encode()) + 3) // 4
 
 
 def start_chat(
@@ -41,12 +39,15 @@ def start_chat(
     known_models: Collection[str] | None = None,
     timeout: float = 600.0,
     aliases: Mapping[str, str] | None = None,
+    *,
+    counter: PromptCounter = ESTIMATE,
 ) -> tuple[bytes, ChatState]:
     """Validate an OpenAI request; return Shimmy's `/api/generate` body and the state for the response.
 
     `known_models` (when the processor has read Shimmy's list) lets an unknown model fail here, before Shimmy.
     `timeout` is the generation deadline in seconds, enforced in-band on streams (Envoy answers 504 otherwise).
     `aliases` maps names clients use (`gpt-4o-mini`) to Shimmy's; answers carry the name the client sent.
+    `counter` counts the rendered prompt's tokens (Shimmy's model name); where it cannot, the estimate does.
     """
     request = parse_chat_request(body)
     model = aliases.get(request.model, request.model) if aliases else request.model
@@ -56,12 +57,16 @@ def start_chat(
     prompt = templates.render(template, [(m.role, m.text()) for m in request.messages])
     max_tokens = request.token_limit if request.token_limit is not None else DEFAULT_MAX_TOKENS
     shimmy_body = generate_body(model, prompt, max_tokens, request.temperature, request.top_p, request.top_k)
+    prompt_tokens, prompt_tokens_kind = counter.count(model, prompt), counter.kind
+    if prompt_tokens is None:
+        prompt_tokens, prompt_tokens_kind = estimate_tokens(prompt), ESTIMATED
     state = ChatState(
         model=request.model,
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         max_tokens=max_tokens,
-        prompt_tokens=estimate_tokens(prompt),
+        prompt_tokens=prompt_tokens,
+        prompt_tokens_kind=prompt_tokens_kind,
         stops=StopMatcher(request.stop_sequences + templates.STOP_MARKERS[template]),
         deadline=time.monotonic() + timeout,
     )
@@ -86,9 +91,10 @@ class ChatState:
     stream: bool
     include_usage: bool
     max_tokens: int  # sent to Shimmy explicitly; reaching it means finish_reason "length"
-    prompt_tokens: int  # estimate, see module docstring
+    prompt_tokens: int  # counted by the PromptCounter, see module docstring
     stops: StopMatcher  # client's stop sequences plus the template's end-of-turn markers
     deadline: float  # time.monotonic() after which a stream ends with an in-band timeout error
+    prompt_tokens_kind: str = ESTIMATED  # "exact" or "estimated": the x-gateway-prompt-tokens header value
     completion_tokens: int = 0  # one per Shimmy SSE event, counted until a stop sequence cuts the text
     upstream_done: bool = False  # Shimmy sent [DONE]; without it the stream was cut short
     error: str | None = None  # Shimmy's [ERROR] text, or our reason the stream is unusable

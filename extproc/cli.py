@@ -22,7 +22,7 @@ from extproc import templates
 from extproc.health import ShimmyMonitor
 from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
-from gateway.settings import Settings, load, parse_templates
+from gateway.settings import Settings, load, parse_pairs
 
 __all__ = ["grpc_address", "main", "tls_credentials"]
 
@@ -38,6 +38,7 @@ SETTINGS = (
     "SHIMMY_PORT",
     "MODEL_NAME",
     "PROMPT_TEMPLATES",
+    "MODEL_ALIASES",
     "GENERATION_TIMEOUT_S",
     "HEALTH_INTERVAL_S",
     "WARMUP",
@@ -147,7 +148,7 @@ async def _run(ctx: Context, server: GrpcServer, grace: float) -> None:
 
 def build(settings: Settings) -> tuple[Context, GrpcServer]:
     """The processor's context and server from its settings; a bad setting is a ValueError naming it."""
-    overrides = parse_templates(settings.prompt_templates)
+    overrides = parse_pairs(settings.prompt_templates, "PROMPT_TEMPLATES")
     try:
         templates.check_overrides(overrides)
     except ValueError as exc:
@@ -160,7 +161,12 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
     monitor = ShimmyMonitor(
         shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup")
     )
-    ctx = Context(templates=overrides, monitor=monitor, generation_timeout=settings.generation_timeout_s)
+    ctx = Context(
+        templates=overrides,
+        monitor=monitor,
+        generation_timeout=settings.generation_timeout_s,
+        aliases=parse_pairs(settings.model_aliases, "MODEL_ALIASES"),
+    )
     credentials = tls_credentials(
         settings.extproc_tls_cert.strip(), settings.extproc_tls_key.strip(), settings.extproc_tls_client_ca.strip()
     )

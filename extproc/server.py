@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import stat
-import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from extproc import metrics
 from extproc.processors import ROUTES, Context, Processor
 
 __all__ = ["ExternalProcessor", "GrpcServer", "serve", "unix_socket_path"]
@@ -71,6 +71,7 @@ class ExternalProcessor:
     ) -> AsyncIterator[ep.ProcessingResponse]:
         processor = self.processor_for(context.invocation_metadata())
         self.live_streams += 1
+        metrics.LIVE_STREAMS.inc()
         try:
             async for msg in requests:
                 response = self.dispatch(processor, msg)
@@ -78,6 +79,7 @@ class ExternalProcessor:
                     yield response
         finally:
             self.live_streams -= 1
+            metrics.LIVE_STREAMS.dec()
             processor.close()
 
 
@@ -183,37 +185,39 @@ class GrpcServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float, hurry: asyncio.Event | None = None) -> None:
-        """Graceful shutdown. Setting `hurry` (a second signal) cuts the grace short. Safe to call twice."""
+        """Graceful shutdown: NOT_SERVING, no new RPCs, then live ext_proc streams get `grace` seconds to end
+        before they are cut. Setting `hurry` (a second signal) cuts them at once. Safe to call twice."""
         if self._server is None or self._stopped:
             return
         self._stopped = True
-        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + grace
         log.info(
             "shutting down: not accepting new streams; %d live stream(s) get up to %gs to finish",
             self.servicer.live_streams,
             grace,
         )
-        await self._health.enter_graceful_shutdown()  # NOT_SERVING for every service, before the listener closes
-        stopping = asyncio.ensure_future(self._server.stop(grace))
-        if hurry is not None:
-            hurried = asyncio.ensure_future(hurry.wait())
-            try:
-                await asyncio.wait({stopping, hurried}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                hurried.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await hurried
-            if not stopping.done():
-                log.warning("shutdown hurried: cancelling %d live stream(s) now", self.servicer.live_streams)
-                await self._server.stop(None)
+        await self._health.enter_graceful_shutdown()  # NOT_SERVING for every service (Watch streams hear it)
+        # gRPC stops accepting at once; its own deadline is a backstop: ours comes first, so the streams it would
+        # cut can be counted (a cut stream looks like a normal end to its handler).
+        stopping = asyncio.ensure_future(self._server.stop(grace + 1))
+        while self.servicer.live_streams and not stopping.done() and loop.time() < deadline:
+            if hurry is not None and hurry.is_set():
+                log.warning("shutdown hurried: cutting %d live stream(s) now", self.servicer.live_streams)
+                break
+            await asyncio.sleep(min(0.05, deadline - loop.time()))
+        cut = self.servicer.live_streams
+        if not cut:  # the ext_proc streams are over: their final statuses get a moment to leave
+            await asyncio.wait({stopping}, timeout=1.0)
+        if not stopping.done():  # cut what is left: late ext_proc streams, health Watch streams
+            await self._server.stop(0)
         await stopping
-        await asyncio.sleep(0)  # let aborted handlers run their `finally` (the live-stream count)
         self._remove_socket_file()
-        left = self.servicer.live_streams
         log.info(
             "shutdown complete after %.1fs: %s",
-            time.monotonic() - started,
-            "every stream finished" if left == 0 else f"{left} live stream(s) cut at the deadline",
+            loop.time() - started,
+            "every stream finished" if cut == 0 else f"{cut} live stream(s) cut short",
         )
 
     def _remove_socket_file(self) -> None:

@@ -18,9 +18,10 @@ import aiohttp
 
 from gateway import probes
 from gateway.envoy_config import render
-from gateway.settings import Settings, load
+from gateway.settings import Settings, load, parse_pairs
 from gateway.supervisor import Child, supervise
 from shimmy import binary
+from shimmy.llama_engine import EngineChoice, choose_engine, llama_importable
 
 __all__ = ["main"]
 
@@ -92,15 +93,33 @@ def backend_child(settings: Settings, backend: str, env: dict[str, str]) -> list
     return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0)]
 
 
-def children(settings: Settings, backend: str, envoy_config: Path) -> list[Child]:
+def children(
+    settings: Settings, backend: str, envoy_config: Path, engine: EngineChoice | None = None
+) -> list[Child]:
+    """`engine`: the emulator's engine, decided once in `up()`; the emulator and the processor both follow it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **settings.env()}
     extproc_port = str(settings.extproc_port)
     target = extproc_port if extproc_port.startswith("unix:") else f"127.0.0.1:{extproc_port}"
+    backend_env, extproc_env = env, dict(env)
+    tokenizer = settings.tokenizer_gguf.strip()
+    if engine is not None:
+        backend_env = {**env, "EMULATOR_ENGINE": engine.engine, "EMULATOR_GGUF": engine.gguf}
+        if engine.engine == "llama" and not tokenizer:
+            tokenizer = engine.gguf  # the model's own vocabulary: prompt tokens become exact
+        templates = parse_pairs(settings.prompt_templates, "PROMPT_TEMPLATES")
+        if engine.template is not None and settings.model_name not in templates:
+            # The packaged Gemma has no chat template of its own; the name (phi3-lora) would pick phi3.
+            extproc_env["PROMPT_TEMPLATES"] = ",".join(
+                f"{m}={t}" for m, t in {**templates, settings.model_name: engine.template}.items()
+            )
+    elif backend == "shimmy" and not tokenizer and settings.shimmy_base_gguf and llama_importable():
+        tokenizer = settings.shimmy_base_gguf  # real Shimmy serves MODEL_NAME from this file
+    extproc_env["TOKENIZER_GGUF"] = tokenizer
     return [
-        *backend_child(settings, backend, env),
+        *backend_child(settings, backend, backend_env),
         # A dead processor is restarted with backoff; meanwhile Envoy answers 500/503 JSON (envoy/gateway.yaml).
-        Child("extproc", [sys.executable, "-m", "extproc.cli"], partial(probes.grpc_serving, target), env=env,
-              restart=True),
+        Child("extproc", [sys.executable, "-m", "extproc.cli"], partial(probes.grpc_serving, target),
+              env=extproc_env, restart=True),
         Child(
             "envoy",
             [
@@ -123,6 +142,13 @@ def up(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stdout, format="[supervisor] %(message)s")
     say = logging.getLogger("gateway")
     backend = choose_backend(settings, say)
+    engine = None
+    if backend == "emulator":
+        try:
+            engine = choose_engine(settings.emulator_engine, settings.emulator_gguf)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        say.info("emulator %s", engine.reason)
     workdir = Path(tempfile.mkdtemp(prefix="shimmy-gateway-"))
     envoy_config = workdir / "envoy.json"
     envoy_config.write_text(json.dumps(render(settings)))
@@ -135,7 +161,7 @@ def up(settings: Settings) -> int:
         )
 
     try:
-        return asyncio.run(supervise(children(settings, backend, envoy_config), on_ready=ready))
+        return asyncio.run(supervise(children(settings, backend, envoy_config, engine), on_ready=ready))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

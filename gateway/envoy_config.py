@@ -99,9 +99,14 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
 
     shimmy = _named(resources["clusters"], "shimmy")
     _endpoint(shimmy)["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": settings.shimmy_port}}
+    # HTTP/1.1 carries one request per connection, so the connection limit is what caps Shimmy's concurrency.
+    # max_requests must not be that tight: Envoy still counts a request as active while the processor works on
+    # its buffered response, after the connection went back to the pool, and a queued request picked up on that
+    # connection would overflow with a spurious 429.
     [limits] = shimmy["circuit_breakers"]["thresholds"]
-    limits["max_connections"] = limits["max_requests"] = settings.max_active_requests
+    limits["max_connections"] = settings.max_active_requests
     limits["max_pending_requests"] = settings.max_queued_requests
+    limits["max_requests"] = settings.max_active_requests + settings.max_queued_requests
     for check in shimmy["health_checks"]:
         check["interval"] = check["no_traffic_interval"] = _seconds(settings.health_interval_s)
 

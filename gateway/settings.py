@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SETTINGS", "Setting", "Settings", "load", "parse_templates"]
+__all__ = ["SETTINGS", "Setting", "Settings", "load", "parse_pairs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("GATEWAY_PORT", "8000", "Public port of Envoy, bound on every interface.", int),
     Setting("SHIMMY_PORT", "8080", "Port of the Shimmy backend (real or emulator), bound on 127.0.0.1.", int),
     Setting("ENVOY_ADMIN_PORT", "9901", "Envoy admin port, bound on 127.0.0.1 only.", int),
-    Setting("EXTPROC_PORT", "50051", "Processor gRPC port on 127.0.0.1, or `unix:/path` for a unix socket."),
+    Setting("EXTPROC_PORT", "50051", "Processor gRPC port (on EXTPROC_HOST), or `unix:/path` for a unix socket."),
     Setting("SHIMMY_BACKEND", "auto", "`auto`, `shimmy` (real binary), `emulator`, or `external` (not started here)."),
     Setting("MODEL_NAME", "phi3-lora", "Model name served by the backend and listed by `/v1/models`."),
     Setting("MODEL_ALIASES", "", "Names clients may use instead, `alias=model,...` (e.g. `gpt-4o-mini=phi3-lora`)."),
@@ -79,6 +79,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "EMULATOR_OPENAI_STREAM_DEFAULT", "true", "Emulator `/v1/chat/completions` value of an absent `stream`."
     ),
+    Setting(
+        "EMULATOR_ENGINE",
+        "auto",
+        "`llama` (a GGUF run by llama.cpp, the `llm` extra), `fixed` (EMULATOR_REPLY), `auto`: llama if installed.",
+    ),
+    Setting("EMULATOR_GGUF", "", "GGUF the emulator's llama engine runs; empty means the packaged Gemma 3 270M."),
+    Setting("TOKENIZER_GGUF", "", "GGUF whose vocabulary counts prompt tokens exactly; empty means estimate them."),
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
@@ -135,12 +142,12 @@ def load(
     return Settings(values)
 
 
-def parse_templates(raw: str) -> dict[str, str]:
-    """`PROMPT_TEMPLATES` (`model=template,...`) as {model: template}."""
+def parse_pairs(raw: str, setting: str) -> dict[str, str]:
+    """A `name=value,...` setting (PROMPT_TEMPLATES, MODEL_ALIASES) as a dict."""
     out: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in raw.split(","))):
-        model, sep, template = item.partition("=")
-        if not sep or not model.strip() or not template.strip():
-            raise SystemExit(f"PROMPT_TEMPLATES: expected model=template, got {item!r}")
-        out[model.strip()] = template.strip()
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise SystemExit(f"{setting}: expected name=value, got {item!r}")
+        out[name.strip()] = value.strip()
     return out

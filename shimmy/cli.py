@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway import settings
 from shimmy.emulator import EmulatorConfig, create_app
+from shimmy.llama_engine import choose_engine
 
 __all__ = ["main"]
 
@@ -27,6 +28,8 @@ _NAMES = [
     "EMULATOR_REPLY",
     "EMULATOR_TOKEN_DELAY_MS",
     "EMULATOR_OPENAI_STREAM_DEFAULT",
+    "EMULATOR_ENGINE",
+    "EMULATOR_GGUF",
 ]
 # Real Shimmy has no graceful shutdown; in-flight generations get this long before they are cancelled.
 _SHUTDOWN_TIMEOUT_S = 0.5
@@ -75,12 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"LOG_LEVEL={s.log_level!r}: expected debug, info, warning or error")
     logging.basicConfig(stream=sys.stderr, level=level, format="%(levelname)s %(message)s")
     try:
+        choice = choose_engine(s.emulator_engine, s.emulator_gguf)
+        log.info("%s", choice.reason)
         config = EmulatorConfig(
             version=s.emulator_version,
             models=[s.model_name],
             reply=s.emulator_reply,
             token_delay_ms=s.emulator_token_delay_ms,
             openai_stream_default=s.flag("emulator_openai_stream_default"),
+            engine=choice.engine,
+            gguf=choice.gguf,
         )
     except ValueError as e:
         log.error("%s", e)

@@ -33,7 +33,7 @@ from shimmy.axum import (
     rust_debug,
     sse_event,
 )
-from shimmy.engine import GenerationError, LoadError, Token
+from shimmy.engine import GenerationError, GenParams, LoadError, Token
 from shimmy.native import DEFAULT_MAX_TOKENS, discovered
 from shimmy.profiles import Profile
 from shimmy.runtime import Frames, Runtime
@@ -146,14 +146,16 @@ async def chat_completions(request: web.Request, rt: Runtime) -> web.StreamRespo
         await rt.engine.load()
     except LoadError:
         return empty(502)
-    rt.stats.last_prompt = chat_prompt(family(model, profile), messages, profile)
+    prompt = chat_prompt(family(model, profile), messages, profile)
+    rt.record_prompt(prompt)
+    params = GenParams.from_body(prompt, body)
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     stream = body.get("stream")
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if rt.config.openai_stream_default if stream is None else stream:
-        return await rt.stream(request, max_tokens, _chat_frames(cid, created, model, profile))
+        return await rt.stream(request, max_tokens, _chat_frames(cid, created, model, profile), params)
     try:
-        text = await rt.collect(request, max_tokens)
+        text = await rt.collect(request, max_tokens, params)
     except GenerationError:
         return empty(502)
     return json_response(
@@ -218,9 +220,10 @@ async def completions(request: web.Request, rt: Runtime) -> web.Response:
         await rt.engine.load()
     except LoadError:
         return empty(502)
-    rt.stats.last_prompt = prompt
+    rt.record_prompt(prompt)
+    params = GenParams.from_body(prompt, body)
     try:
-        text = await rt.collect(request, DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
+        text = await rt.collect(request, DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, params)
     except GenerationError:
         return _openai_error(500, "generation_failed", "Generation failed", None, "server_error")
     prompt_words, completion_words = len(prompt.split()), len(text.split())
@@ -288,9 +291,10 @@ async def anthropic_messages(request: web.Request, rt: Runtime) -> web.Response:
     for m in body["messages"]:
         speaker = "Human" if m["role"] == "user" else "Assistant"
         lines.append(f"{speaker}: {_anthropic_text(m['content'])}\n")
-    prompt = rt.stats.last_prompt = "".join(lines) + "Assistant: "
+    prompt = "".join(lines) + "Assistant: "
+    rt.record_prompt(prompt)
     try:
-        text = await rt.collect(request, body["max_tokens"])
+        text = await rt.collect(request, body["max_tokens"], GenParams.from_body(prompt, body))
     except GenerationError:
         return empty(500)
     return json_response(

@@ -13,10 +13,11 @@ import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from shimmy.axum import sse_event
 
-__all__ = ["Engine", "GenerationError", "LoadError", "Token", "tokenize"]
+__all__ = ["Engine", "GenParams", "GenerationEngine", "GenerationError", "LoadError", "Token", "make_token", "tokenize"]
 
 _YIELD_EVERY = 64
 # Newline runs, words and numbers and punctuation runs (each with at most one leading space), other blank runs.
@@ -30,12 +31,55 @@ class Token:
     json: str  # the text as a JSON string literal, for OpenAI chunks
 
 
+def make_token(piece: str) -> Token:
+    """One engine token's text with its wire encodings."""
+    return Token(piece, None if "\r" in piece else sse_event(piece), json.dumps(piece, ensure_ascii=False))
+
+
 def tokenize(text: str) -> tuple[Token, ...]:
     """Tokens whose concatenation is exactly `text`."""
-    return tuple(
-        Token(piece, None if "\r" in piece else sse_event(piece), json.dumps(piece, ensure_ascii=False))
-        for piece in _TOKEN.findall(text)
-    )
+    return tuple(make_token(piece) for piece in _TOKEN.findall(text))
+
+
+@dataclass(frozen=True, slots=True)
+class GenParams:
+    """What a route hands the engine besides `max_tokens`: the prompt it rendered (or got) and the sampling.
+
+    Defaults are Shimmy's (`GenOptions::default()`, and the seed Airframe uses when none is given). The fixed
+    engine ignores all of it; the llama.cpp engine (`shimmy.llama_engine`) honours it.
+    """
+
+    prompt: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    seed: int = 42
+    repeat_penalty: float = 1.1
+
+    @classmethod
+    def from_body(cls, prompt: str, body: dict[str, object]) -> GenParams:
+        """From a request body's `temperature`, `top_p`, `top_k` and `seed`; absent or null keeps the default.
+
+        `seed` is an emulator extension: real Shimmy's routes ignore it (Airframe then uses 42).
+        """
+        values: dict[str, object] = {"prompt": prompt}
+        for name, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("seed", int)):
+            value = body.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                if kind is int and (not float(value).is_integer()):
+                    continue
+                values[name] = kind(value)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+class GenerationEngine(Protocol):
+    """What the routes use of an engine: the fixed-text `Engine` here, or `shimmy.llama_engine.LlamaEngine`."""
+
+    async def load(self) -> None: ...
+
+    def prompt_tokens(self, prompt: str) -> int | None: ...
+
+    def generate(self, max_tokens: int, params: GenParams | None = None) -> AsyncIterator[Token]: ...
 
 
 class LoadError(Exception):
@@ -86,8 +130,15 @@ class Engine:
             return 0
         return max_tokens if self.repeat else min(max_tokens, len(self.tokens))
 
-    async def generate(self, max_tokens: int) -> AsyncIterator[Token]:
-        """Yield the reply's tokens, paced. With `error_after` set, fail after that many (or at the end)."""
+    def prompt_tokens(self, prompt: str) -> int | None:
+        """The prompt's token count; None: this engine has no tokenizer."""
+        return None
+
+    async def generate(self, max_tokens: int, params: GenParams | None = None) -> AsyncIterator[Token]:
+        """Yield the reply's tokens, paced. With `error_after` set, fail after that many (or at the end).
+
+        `params` (prompt, sampling) do not change a fixed reply.
+        """
         tokens, n = self.tokens, len(self.tokens)
         count = self.count(max_tokens)
         fail_at = None if self.error_after is None else min(self.error_after, count)

@@ -27,7 +27,7 @@ from shimmy.axum import (
     parse,
     read_json,
 )
-from shimmy.engine import GenerationError, LoadError
+from shimmy.engine import GenerationError, GenParams, LoadError
 from shimmy.profiles import Profile
 from shimmy.runtime import Runtime, native_frames
 from shimmy.templates import family, render
@@ -107,13 +107,15 @@ async def generate(request: web.Request, rt: Runtime) -> web.StreamResponse:
         await rt.engine.load()
     except LoadError:
         return empty(502)
-    stats.last_prompt = _prompt(body, model, rt.profile)
+    prompt = _prompt(body, model, rt.profile)
+    rt.record_prompt(prompt)
+    params = GenParams.from_body(prompt, body)
     max_tokens = body.get("max_tokens")
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     if body.get("stream") is not False:
-        return await rt.stream(request, max_tokens, _frames(rt.profile))
+        return await rt.stream(request, max_tokens, _frames(rt.profile), params)
     try:
-        text = await rt.collect(request, max_tokens)
+        text = await rt.collect(request, max_tokens, params)
     except GenerationError:
         return empty(502)
     return json_response({"response": text})
@@ -246,8 +248,10 @@ async def ws_generate(request: web.Request, rt: Runtime) -> web.StreamResponse:
         await ws.send_str('{"error":"load failed"}')
         return ws
     max_tokens = body.get("max_tokens")
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    params = GenParams.from_body(_prompt(body, model, rt.profile), body)
     try:
-        async with aclosing(engine.generate(DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)) as tokens:
+        async with aclosing(engine.generate(max_tokens, params)) as tokens:
             async for token in tokens:
                 await ws.send_str(token.text)
     except GenerationError as e:

@@ -20,7 +20,8 @@ from aiohttp import web
 
 from gateway.settings import SETTINGS
 from shimmy.axum import DONE, sse_event
-from shimmy.engine import Engine, GenerationError, Token
+from shimmy.engine import Engine, GenerationEngine, GenerationError, GenParams, Token
+from shimmy.llama_engine import ENGINES, LlamaEngine
 from shimmy.profiles import Profile, profile_for
 
 __all__ = ["SSE_HEADERS", "Dropped", "EmulatorConfig", "Frames", "Runtime", "Stats", "native_frames"]
@@ -46,9 +47,15 @@ class EmulatorConfig:
     error_after: int | None = None  # generation fails after k tokens (or at its end)
     drop_after: int | None = None  # the TCP connection closes after k tokens (or at the end), nothing more
     hang: bool = False  # generations never answer, until the client goes away
+    # `fixed` replays `reply`; `llama` runs a GGUF with llama.cpp (`gguf`; empty = the packaged Gemma 3 270M).
+    # Engine faults (`reply`, `repeat`, `*_delay_ms`, `fail_load`, `error_after`) apply to the fixed engine only.
+    engine: str = "fixed"
+    gguf: str = ""
 
     def __post_init__(self) -> None:
         profile_for(self.version)
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if not self.models:
             raise ValueError("models must not be empty")
         for name in ("token_delay_ms", "load_delay_ms", "error_after", "drop_after"):
@@ -65,6 +72,7 @@ class Stats:
     last_generate_body: Any = None
     last_generate_headers: dict[str, str] | None = None  # lets tests see what a proxy let through
     last_prompt: str | None = None
+    last_prompt_tokens: int | None = None  # the engine's exact count of last_prompt; None without a tokenizer
     active_generations: int = 0
     chat_requests: int = 0
 
@@ -106,15 +114,20 @@ class Runtime:
         self.stats = Stats()
         self._engine_key: tuple[Any, ...] = ()
         self._engine: Engine | None = None
+        self._llama: LlamaEngine | None = None  # kept across resets: loading a model takes seconds
 
     @property
     def profile(self) -> Profile:
         return _profile(self.config.version)
 
     @property
-    def engine(self) -> Engine:
-        """Rebuilt only when a setting it depends on changed, so tokens stay precomputed."""
+    def engine(self) -> GenerationEngine:
+        """Rebuilt only when a setting it depends on changed, so tokens stay precomputed (or the model loaded)."""
         c = self.config
+        if c.engine == "llama":
+            if self._llama is None or self._llama.gguf != c.gguf:
+                self._llama = LlamaEngine(c.gguf)
+            return self._llama
         key = (c.reply, c.repeat, c.token_delay_ms, c.load_delay_ms, c.fail_load, c.error_after, c.version)
         if self._engine is None or key != self._engine_key:
             self._engine = Engine(
@@ -128,6 +141,11 @@ class Runtime:
             )
             self._engine_key = key
         return self._engine
+
+    def record_prompt(self, prompt: str) -> None:
+        """What the engine is about to get, for `/_emulator/stats`."""
+        self.stats.last_prompt = prompt
+        self.stats.last_prompt_tokens = self.engine.prompt_tokens(prompt)
 
     def update(self, patch: Any) -> None:
         """Merge a JSON object into the config; ValueError says what is wrong and changes nothing."""
@@ -161,14 +179,14 @@ class Runtime:
         finally:
             self.stats.active_generations -= 1
 
-    async def collect(self, request: web.Request, max_tokens: int) -> str:
+    async def collect(self, request: web.Request, max_tokens: int, params: GenParams | None = None) -> str:
         """A non-streaming generation's text. Raises GenerationError, or Dropped for the connection faults."""
         async with self._generating(request):
             drop_after = self.config.drop_after
             if drop_after == 0:
                 _drop(request)
             pieces: list[str] = []
-            async with aclosing(self.engine.generate(max_tokens)) as tokens:
+            async with aclosing(self.engine.generate(max_tokens, params)) as tokens:
                 async for token in tokens:
                     pieces.append(token.text)
                     if len(pieces) == drop_after:
@@ -177,7 +195,9 @@ class Runtime:
                 _drop(request)
             return "".join(pieces)
 
-    async def stream(self, request: web.Request, max_tokens: int, frames: Frames) -> web.StreamResponse:
+    async def stream(
+        self, request: web.Request, max_tokens: int, frames: Frames, params: GenParams | None = None
+    ) -> web.StreamResponse:
         """A streaming generation: one chunk per token, written as soon as the engine yields it."""
         async with self._generating(request):
             response = web.StreamResponse(headers=SSE_HEADERS)
@@ -189,7 +209,7 @@ class Runtime:
                 _drop(request)
             sent = 0
             try:
-                async with aclosing(self.engine.generate(max_tokens)) as tokens:
+                async with aclosing(self.engine.generate(max_tokens, params)) as tokens:
                     async for token in tokens:
                         frame = frames.token(token)
                         if frame is None:

@@ -7,9 +7,7 @@ through the live gateway (Envoy, the processor and the emulator).
 - Raw bytes on a socket get an HTTP reply or a closed connection within a deadline; every error reply is an OpenAI
   error object; and the gateway still serves a valid request afterwards.
 
-Envoy's own replies to some malformed requests are still plain text or empty (a known bug, reproduced by
-test_envoy_reply_is_an_openai_error, strict xfail). The raw fuzzer tolerates exactly those replies
-(`KNOWN_PLAIN_REPLIES`); when they are fixed, empty that set and drop the xfail marker.
+The fuzzers' findings, fixed since, keep a regression test each at the end of this file.
 """
 
 from __future__ import annotations
@@ -98,17 +96,6 @@ def test_fuzzed_chat_bodies(both_models: Stack, body: bytes) -> None:
 
 
 # -- raw HTTP on a socket ------------------------------------------------------------------------------------------
-
-# Envoy's replies that are still not OpenAI error objects (see the module docstring). Each is reproduced below.
-KNOWN_PLAIN_REPLIES = {
-    (426, b"Upgrade Required"),  # HTTP/1.0 or an unknown version
-    (400, b"Bad Request"),  # an invalid Host (http.invalid_authority), an obs-fold header line
-    (501, b"Not Implemented"),  # a Transfer-Encoding other than chunked
-    (431, b"Request Header Fields Too Large"),
-    (403, b""),  # a WebSocket upgrade
-    (404, b""),  # OPTIONS *
-    (400, b""),  # QUERY without a content-type (query_missing_content_type)
-}
 
 METHODS = ["GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"]
 ODD_METHODS = ["TRACE", "CONNECT", "QUERY", "PRI", "get", "FOO", "M-SEARCH", ""]
@@ -256,12 +243,9 @@ def check_raw_reply(reply: tuple[int, dict[str, str], bytes] | None, method: str
         return
     code, headers, body = reply
     event(f"status {code}")
-    assert code < 500 or code == 501, (code, body[:300])  # 501 only as a known plain reply, checked next
+    assert code < 500 or code == 501, (code, body[:300])  # 501: a Transfer-Encoding Envoy does not implement
     if code < 400:
         assert headers.get("content-type") in ("application/json", "text/event-stream"), (code, headers)
-        return
-    if (code, body) in KNOWN_PLAIN_REPLIES:
-        event(f"known plain reply {code}")
         return
     assert headers.get("content-type") == "application/json", (code, headers, body[:300])
     if method != "HEAD":
@@ -288,7 +272,7 @@ def test_gateway_serves_after_the_garbage(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/health", timeout=REQUEST_TIMEOUT).status_code == 200
 
 
-# -- known bugs: minimal reproductions -----------------------------------------------------------------------------
+# -- regressions: the fuzzers' findings ----------------------------------------------------------------------------
 
 
 def _deep(name: str, depth: int = 2000) -> bytes:
@@ -298,8 +282,8 @@ def _deep(name: str, depth: int = 2000) -> bytes:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="bug: RecursionError in the processor becomes Envoy's 500 gateway_error")
 def test_deeply_nested_body_is_a_400_not_a_500(stack: Stack) -> None:
+    """Found: msgspec's RecursionError escaped the processor, and Envoy answered 500 gateway_error."""
     resp = httpx.post(
         f"{stack.url}/v1/chat/completions",
         content=_deep("tools"),
@@ -309,15 +293,15 @@ def test_deeply_nested_body_is_a_400_not_a_500(stack: Stack) -> None:
     assert resp.status_code == 400, (resp.status_code, resp.text[:300])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: top_k beyond i32 reaches Shimmy, which answers 422")
 def test_top_k_beyond_i32_never_reaches_shimmy(stack: Stack) -> None:
+    """Found: the gateway let it through, and Shimmy (an i32 top_k) answered 422."""
     before = generate_requests(stack)
     resp = httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "top_k": 2**31}, timeout=REQUEST_TIMEOUT)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_k", resp.text
     assert generate_requests(stack) == before
 
 
-PLAIN_REPLY_CASES: dict[str, tuple[str, bytes]] = {
+ENVOY_REPLY_CASES: dict[str, tuple[str, bytes]] = {
     "http/1.0": ("GET", b"GET /health HTTP/1.0\r\n\r\n"),
     "invalid authority": ("GET", b"GET /health HTTP/1.1\r\nHost: a b\r\n\r\n"),
     "obs-fold header": ("GET", b"GET /health HTTP/1.1\r\nHost: x\r\n folded: y\r\n\r\n"),
@@ -332,10 +316,10 @@ PLAIN_REPLY_CASES: dict[str, tuple[str, bytes]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="bug: some of Envoy's own error replies are plain text or empty, not JSON")
-@pytest.mark.parametrize("case", sorted(PLAIN_REPLY_CASES))
+@pytest.mark.parametrize("case", sorted(ENVOY_REPLY_CASES))
 def test_envoy_reply_is_an_openai_error(stack: Stack, case: str) -> None:
-    method, raw = PLAIN_REPLY_CASES[case]
+    """Found: these of Envoy's own replies were plain text ("Upgrade Required", "Bad Request", ...) or empty."""
+    method, raw = ENVOY_REPLY_CASES[case]
     reply = send_raw(stack, method, raw)
     assert reply is not None
     code, headers, body = reply

@@ -19,7 +19,7 @@ CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}]}
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text, 0 when it is not there yet."""
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             found = dict(re.findall(r'(\w+)="([^"]*)"', line.partition("}")[0]))
             if all(found.get(k) == v for k, v in labels.items()):
                 return float(line.rsplit(" ", 1)[1])

@@ -633,10 +633,15 @@ async def test_config_controls(emu: Emulator) -> None:
         "error_after",
         "drop_after",
         "hang",
+        "engine",
+        "gguf",
     }
+    assert config["engine"] == "fixed"
     r = await emu.client.put("/_emulator/config", json={"reply": "x", "bogus": 1})
     assert r.status_code == 400 and "bogus" in r.json()["error"]
-    for bad in ({"token_delay_ms": -1}, {"version": "latest"}, {"models": []}, {"error_after": 1.5}, {"hang": "yes"}):
+    bads = ({"token_delay_ms": -1}, {"version": "latest"}, {"models": []}, {"error_after": 1.5}, {"hang": "yes"},
+            {"engine": "gpt"})
+    for bad in bads:
         assert (await emu.client.put("/_emulator/config", json=bad)).status_code == 400, bad
     assert (await emu.client.put("/_emulator/config", content=b"{")).status_code == 400
     assert (await emu.client.get("/_emulator/config")).json() == config  # nothing changed
@@ -658,6 +663,7 @@ async def test_stats_show_what_reached_shimmy(emu: Emulator) -> None:
         "last_generate_body": None,
         "last_generate_headers": None,
         "last_prompt": None,
+        "last_prompt_tokens": None,
         "active_generations": 0,
         "chat_requests": 0,
     }

@@ -8,9 +8,9 @@
 
 The strategies are shared with tests/integration/test_fuzz_live.py, which sends the same bodies through Envoy.
 
-Two inputs are kept out of the random strategies because they expose known gateway bugs; each has a strict-xfail
-reproduction at the end of this file. When a bug is fixed its xfail starts passing (and fails as XPASS): remove
-the marker and widen the strategy (`NEST_DEPTH`, `TOP_K`).
+Two findings of this fuzzer, fixed since, keep a regression test each at the end of the file: JSON nested ~1000
+deep escaped `start_chat` as RecursionError (a 500 through Envoy), and a `top_k` beyond Shimmy's i32 reached Shimmy
+(which answered 422).
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ texts = st.one_of(
 junk_texts = texts | st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2)
 finite = st.floats(allow_nan=False, allow_infinity=False)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), finite, junk_texts)
-# Nesting is bounded by max_leaves; beyond ~1000 levels see test_deeply_nested_value_is_a_400 (xfail).
-NEST_DEPTH = 12
+NEST_DEPTH = 12  # json_values nest at most this deep (max_leaves); deep_bodies go far deeper
 json_values = st.recursive(
     scalars,
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(texts, kids, max_size=4),
@@ -64,6 +63,7 @@ any_json = st.recursive(
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(texts, kids, max_size=4),
     max_leaves=NEST_DEPTH,
 )
+
 
 
 def _field(good: st.SearchStrategy[Any], junk: st.SearchStrategy[Any] = json_values) -> st.SearchStrategy[Any]:
@@ -80,9 +80,7 @@ ROLES = ["system", "developer", "user", "assistant", "tool"]
 BAD_ROLES = ["function", "model", "ipython", "", "USER"]
 PART_TYPES = ["image_url", "input_audio", "file", "refusal", "", "TEXT"]
 BIG_INTS = [2**31, 2**53 + 1, 2**63, 2**64, 10**30]
-# Shimmy's top_k is an i32; a wider one passes the gateway today (test_top_k_beyond_i32_is_refused_before_shimmy).
-# Once fixed, widen to: st.sampled_from([-1, 0, 1, I32_MAX, I32_MAX + 1, *BIG_INTS]) | st.integers()
-TOP_K = st.sampled_from([-1, 0, 1, I32_MAX]) | st.integers(-2, 100) | st.integers(max_value=I32_MAX)
+TOP_K = st.sampled_from([-1, 0, 1, I32_MAX, I32_MAX + 1, *BIG_INTS]) | st.integers(-2, 100) | st.integers()
 
 parts = st.fixed_dictionaries(
     {"type": _field(st.just("text"), junk=st.sampled_from(PART_TYPES) | json_values)},
@@ -217,6 +215,19 @@ def encoded(draw: st.DrawFn, values: st.SearchStrategy[Any]) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+@st.composite
+def deep_bodies(draw: st.DrawFn) -> bytes:
+    """A valid request plus one field (known or not) nested from a few to tens of thousands deep, written as text:
+    msgspec decodes recursively, and Python's json could not even encode such a value."""
+    request = draw(valid_requests())
+    name = draw(st.sampled_from([*sorted(FIELDS), "an_unknown_field"]))
+    request.pop(name, None)
+    depth = draw(st.sampled_from([2, 64, 500, 900, 990, 1000, 1100, 5000, 50_000]))
+    opener, closer = draw(st.sampled_from([(b"[", b"]"), (b'{"k":', b"}")]))
+    value = opener * depth + b"1" + closer * depth
+    return json.dumps(request).encode()[:-1] + b', "%s": %s}' % (name.encode(), value)
+
+
 def _mangle(body: bytes, cut: int, junk: bytes) -> bytes:
     cut %= len(body) + 1
     return body[:cut] + junk + body[cut:]
@@ -229,9 +240,11 @@ request_bodies = st.one_of(
     encoded(near_valid_requests()),
     encoded(near_valid_requests()),
     encoded(valid_requests()),
+    deep_bodies(),
     st.builds(_mangle, encoded(valid_requests()), st.integers(0, 10_000), st.binary(min_size=1, max_size=4)),
 )
-"""Every kind of chat body the fuzzers send: bytes, JSON values, near-valid and valid requests, mangled ones."""
+"""Every kind of chat body the fuzzers send: bytes, JSON values, near-valid, valid, deeply nested and mangled
+requests."""
 
 template_overrides = st.sampled_from([{}, {MODEL: "chatml"}, {MODEL: "llama3"}, {MODEL: "gemma"}, {MODEL: "phi3"}])
 known_models = st.sampled_from([None, KNOWN_MODELS])
@@ -459,13 +472,18 @@ def test_complete_is_a_completion_or_a_502(request: dict[str, Any], chunks: list
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-# -- known bugs: minimal reproductions -----------------------------------------------------------------------------
+# -- regressions: the fuzzer's findings ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason="bug: msgspec's RecursionError escapes start_chat")
+@FUZZ
+@given(body=deep_bodies(), overrides=template_overrides)
+def test_deeply_nested_bodies(body: bytes, overrides: dict[str, str]) -> None:
+    outcome(body, overrides, KNOWN_MODELS)
+
+
 @pytest.mark.parametrize("name", ["tools", "tool_choice", "an_unknown_field"])
 def test_deeply_nested_value_is_a_400(name: str) -> None:
-    """2 KB of `[[[...]]]` (>= ~1000 levels) in any field that is not a fixed type is not a GatewayError."""
+    """Found by this fuzzer: ~1000 levels of `[` in any field of no fixed type escaped as RecursionError."""
     depth = 1000
     body = b'{"model":"phi3-lora","messages":[{"role":"user","content":"Hi"}],"%s":%s}' % (
         name.encode(),
@@ -474,17 +492,17 @@ def test_deeply_nested_value_is_a_400(name: str) -> None:
     with pytest.raises(GatewayError) as caught:
         start_chat(body, {})
     assert caught.value.status == 400
+    check_error_body(caught.value.body(), 400)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: top_k beyond Shimmy's i32 is not refused, and Shimmy answers 422")
 def test_top_k_beyond_i32_is_refused_before_shimmy() -> None:
+    """Found by this fuzzer: Shimmy reads top_k as i32 and answered 422 to a wider one the gateway let through."""
     body = b'{"model":"phi3-lora","messages":[{"role":"user","content":"Hi"}],"top_k":%d}' % (I32_MAX + 1)
-    try:
-        shimmy, _ = start_chat(body, {})
-    except GatewayError as exc:
-        assert exc.status == 400 and exc.param == "top_k"
-        return
-    check_shimmy_body(shimmy)
+    with pytest.raises(GatewayError) as caught:
+        start_chat(body, {})
+    assert caught.value.status == 400 and caught.value.param == "top_k"
+    shimmy, _ = start_chat(body.replace(b"%d" % (I32_MAX + 1), b"%d" % I32_MAX), {})
+    assert json.loads(shimmy)["top_k"] == I32_MAX
 
 
 def test_strategies_reach_both_outcomes() -> None:

@@ -1,0 +1,84 @@
+"""Counting prompt tokens: exactly with the served model's vocabulary when we have it, else an estimate.
+
+Shimmy reports no token counts, so `usage.prompt_tokens` is ours. With `TOKENIZER_GGUF` (the GGUF Shimmy serves
+the model from, or any GGUF with the same vocabulary) the processor counts with llama.cpp's tokenizer exactly as
+Shimmy tokenizes a prompt: BOS always added (`AddBos::Always`) and special tokens parsed, so a template's
+`<|im_start|>` is one token. Without it, the estimate is UTF-8 bytes / 4, rounded up. `x-gateway-prompt-tokens`
+says which one a response used (`ChatState.prompt_tokens_kind`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any, Protocol
+
+__all__ = ["ESTIMATE", "ESTIMATED", "EXACT", "Estimate", "GgufCounter", "PromptCounter", "counter", "estimate_tokens"]
+
+EXACT, ESTIMATED = "exact", "estimated"
+
+
+def estimate_tokens(text: str) -> int:
+    """UTF-8 bytes / 4, rounded up: about right for English with a BPE vocabulary of 32k to 128k tokens."""
+    return (len(text.encode()) + 3) // 4
+
+
+class PromptCounter(Protocol):
+    kind: str  # EXACT or ESTIMATED: what the x-gateway-prompt-tokens header says of a count from this counter
+
+    def count(self, model: str, prompt: str) -> int | None:
+        """Tokens of the rendered `prompt` for Shimmy's `model`; None: no tokenizer for that model (estimate)."""
+        ...
+
+
+class Estimate:
+    kind = ESTIMATED
+
+    def count(self, model: str, prompt: str) -> int | None:
+        return estimate_tokens(prompt)
+
+
+ESTIMATE = Estimate()
+
+
+class GgufCounter:
+    """Exact counts from a GGUF's vocabulary (llama-cpp-python, the `llm` extra; only the vocabulary is loaded).
+
+    `models`: the Shimmy model names this vocabulary belongs to; other models get None (the caller estimates).
+    None means every model.
+    """
+
+    kind = EXACT
+
+    def __init__(self, path: str, models: Collection[str] | None = None) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise ValueError(
+                f"TOKENIZER_GGUF={path!r} needs llama-cpp-python: .venv/bin/pip install -e '.[llm]'"
+            ) from None
+        from shimmy.llama_engine import route_llama_logs
+
+        route_llama_logs()
+        try:
+            self._vocab: Any = Llama(model_path=path, vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ValueError(f"TOKENIZER_GGUF={path!r}: cannot load its vocabulary: {exc}") from None
+        self.path = path
+        self.models = frozenset(models) if models is not None else None
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self._vocab.tokenize(prompt.encode(), add_bos=True, special=True))
+
+    def count(self, model: str, prompt: str) -> int | None:
+        if self.models is not None and model not in self.models:
+            return None
+        return len(self.tokenize(prompt))
+
+
+def counter(tokenizer_gguf: str, models: Collection[str] | None = None) -> PromptCounter:
+    """The counter for the `TOKENIZER_GGUF` setting: exact with a path, the estimate without one.
+
+    ValueError (naming the setting) when the file cannot be used, so a bad setting fails at start.
+    """
+    path = tokenizer_gguf.strip()
+    return GgufCounter(path, models) if path else ESTIMATE

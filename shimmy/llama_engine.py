@@ -1,0 +1,315 @@
+"""Real local inference for the emulator: a GGUF model run by llama.cpp (`llama-cpp-python`, the `llm` extra).
+
+`LlamaEngine` has the fixed engine's interface (`load`, `prompt_tokens`, `generate`), so every route streams its
+tokens through the same Shimmy framing. Like Shimmy it renders nothing: it gets the prompt the route has (the
+gateway's pre-rendered `prompt` on `/api/generate`, or the emulator's own rendering of `messages`). It tokenizes
+the way Shimmy does (BOS always added, special tokens such as `<start_of_turn>` parsed), clears the KV cache for
+every request (Shimmy 2.x), samples with the request's `temperature`, `top_p`, `top_k` and `seed` (repeat
+penalty 1.1 over the last 64 tokens, as Shimmy), and stops at an end-of-generation token or `max_tokens`.
+
+llama.cpp blocks, so a generation runs on the engine's one worker thread and hands tokens to the event loop
+through a queue as they are sampled; one generation runs at a time (a lock, as Shimmy 2.x holds one model).
+
+**One event per engine token, text possibly empty.** A token's bytes can end inside a UTF-8 character (byte-fallback
+pieces of emoji or CJK). An incremental decoder carries the partial bytes over to the next token, so each event
+holds only whole characters; a token that completes none yields an event with empty text. That keeps the count of
+events equal to the count of tokens, which is how the gateway's `usage.completion_tokens` stays exact. Bytes that
+can never form a character become U+FFFD; a character still incomplete when generation ends is dropped.
+
+`choose_engine` is the one place that decides which engine the emulator runs (`EMULATOR_ENGINE`): the supervisor
+calls it once and passes the result to the emulator and the processor, and `shimmy-emulator` alone calls it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shimmy import models
+from shimmy.engine import GenerationError, GenParams, LoadError, Token, make_token
+
+__all__ = [
+    "CHOICES",
+    "ENGINES",
+    "EngineChoice",
+    "LlamaEngine",
+    "Utf8Pieces",
+    "choose_engine",
+    "engine_available",
+    "llama_importable",
+    "route_llama_logs",
+]
+
+log = logging.getLogger("shimmy.emulator")
+
+ENGINES = ("fixed", "llama")
+CHOICES = ("auto", *ENGINES)
+N_CTX = 4096  # Shimmy's context size (1.x builds a 4096-token context per request)
+REPEAT_LAST_N = 64  # llama.cpp's default penalty window, as Shimmy uses it
+INSTALL_HINT = "install the llm extra: .venv/bin/pip install -e '.[llm]'"
+_END = object()
+
+
+def llama_importable() -> bool:
+    """Is llama-cpp-python installed? (Checked without importing it: the import loads a shared library.)"""
+    try:
+        return importlib.util.find_spec("llama_cpp") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def engine_available(gguf: str = "") -> tuple[bool, str]:
+    """Can the llama engine run `gguf` (empty: the packaged Gemma 3 270M)? Also says why not."""
+    if not llama_importable():
+        return False, f"llama_cpp is not installed ({INSTALL_HINT})"
+    if gguf:
+        if not Path(gguf).is_file():
+            return False, f"EMULATOR_GGUF={gguf!r} is not a file"
+        return True, "EMULATOR_GGUF is set"
+    if not models.packaged_available():
+        return False, f"the {models.PACKAGE} package is not installed ({INSTALL_HINT})"
+    return True, f"the packaged Gemma 3 270M ({models.PACKAGE})"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineChoice:
+    engine: str  # "fixed" or "llama"
+    gguf: str  # the model file the llama engine runs; "" for the fixed engine
+    packaged: bool  # gguf is the packaged Gemma 3 270M, so prompts need the gemma template
+    reason: str  # one line for the log: which engine, and why
+
+    @property
+    def template(self) -> str | None:
+        """The prompt template the gateway must use for this model, when the model dictates one."""
+        return models.TEMPLATE if self.packaged else None
+
+
+def choose_engine(wanted: str, gguf: str = "") -> EngineChoice:
+    """Resolve `EMULATOR_ENGINE` (auto, fixed, llama) and `EMULATOR_GGUF` (empty: the packaged model).
+
+    `auto` is llama when llama_cpp and a model are available, else fixed. For the packaged model this assembles
+    the GGUF into the cache on first use (about a second). ValueError: `llama` was asked for and cannot run.
+    """
+    wanted, gguf = wanted.strip().lower(), gguf.strip()
+    if wanted not in CHOICES:
+        raise ValueError(f"EMULATOR_ENGINE must be one of {', '.join(CHOICES)}, not {wanted!r}")
+    if wanted == "fixed":
+        return EngineChoice("fixed", "", False, "engine fixed (EMULATOR_ENGINE=fixed): replays EMULATOR_REPLY")
+    ok, why = engine_available(gguf)
+    if not ok:
+        if wanted == "llama":
+            raise ValueError(f"EMULATOR_ENGINE=llama cannot run: {why}")
+        return EngineChoice("fixed", "", False, f"engine fixed (EMULATOR_ENGINE=auto): {why}")
+    packaged = not gguf
+    if packaged:
+        try:
+            gguf = str(models.default_gguf())
+        except (ImportError, OSError, ValueError) as exc:
+            if wanted == "llama":
+                raise ValueError(f"EMULATOR_ENGINE=llama: cannot assemble the packaged model: {exc}") from None
+            return EngineChoice("fixed", "", False, f"engine fixed (EMULATOR_ENGINE=auto): packaged model: {exc}")
+    return EngineChoice("llama", gguf, packaged, f"engine llama.cpp (EMULATOR_ENGINE={wanted}): {why}, {gguf}")
+
+
+_GGML_ERROR, _GGML_CONT = 4, 5  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+_log_callback: Any = None  # the installed ctypes callback, kept alive here
+
+
+def route_llama_logs() -> None:
+    """Send llama.cpp's own log lines to the `llama.cpp` logger: errors as errors, the rest (model metadata, the
+    SWA-cache and control-token warnings every load prints) at debug level.
+
+    llama-cpp-python's handler maps ggml's levels off by one, so with `verbose=False` warnings still reach stderr.
+    """
+    global _log_callback
+    if _log_callback is not None:
+        return
+    import llama_cpp
+
+    logger = logging.getLogger("llama.cpp")
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        if level != _GGML_CONT:
+            last[0] = logging.ERROR if level == _GGML_ERROR else logging.DEBUG
+        message = text.decode("utf-8", "replace").rstrip()
+        if message and logger.isEnabledFor(last[0]):
+            logger.log(last[0], "%s", message)
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _log_callback = callback
+
+
+class Utf8Pieces:
+    """Token bytes in, whole characters out: an incomplete UTF-8 sequence waits for the next token's bytes."""
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes) -> str:
+        return self._decoder.decode(data)
+
+    def pending(self) -> bool:
+        """Bytes held back, waiting to complete a character."""
+        return bool(self._decoder.getstate()[0])
+
+
+def token_piece(vocab: Any, token: int) -> bytes:
+    """A token's bytes, special tokens rendered as their text (llama-cpp-python's own helper truncates at 32)."""
+    import llama_cpp
+
+    size = 64
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, True)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class LlamaEngine:
+    """One GGUF model, loaded on first use (lazily, as Shimmy does) and kept."""
+
+    def __init__(self, gguf: str = "", *, n_ctx: int = N_CTX, n_threads: int | None = None) -> None:
+        self.gguf = gguf  # empty: the packaged Gemma 3 270M
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or _threads()
+        self._llm: Any = None
+        self._load_lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one generation at a time; released when the worker thread is done
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="llama")
+
+    @property
+    def loaded(self) -> bool:
+        return self._llm is not None
+
+    async def load(self) -> None:
+        if self._llm is not None:
+            return
+        async with self._load_lock:
+            if self._llm is None:
+                try:
+                    self._llm = await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+                except Exception as exc:  # ImportError, ValueError from llama.cpp, OSError
+                    log.error("cannot load the model %s: %s", self.gguf or "(packaged)", exc)
+                    raise LoadError(str(exc)) from exc
+
+    def _open(self) -> Any:
+        from llama_cpp import Llama
+
+        route_llama_logs()
+        path = self.gguf or str(models.default_gguf())
+        llm = Llama(
+            model_path=path,
+            n_ctx=self.n_ctx,
+            n_threads=self.n_threads,
+            n_threads_batch=self.n_threads,
+            last_n_tokens_size=REPEAT_LAST_N,
+            seed=42,
+            verbose=False,
+        )
+        log.info("llama.cpp loaded %s (%d threads, context %d)", path, self.n_threads, self.n_ctx)
+        return llm
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """As Shimmy: BOS always added, special tokens parsed. Needs the model loaded."""
+        return list(self._llm.tokenize(prompt.encode(), add_bos=True, special=True))
+
+    def prompt_tokens(self, prompt: str) -> int | None:
+        return len(self.tokenize(prompt)) if self._llm is not None else None
+
+    async def generate(self, max_tokens: int, params: GenParams | None = None) -> AsyncIterator[Token]:
+        """Yield tokens as the worker thread samples them. Closing the generator early stops the worker."""
+        params = params or GenParams()
+        await self.load()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item: object) -> bool:
+            if cancelled.is_set():
+                return False
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                return False
+            return True
+
+        await self._lock.acquire()
+        try:
+            future = loop.run_in_executor(self._executor, self._run, params, max_tokens, put, cancelled)
+        except BaseException:
+            self._lock.release()
+            raise
+        future.add_done_callback(lambda _: self._lock.release())
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise GenerationError(str(item)) from item
+                yield item  # type: ignore[misc]
+        finally:
+            cancelled.set()
+
+    def _run(
+        self, params: GenParams, max_tokens: int, put: Callable[[object], bool], cancelled: threading.Event
+    ) -> None:
+        """The worker thread: evaluate the prompt, then sample and hand over one token at a time."""
+        import llama_cpp
+
+        llm = self._llm
+        try:
+            prompt = self.tokenize(params.prompt)
+            room = llm.n_ctx() - len(prompt)
+            if room <= 0:
+                raise ValueError(f"the prompt is {len(prompt)} tokens; the context holds {llm.n_ctx()}")
+            budget = min(max_tokens, room)
+            if budget > 0:
+                vocab = llm._model.vocab
+                pieces = Utf8Pieces()
+                llm.reset()  # no KV reuse between requests: Shimmy 2.x clears it, and outputs stay repeatable
+                llm.set_seed(params.seed % 2**32)
+                sampled = llm.generate(
+                    prompt,
+                    top_k=params.top_k,
+                    top_p=params.top_p,
+                    min_p=0.0,
+                    temp=params.temperature,
+                    repeat_penalty=params.repeat_penalty,
+                )
+                count = 0
+                for token in sampled:
+                    if cancelled.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
+                        break
+                    if not put(make_token(pieces.feed(token_piece(vocab, token)))):
+                        break
+                    count += 1
+                    if count >= budget:
+                        break
+                sampled.close()
+            put(_END)
+        except Exception as exc:  # llama.cpp decode failures, a prompt over the context
+            log.error("generation failed: %s", exc)
+            put(exc)
