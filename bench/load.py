@@ -59,8 +59,10 @@ class StreamRun:
     seconds: float
     tokens: int
     streams_done: int
+    streams_answered: int  # streams that got their first token within the run
     errors: dict[str, int]
     ttft_p50_ms: float
+    ttft_p99_ms: float
     client_cpu_s: float
 
     @property
@@ -99,21 +101,33 @@ async def _for(seconds: float, concurrency: int, worker: Callable[[aiohttp.Clien
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:  # a worker only returns early by failing: surface the bug
+        for task in done:  # a worker returns early only when its count is reached; an exception is a bug
             task.result()
     return elapsed
 
 
-async def requests(url: str, body: bytes, concurrency: int, seconds: float) -> RequestRun:
-    """POST `body` to `url` in a closed loop; latency of each response read to its end."""
+async def requests(
+    url: str,
+    body: bytes,
+    concurrency: int,
+    seconds: float,
+    headers: dict[str, str] | None = None,
+    total: int | None = None,
+) -> RequestRun:
+    """POST `body` to `url` in a closed loop; latency of each response read to its end. With `total`, the run
+    also ends once that many requests were sent (`seconds` is then only the bound)."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    all_headers = {**_HEADERS, **(headers or {})}
+    sent = 0
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        while True:
+        nonlocal sent
+        while total is None or sent < total:
+            sent += 1
             t0 = time.perf_counter()
             try:
-                async with session.post(url, data=body, headers=_HEADERS) as response:
+                async with session.post(url, data=body, headers=all_headers) as response:
                     await response.read()
                     failure: int | BaseException | None = None if response.status == 200 else response.status
             except (aiohttp.ClientError, TimeoutError) as e:
@@ -151,8 +165,16 @@ def _is_content(first_data_line: bytes, fmt: StreamFormat) -> bool:
     return b'"content":"' in first_data_line and b'"content":""' not in first_data_line
 
 
-async def streams(url: str, body: bytes, fmt: StreamFormat, concurrency: int, seconds: float) -> StreamRun:
+async def streams(
+    url: str,
+    body: bytes,
+    fmt: StreamFormat,
+    concurrency: int,
+    seconds: float,
+    headers: dict[str, str] | None = None,
+) -> StreamRun:
     """Keep `concurrency` streams open; count content events and each stream's time to its first one."""
+    all_headers = {**_HEADERS, **(headers or {})}
     ttfts: list[float] = []
     tokens = streams_done = 0
     errors: Counter[str] = Counter()
@@ -164,7 +186,7 @@ async def streams(url: str, body: bytes, fmt: StreamFormat, concurrency: int, se
             first = True
             new_event = True  # the next data line starts an event (a multi-line token spans several)
             try:
-                async with session.post(url, data=body, headers=_HEADERS) as response:
+                async with session.post(url, data=body, headers=all_headers) as response:
                     if response.status != 200:
                         await response.read()
                         errors[_reason(response.status)] += 1
@@ -191,8 +213,10 @@ async def streams(url: str, body: bytes, fmt: StreamFormat, concurrency: int, se
         seconds=elapsed,
         tokens=tokens,
         streams_done=streams_done,
+        streams_answered=len(ttfts),
         errors=dict(errors),
         ttft_p50_ms=percentile(ttfts, 0.50) * 1000,
+        ttft_p99_ms=percentile(ttfts, 0.99) * 1000,
         client_cpu_s=time.process_time() - cpu,
     )
 

@@ -1,15 +1,22 @@
-"""The contenders' processes: one emulator, one processor, two Envoys, all on free loopback ports.
+"""The contenders' processes, all on free loopback ports: the emulator, the processor, two Envoys (with and without
+ext_proc), the seed guide's Flask proxy under gunicorn, and LiteLLM's proxy with an emulator of its own.
 
-Plain Envoy and the gateway share the emulator so that the only difference between them is the ext_proc filter
-(and the path rewrite that exists for it). Everything is started with `subprocess.Popen` from the harness's main
-thread, and each child asks the kernel (PR_SET_PDEATHSIG) for SIGTERM when that thread ends, so even a harness
-killed with SIGKILL leaves nothing running; Envoy does not ask for that itself. `running()` stops every process on
-the way out, whether the benchmark finished, failed or was interrupted.
+Plain Envoy, the gateway and the Flask proxy share one emulator, so that the only difference between them is the
+proxy. LiteLLM gets its own emulator instance: it starts faithful (Shimmy streams when `stream` is absent) for the
+LiteLLM finding, and is then switched to OpenAI's default for the throughput runs, leaving the shared one as it is.
+
+Everything is started with `subprocess.Popen` from the harness's main thread, and each child asks the kernel
+(PR_SET_PDEATHSIG) for SIGTERM when that thread ends, so even a harness killed with SIGKILL leaves nothing running;
+Envoy does not ask for that itself. A contender may be a tree of processes (gunicorn's master and workers,
+LiteLLM's uvicorn); CPU and RSS are summed over the whole tree, and `stop()` ends the tree's stragglers too.
+`running()` stops every process on the way out, whether the benchmark finished, failed or was interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import signal
@@ -31,9 +38,14 @@ from gateway.settings import Settings, load
 
 __all__ = [
     "EMULATOR",
+    "EMULATOR_LITELLM",
     "ENVOY_GATEWAY",
     "ENVOY_PLAIN",
     "EXTPROC",
+    "FLASK",
+    "FLASK_WORKERS",
+    "LITELLM",
+    "LITELLM_KEY",
     "MODEL",
     "Ports",
     "Proc",
@@ -44,15 +56,21 @@ __all__ = [
 ]
 
 EMULATOR, EXTPROC, ENVOY_GATEWAY, ENVOY_PLAIN = "emulator", "extproc", "envoy-gateway", "envoy-plain"
+FLASK, LITELLM, EMULATOR_LITELLM = "flask", "litellm", "emulator-litellm"
 MODEL = "phi3-lora"
 ENVOY_CONCURRENCY = "2"  # one worker per core of the 2-core machine the benchmark is written for
+FLASK_WORKERS = 2  # gunicorn sync workers: one per core of the 2-core machine
+LITELLM_WORKERS = 1  # LiteLLM's own default (`--num_workers`); the processor is one process too
+LITELLM_KEY = "sk-bench"  # LiteLLM's proxy refuses to start its key checks without a master key
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT_S = 60.0
+_LITELLM_START_TIMEOUT_S = 180.0  # imports of several hundred modules, on a machine the rest of the stack shares
 _STOP_TIMEOUT_S = 10.0
 # A proxy from the environment must not see requests to our own loopback ports.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: `python -m bench.…` children import from here
 
 
 def _die_with_parent() -> None:
@@ -80,35 +98,90 @@ class Ports:
     gateway_admin: int
     plain: int
     plain_admin: int
+    flask: int
+    litellm: int
+    litellm_emulator: int
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, from the kernel's per-thread child lists."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.append(child)
+                    todo.append(child)
+    return found
+
+
+def _status_kib(pid: int, key: str) -> int:
+    """A `/proc/<pid>/status` line in KiB (VmHWM, VmRSS); 0 for a process that is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all threads), from /proc/<pid>/stat; 0 for a process that is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may contain spaces
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 @dataclass(slots=True)
 class Proc:
-    """One child process, its log file, and the kernel's accounting of it."""
+    """One started process and the tree below it, its log file, and the kernel's accounting of them."""
 
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
 
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def pids(self) -> list[int]:
+        return [self.pid, *_descendants(self.pid)]
+
     def cpu_seconds(self) -> float:
-        """utime + stime of the whole process (all threads), from /proc/<pid>/stat."""
-        stat = Path(f"/proc/{self.popen.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may contain spaces
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        """CPU time of the process and its live descendants."""
+        return sum(_cpu_seconds(pid) for pid in self.pids())
 
     def peak_rss_mib(self) -> float:
-        """VmHWM: the largest resident set the process ever had."""
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError(f"{self.name}: no VmHWM in /proc/{self.popen.pid}/status")
+        """VmHWM (the largest resident set each process ever had), summed over the tree: an upper bound of the
+        tree's peak, exact for a single process."""
+        return sum(_status_kib(pid, "VmHWM:") for pid in self.pids()) / 1024
+
+    def rss_mib(self) -> float:
+        """VmRSS now, summed over the tree."""
+        return sum(_status_kib(pid, "VmRSS:") for pid in self.pids()) / 1024
 
     def log_tail(self, lines: int = 20) -> str:
         text = self.log.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited in time."""
+        """SIGTERM, then SIGKILL if it has not exited in time; then SIGKILL for any descendant left behind."""
+        below = _descendants(self.pid) if self.popen.poll() is None else []
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -116,6 +189,9 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def plain_config(settings: Settings) -> dict[str, Any]:
@@ -133,11 +209,14 @@ def plain_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def _get(url: str, data: bytes | None = None, method: str | None = None) -> tuple[int, bytes]:
+def request(
+    url: str, data: bytes | None = None, method: str | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     """Status and body of one request; a refused connection is status 0."""
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=all_headers)
     try:
-        with _HTTP.open(request, timeout=2) as response:
+        with _HTTP.open(req, timeout=30) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -151,45 +230,91 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / _CLK_TCK
 
 
-class Stack:
-    """The four processes and their addresses. Build it with `running()`."""
+def _litellm_config(emulator_port: int) -> str:
+    """LiteLLM's proxy config: the model as `openai/...` at the emulator's own OpenAI routes."""
+    return json.dumps(
+        {
+            "model_list": [
+                {
+                    "model_name": MODEL,
+                    "litellm_params": {
+                        "model": f"openai/{MODEL}",
+                        "api_base": f"http://127.0.0.1:{emulator_port}/v1",
+                        "api_key": "unused",
+                    },
+                }
+            ],
+            "general_settings": {"master_key": LITELLM_KEY},
+        }
+    )
 
-    def __init__(self, workdir: Path, max_concurrency: int) -> None:
+
+def missing_contenders() -> dict[str, str]:
+    """Contenders whose software is not installed here (the `bench` extra), and why."""
+    missing: dict[str, str] = {}
+    if any(importlib.util.find_spec(m) is None for m in ("flask", "gunicorn", "requests")):
+        missing[FLASK] = "Flask, gunicorn or requests is not installed (pip install -e '.[bench]')"
+    if importlib.util.find_spec("litellm") is None or not (Path(sys.executable).parent / "litellm").exists():
+        missing[LITELLM] = "LiteLLM is not installed (pip install -e '.[bench]')"
+    return missing
+
+
+class Stack:
+    """The processes and their addresses. Build it with `running()`."""
+
+    def __init__(self, workdir: Path, max_concurrency: int, litellm: bool = True) -> None:
         self.workdir = workdir
         self.ports = Ports(*_free_ports(len(fields(Ports))))
         self.procs: dict[str, Proc] = {}
+        self.missing = missing_contenders()
+        if not litellm:
+            self.missing.setdefault(LITELLM, "left out (--no-litellm)")
         # Settings that differ from the shipped defaults (besides ports). Envoy's admission limits (circuit breakers
         # on the Shimmy cluster, sized for a real Shimmy that runs two generations at a time) are lifted to the
         # benchmark's highest concurrency: otherwise both Envoys would queue at 2 and answer 429 beyond 18 requests,
-        # and the runs would time the queue instead of the proxies.
-        self.overrides = {"MAX_ACTIVE_REQUESTS": str(max_concurrency), "MAX_QUEUED_REQUESTS": str(max_concurrency)}
+        # and the runs would time the queue instead of the proxies. The emulator replays its fixed reply (`auto`
+        # would run a real model where llama.cpp is installed).
+        self.overrides = {
+            "MAX_ACTIVE_REQUESTS": str(max_concurrency),
+            "MAX_QUEUED_REQUESTS": str(max_concurrency),
+            "EMULATOR_ENGINE": "fixed",
+        }
 
     @staticmethod
     def url(port: int, path: str) -> str:
         return f"http://127.0.0.1:{port}{path}"
 
-    def _settings(self, gateway_port: int, admin_port: int) -> Settings:
+    def _settings(self, gateway_port: int, admin_port: int, shimmy_port: int | None = None) -> Settings:
         """The stack's settings from the defaults, not from the caller's environment, so runs compare."""
         return load(
             argv=[],
             environ={
                 "GATEWAY_PORT": str(gateway_port),
                 "ENVOY_ADMIN_PORT": str(admin_port),
-                "SHIMMY_PORT": str(self.ports.emulator),
+                "SHIMMY_PORT": str(shimmy_port or self.ports.emulator),
                 "EXTPROC_PORT": str(self.ports.extproc),
                 "MODEL_NAME": MODEL,
                 **self.overrides,
             },
         )
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str], quiet_stdout: bool = False) -> None:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str], quiet_stdout: bool = False, cwd: Path = ROOT
+    ) -> Proc:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
             stdout = subprocess.DEVNULL if quiet_stdout else out
             popen = subprocess.Popen(
-                argv, env=env, stdout=stdout, stderr=out, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                argv,
+                env=env,
+                stdout=stdout,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+                cwd=cwd,
             )
         self.procs[name] = Proc(name, popen, log)
+        return self.procs[name]
 
     def _envoy(self, name: str, config: dict[str, Any]) -> None:
         """Envoy's stdout is its access log: discarded, it would otherwise be one file write per request."""
@@ -199,8 +324,8 @@ class Stack:
         argv += ["--concurrency", ENVOY_CONCURRENCY]
         self._spawn(name, argv, dict(os.environ), quiet_stdout=True)
 
-    def _wait(self, what: str, ready: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + _START_TIMEOUT_S
+    def _wait(self, what: str, ready: Callable[[], bool], timeout: float = _START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready():
                 return
@@ -210,37 +335,94 @@ class Stack:
             time.sleep(0.1)
         raise RuntimeError(f"timed out waiting for {what}")
 
+    def _python_env(self, settings: Settings) -> dict[str, str]:
+        return {**os.environ, **settings.env(), "PYTHONUNBUFFERED": "1"}
+
     def start(self) -> None:
-        """Start everything, then wait until both Envoys answer a chat completion through their own route."""
+        """Start everything, then wait until every proxy answers a chat completion through its own route.
+
+        LiteLLM is only waited for until it is live: its emulator still streams by default, so a chat completion
+        through it fails until `litellm_finding()` has run and switched that emulator to OpenAI's default.
+        """
         ports = self.ports
         gateway = self._settings(ports.gateway, ports.gateway_admin)
-        env = {**os.environ, **gateway.env(), "PYTHONUNBUFFERED": "1"}
+        env = self._python_env(gateway)
         self._spawn(EMULATOR, [sys.executable, "-m", "shimmy"], env)
         self._spawn(EXTPROC, [sys.executable, "-m", "extproc.cli"], env)
         self._envoy(ENVOY_GATEWAY, render(gateway))
         self._envoy(ENVOY_PLAIN, plain_config(self._settings(ports.plain, ports.plain_admin)))
-        self._wait("the emulator", lambda: _get(self.url(ports.emulator, "/health"))[0] == 200)
+        if FLASK not in self.missing:
+            self._spawn(FLASK, self._gunicorn_argv(), {**env, "SHIMMY_URL": self.url(ports.emulator, "")})
+        if LITELLM not in self.missing:
+            own = self._python_env(self._settings(ports.gateway, ports.gateway_admin, ports.litellm_emulator))
+            self._spawn(EMULATOR_LITELLM, [sys.executable, "-m", "shimmy"], own)
+            config = self.workdir / "litellm.yaml"  # JSON is YAML
+            config.write_text(_litellm_config(ports.litellm_emulator))
+            litellm_env = {**own, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": LITELLM_KEY}
+            argv = [str(Path(sys.executable).parent / "litellm"), "--config", str(config), "--host", "127.0.0.1"]
+            argv += ["--port", str(ports.litellm), "--num_workers", str(LITELLM_WORKERS)]
+            self._spawn(LITELLM, argv, litellm_env, cwd=self.workdir)
+        self._wait("the emulator", lambda: request(self.url(ports.emulator, "/health"))[0] == 200)
         for admin in (ports.gateway_admin, ports.plain_admin):
-            self._wait("Envoy", lambda admin=admin: _get(self.url(admin, "/ready")) == (200, b"LIVE\n"))
-        self._wait("the processor's first probe", lambda: _get(self.url(ports.gateway, "/health"))[0] == 200)
+            self._wait("Envoy", lambda admin=admin: request(self.url(admin, "/ready")) == (200, b"LIVE\n"))
+        self._wait("the processor's first probe", lambda: request(self.url(ports.gateway, "/health"))[0] == 200)
         probe = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "ready?"}], "stream": False})
-        for port in (ports.gateway, ports.plain):
+        chats = [ports.gateway, ports.plain] + ([ports.flask] if FLASK in self.procs else [])
+        for port in chats:
             chat = self.url(port, "/v1/chat/completions")
-            self._wait("Envoy's first health check", lambda chat=chat: _get(chat, probe.encode())[0] == 200)
+            self._wait("a first chat completion", lambda chat=chat: request(chat, probe.encode())[0] == 200)
+        if LITELLM in self.procs:
+            live = self.url(ports.litellm, "/health/liveliness")
+            self._wait("LiteLLM", lambda: request(live)[0] == 200, _LITELLM_START_TIMEOUT_S)
+
+    def _gunicorn_argv(self) -> list[str]:
+        """Sync workers, everything else gunicorn's defaults (30 s worker timeout, no keep-alive)."""
+        argv = [sys.executable, "-m", "gunicorn", "--workers", str(FLASK_WORKERS), "--worker-class", "sync"]
+        argv += ["--chdir", str(ROOT), "--bind", f"127.0.0.1:{self.ports.flask}"]
+        return [*argv, "bench.baselines.flask_proxy:app"]
+
+    def litellm_finding(self, body: bytes) -> dict[str, Any]:
+        """LiteLLM against a faithful Shimmy (stream absent = SSE): a non-stream call, timed, with what reached the
+        emulator; then its emulator is switched to OpenAI's default and a call must succeed."""
+        ports = self.ports
+        chat = self.url(ports.litellm, "/v1/chat/completions")
+        auth = {"Authorization": f"Bearer {LITELLM_KEY}"}
+        stats = self.url(ports.litellm_emulator, "/_emulator/stats")
+        before = json.loads(request(stats)[1])["chat_requests"]
+        started = time.monotonic()
+        status, answer = request(chat, body, headers=auth)
+        seconds = time.monotonic() - started
+        attempts = json.loads(request(stats)[1])["chat_requests"] - before
+        self.configure_emulator(port=ports.litellm_emulator, openai_stream_default=False)
+        self._wait("LiteLLM's first chat completion", lambda: request(chat, body, headers=auth)[0] == 200)
+        return {
+            "status": status,
+            "seconds": seconds,
+            "upstream_attempts": attempts,
+            "body": answer.decode(errors="replace"),
+        }
 
     def stop(self) -> None:
-        """Envoys first, so nothing is in flight when the processor and the emulator go."""
+        """Proxies first, so nothing is in flight when the processor and the emulators go."""
         for proc in reversed(list(self.procs.values())):
             proc.stop()
 
-    def configure_emulator(self, **changes: object) -> None:
-        status, body = _get(self.url(self.ports.emulator, "/_emulator/config"), json.dumps(changes).encode(), "PUT")
+    def configure_emulator(self, port: int | None = None, **changes: object) -> None:
+        url = self.url(port or self.ports.emulator, "/_emulator/config")
+        status, body = request(url, json.dumps(changes).encode(), "PUT")
         if status != 200:
             raise RuntimeError(f"emulator config {changes}: {status} {body!r}")
 
-    def ext_proc_stats(self) -> dict[str, int]:
-        """The gateway Envoy's ext_proc counters, e.g. `http.gateway.ext_proc.shimmy.stream_msgs_sent`."""
-        status, body = _get(self.url(self.ports.gateway_admin, "/stats?filter=ext_proc"))
+    def configure_emulators(self, **changes: object) -> None:
+        """The same change on every emulator (the shared one and LiteLLM's)."""
+        self.configure_emulator(**changes)
+        if EMULATOR_LITELLM in self.procs:
+            self.configure_emulator(port=self.ports.litellm_emulator, **changes)
+
+    def envoy_stats(self, admin_port: int | None = None, prefix: str = "ext_proc") -> dict[str, int]:
+        """Counters and gauges of an Envoy (the gateway's by default) whose names contain `prefix`."""
+        url = self.url(admin_port or self.ports.gateway_admin, f"/stats?filter={prefix}")
+        status, body = request(url)
         if status != 200:
             raise RuntimeError(f"Envoy admin /stats: {status}")
         out: dict[str, int] = {}
@@ -250,17 +432,65 @@ class Stack:
                 out[name] = int(value)
         return out
 
+    def ext_proc_stats(self) -> dict[str, int]:
+        """The gateway Envoy's ext_proc counters, e.g. `http.gateway.ext_proc.shimmy.stream_msgs_sent`."""
+        return self.envoy_stats()
+
     def cpu_seconds(self) -> dict[str, float]:
         return {name: proc.cpu_seconds() for name, proc in self.procs.items()}
 
     def peak_rss_mib(self) -> dict[str, float]:
         return {name: proc.peak_rss_mib() for name, proc in self.procs.items()}
 
+    # --- the processor-workers experiment -------------------------------------------------------------------
+
+    def processors(self) -> list[Proc]:
+        return [p for name, p in self.procs.items() if name == EXTPROC or name.startswith(f"{EXTPROC}-")]
+
+    def replace_processors(self, count: int, reuseport: bool = False, cpu_times: Path | None = None) -> None:
+        """Stop the processor(s) and start `count` processes of `bench.extproc_variant` on the same port (with
+        SO_REUSEPORT, and/or timing their CPU, bench only); wait until the gateway answers through them again."""
+        for proc in self.processors():
+            proc.stop()
+            del self.procs[proc.name]
+        env = self._python_env(self._settings(self.ports.gateway, self.ports.gateway_admin))
+        if reuseport:
+            env["BENCH_REUSEPORT"] = "1"
+        if cpu_times is not None:
+            env["BENCH_CPU_TIMES"] = str(cpu_times)
+        for i in range(count):
+            self._spawn(f"{EXTPROC}-{i}", [sys.executable, "-m", "bench.extproc_variant"], env)
+        chat = self.url(self.ports.gateway, "/v1/chat/completions")
+        probe = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "ready?"}], "stream": False})
+        self._wait("the new processors", lambda: request(chat, probe.encode())[0] == 200)
+
+    def processor_connections(self) -> dict[str, int]:
+        """Established TCP connections each processor process holds on its port (Envoy's, one per worker)."""
+        port = f"{self.ports.extproc:04X}"
+        inodes: set[str] = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    cols = line.split()
+                    if cols[1].endswith(f":{port}") and cols[3] == "01":  # local port, ESTABLISHED
+                        inodes.add(cols[9])
+        out: dict[str, int] = {}
+        for proc in self.processors():
+            count = 0
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                        if target.startswith("socket:[") and target[8:-1] in inodes:
+                            count += 1
+            out[proc.name] = count
+        return out
+
 
 @contextmanager
-def running(workdir: Path, max_concurrency: int) -> Iterator[Stack]:
+def running(workdir: Path, max_concurrency: int, litellm: bool = True) -> Iterator[Stack]:
     """A started stack; every process is stopped on exit, including on Ctrl-C or a failed start."""
-    stack = Stack(workdir, max_concurrency)
+    stack = Stack(workdir, max_concurrency, litellm)
     try:
         stack.start()
         yield stack

@@ -34,15 +34,14 @@ def available() -> str | None:
     return shutil.which("wrk")
 
 
-def script(body: bytes, path: Path) -> Path:
+def script(body: bytes, path: Path, headers: dict[str, str] | None = None) -> Path:
     """Write a Lua script that makes every request a JSON POST of `body` (a long bracket string needs no escaping)."""
     text = body.decode()
     if "]==]" in text:
         raise ValueError("the body would end the Lua long string early")
+    extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
     path.write_text(
-        'wrk.method = "POST"\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f"wrk.body = [==[{text}]==]\n"
+        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n{extra}wrk.body = [==[{text}]==]\n'
     )
     return path
 

@@ -74,6 +74,7 @@ def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 60.0, 
         "ENVOY_ADMIN_PORT": str(ports["admin"]),
         "EXTPROC_PORT": str(ports["extproc"]),
         "SHIMMY_BACKEND": "emulator",
+        "EMULATOR_ENGINE": "fixed",  # deterministic replies; tests of the real model ask for "llama"
         "HEALTH_INTERVAL_S": "0.5",
         **(extra_env or {}),
     }

@@ -34,7 +34,7 @@ class Emulator:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shimmy", "--shimmy-port", str(self.port)],
+            [sys.executable, "-m", "shimmy", "--shimmy-port", str(self.port), "--emulator-engine", "fixed"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 15

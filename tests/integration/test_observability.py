@@ -37,24 +37,37 @@ def access_log(stack: Stack, request_id: str) -> dict:
     raise AssertionError(f"no access log line for {request_id}")
 
 
+def quiet_metrics(stack: Stack, path: str = "/metrics") -> str:
+    """Metrics once no earlier test's request is still in flight (a cancelled stream is counted when it ends)."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = httpx.get(f"{stack.url}{path}").text
+        if metric(text, "gen_ai_live_streams") <= 1 or time.monotonic() > deadline:  # 1: this /metrics request
+            return text
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("path", ["/metrics", "/v1/metrics"])
 def test_metrics_change_after_a_request(stack: Stack, path: str) -> None:
-    before = httpx.get(f"{stack.url}{path}").text
+    before = quiet_metrics(stack, path)
     httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 3}).raise_for_status()
     with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 2}) as r:
         list(r.iter_lines())
     resp = httpx.get(f"{stack.url}{path}")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     after = resp.text
+    model = {"gen_ai_request_model": "phi3-lora"}
     tokens = "gen_ai_usage_tokens_total"
-    assert metric(after, tokens, gen_ai_token_type="output") - metric(before, tokens, gen_ai_token_type="output") == 5
-    assert metric(after, tokens, gen_ai_token_type="input") > metric(before, tokens, gen_ai_token_type="input")
+    output, prompt = {**model, "gen_ai_token_type": "output"}, {**model, "gen_ai_token_type": "input"}
+    assert metric(after, tokens, **output) - metric(before, tokens, **output) == 5
+    assert metric(after, tokens, **prompt) > metric(before, tokens, **prompt)
     ok = {"gen_ai_request_model": "phi3-lora", "outcome": "ok"}
     assert metric(after, "gen_ai_requests_total", **ok) - metric(before, "gen_ai_requests_total", **ok) == 2
     ttft = "gen_ai_server_time_to_first_token_seconds_count"
-    assert metric(after, ttft) - metric(before, ttft) == 1
+    assert metric(after, ttft, **model) - metric(before, ttft, **model) == 1
     duration = "gen_ai_server_request_duration_seconds_count"
-    assert metric(after, duration, stream="false") - metric(before, duration, stream="false") == 1
+    non_stream = {**model, "stream": "false"}
+    assert metric(after, duration, **non_stream) - metric(before, duration, **non_stream) == 1
     assert "gen_ai_live_streams" in after
     # Envoy's own stats come along: per-endpoint (virtual cluster), upstream (Shimmy) and the ext_proc filter.
     chat = {"envoy_virtual_cluster": "chat", "envoy_response_code": "200"}
@@ -67,7 +80,7 @@ def test_metrics_change_after_a_request(stack: Stack, path: str) -> None:
 
 def test_errors_are_counted_by_type(stack: Stack) -> None:
     labels = {"outcome": "error", "error_type": "unsupported_parameter"}
-    before = metric(httpx.get(f"{stack.url}/metrics").text, "gen_ai_requests_total", **labels)
+    before = metric(quiet_metrics(stack), "gen_ai_requests_total", **labels)
     httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "n": 3})
     after = metric(httpx.get(f"{stack.url}/metrics").text, "gen_ai_requests_total", **labels)
     assert after - before == 1

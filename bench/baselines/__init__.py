@@ -1,0 +1,1 @@
+"""The alternatives the gateway is measured against (bench only: nothing here is part of the product)."""
