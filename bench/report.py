@@ -388,20 +388,38 @@ def _workers_section(results: Results) -> list[str]:
     lines = [
         "## Processor workers: N processes on one port (SO_REUSEPORT), bench only",
         "",
-        "| processor processes | non-stream req/s, 16 conn. | p50 ms | p99 ms | Envoy connections per process "
-        "| CPU s per process during the run |",
-        "|--:|--:|--:|--:|---|---|",
+        "The shipped processor first, then `bench.extproc_variant` (the same processor with SO_REUSEPORT) with 2, "
+        "1 and 2 processes, each run seconds after the previous one.",
+        "",
+        "| run | processor processes | non-stream req/s, 16 conn. | p50 ms | p99 ms | Envoy connections per process "
+        "| processor CPU, cores (per process) |",
+        "|--:|--:|--:|--:|--:|---|---|",
     ]
     base = results.workers[0].run.rps
-    for w in results.workers:
+    for i, w in enumerate(results.workers, 1):
         conns = ", ".join(f"{n}" for n in w.connections.values())
-        cpu = ", ".join(f"{v:.1f}" for v in w.cpu_s.values())
-        ratio = "" if w is results.workers[0] else f" ({_ratio(w.run.rps, base)})"
+        seconds = w.run.seconds or 1
+        cores = f"{sum(w.cpu_s.values()) / seconds:.2f}"
+        if len(w.cpu_s) > 1:
+            cores += " (" + ", ".join(f"{v / seconds:.2f}" for v in w.cpu_s.values()) + ")"
+        ratio = "" if i == 1 else f" ({_ratio(w.run.rps, base)})"
         starts = "" if w.starts == 1 else f" (spread on start {w.starts})"
+        shipped = " (shipped)" if i == 1 else ""
         lines.append(
-            f"| {w.processes} | {_number(w.run.rps)}{ratio} | {w.run.p50_ms:.2f} | {w.run.p99_ms:.2f} "
-            f"| {conns}{starts} | {cpu} |"
+            f"| {i} | {w.processes}{shipped} | {_number(w.run.rps)}{ratio} | {w.run.p50_ms:.2f} | {w.run.p99_ms:.2f} "
+            f"| {conns}{starts} | {cores} |"
         )
+    by_n: dict[int, list[float]] = {}
+    for w in results.workers[1:]:
+        by_n.setdefault(w.processes, []).append(w.run.rps)
+    if len(by_n) == 2:
+        means = {n: sum(v) / len(v) for n, v in by_n.items()}
+        one, many = means[min(means)], means[max(means)]
+        lines += [
+            "",
+            f"Mean of the variant's runs: {max(means)} processes {_number(many)} req/s, 1 process {_number(one)} "
+            f"req/s: {_ratio(many, one)}.",
+        ]
     return lines
 
 

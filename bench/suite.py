@@ -339,8 +339,8 @@ def _profile(stack: Stack, options: Options, results: Results, workdir: Path) ->
 
 
 def _workers(stack: Stack, options: Options, results: Results, workdir: Path) -> None:
-    """Non-stream req/s at 16 with the processor as shipped, then with WORKERS processes on its port
-    (SO_REUSEPORT).
+    """Non-stream req/s at 16 with the processor as shipped, then alternately WORKERS processes and one process on
+    its port (bench.extproc_variant, SO_REUSEPORT), twice each, so that a drift of the machine's load shows.
 
     Envoy opens one connection to the processor per worker thread, and the kernel picks a process per connection;
     when both land on one process, the processes are restarted (up to 4 starts) so that the run measures a spread.
@@ -353,12 +353,13 @@ def _workers(stack: Stack, options: Options, results: Results, workdir: Path) ->
         return WorkersRun(processes, m.run, stack.processor_connections(), {p: m.cpu_s[p] for p in procs}, starts)
 
     results.workers.append(one(1, 1))
-    for start in range(1, 5):
-        stack.replace_processors(WORKERS, reuseport=True)
-        runner(16, 1)  # every Envoy worker thread connects
-        if all(stack.processor_connections().values()) or start == 4:
-            break
-    results.workers.append(one(WORKERS, start))
+    for count in (WORKERS, 1, WORKERS):
+        for start in range(1, 5):
+            stack.replace_processors(count, reuseport=True)
+            runner(16, 1)  # every Envoy worker thread connects
+            if all(stack.processor_connections().values()) or start == 4:
+                break
+        results.workers.append(one(count, start))
 
 
 def _cpu_split(stack: Stack, options: Options, results: Results, workdir: Path) -> None:

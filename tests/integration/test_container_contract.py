@@ -108,7 +108,9 @@ def container(dockerfile: Dockerfile, tmp_path_factory: pytest.TempPathFactory) 
     for name in ("HOME", "TMPDIR"):  # the image creates both, owned by 65534 (checked by the unit tests)
         Path(env[name]).mkdir(parents=True)
     ports = {name: free_port() for name in ("GATEWAY_PORT", "SHIMMY_PORT", "ENVOY_ADMIN_PORT", "EXTPROC_PORT")}
-    env.update({name: str(port) for name, port in ports.items()}, SHIMMY_BACKEND="emulator")
+    # No Shimmy binary or model file here: the emulator stands in, with its fixed-reply engine (a real model is
+    # tests/integration/test_real_model.py's business).
+    env.update({name: str(port) for name, port in ports.items()}, SHIMMY_BACKEND="emulator", EMULATOR_ENGINE="fixed")
     before = snapshot(workdir)
 
     log = base / "container.log"
