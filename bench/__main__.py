@@ -28,16 +28,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _options(argv: list[str] | None) -> suite.Options:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--seconds", type=int, default=5, help="measured seconds per run (whole seconds; default 5)")
-    parser.add_argument("--quick", action="store_true", help="smoke check: 1 s runs, no warm-up")
+    parser.add_argument(
+        "--seconds", type=int, default=2, help="seconds per round of the comparison (whole seconds; default 2)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the comparison (default 3)")
+    parser.add_argument("--quick", action="store_true", help="smoke check: one round, 1 s runs, no warm-up")
     parser.add_argument(
         "--only",
         help=f"comma-separated sections to run, of {', '.join(suite.SECTIONS)} (default: all)",
     )
     parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM out (it takes ~10 s to start)")
     args = parser.parse_args(argv)
-    if args.seconds < 1:
-        parser.error("--seconds must be at least 1")
+    if args.seconds < 1 or args.rounds < 1:
+        parser.error("--seconds and --rounds must be at least 1")
     sections = tuple(suite.SECTIONS)
     if args.only:
         sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
@@ -52,6 +55,8 @@ def _options(argv: list[str] | None) -> suite.Options:
         sections=sections,
         wrk=found,
         litellm=not args.no_litellm,
+        rounds=1 if args.quick else args.rounds,
+        long_seconds=1 if args.quick else 5,
     )
 
 

@@ -67,11 +67,10 @@ def draw(results: Results, path: Path, subtitle: str) -> str | None:
     tokens = {name: by_n[64].run.tokens_per_s for name, by_n in results.stream.items() if 64 in by_n}
     if not rps and not tokens:
         return "this run measured neither non-stream req/s at 16 nor token events/s at 64"
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     _panel(axes[0], "Non-stream chat completions, 16 connections", rps, results.missing, "requests/s")
     _panel(axes[1], "Streaming, 64 concurrent streams", tokens, results.missing, "relayed token events/s")
     fig.suptitle(f"shimmy-gateway vs the alternatives, one run on one machine ({subtitle})", fontsize=11)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

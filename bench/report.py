@@ -114,6 +114,20 @@ def _per_message_row(results: Results, runs: Runs, n: int, label: str) -> Iterab
         yield _row(results, f"processor CPU ms per ext_proc message, {label}", {"gateway": per}, ratios=False)
 
 
+def _spread_row(results: Results, rounds: dict[str, dict[int, list[float]]], n: int, label: str) -> Iterable[str]:
+    """The lowest and highest round behind a median cell: how much the machine moved during the comparison."""
+    if results.options.rounds < 2:
+        return
+    values = []
+    for c in CONTENDERS:
+        runs = rounds.get(c.name, {}).get(n)
+        if c.name in results.missing:
+            values.append("not measured")
+        else:
+            values.append(f"{_number(runs[0])} to {_number(runs[-1])}" if runs else "-")
+    yield f"| {label}: lowest to highest round | {' | '.join(values)} |"
+
+
 def _nonstream_rows(results: Results) -> Iterable[str]:
     runs = results.nonstream
     for n in REQUEST_CONCURRENCY:
@@ -122,6 +136,7 @@ def _nonstream_rows(results: Results) -> Iterable[str]:
         yield _row(results, f"non-stream latency p50 ms, {conns}", _at(runs, n, lambda m: m.run.p50_ms))
         yield _row(results, f"non-stream latency p99 ms, {conns}", _at(runs, n, lambda m: m.run.p99_ms))
     n = REQUEST_CONCURRENCY[-1]
+    yield from _spread_row(results, results.nonstream_rounds, n, f"non-stream req/s, {n} connections")
     yield from _cpu_rows(results, runs, n, f"CPU ms per request, {n} conn.", lambda m: m.run.requests / 1000)
     gateway = [m for m in runs.get("gateway", {}).values() if m.ext_proc_streams]
     if gateway:
@@ -147,6 +162,7 @@ def _stream_rows(results: Results) -> Iterable[str]:
     for n in STREAM_CONCURRENCY:
         label = "1 stream" if n == 1 else f"{n} streams"
         yield _row(results, f"**stream token events/s, {label}**", _at(runs, n, lambda m: m.run.tokens_per_s))
+    yield from _spread_row(results, results.stream_rounds, top, f"stream token events/s, {top} streams")
     yield _row(results, f"streams completed, {top} streams", _at(runs, top, lambda m: m.run.streams_done), False)
     n = _CPU_STREAMS
     yield from _cpu_rows(results, runs, n, f"CPU s per 1,000 tokens, {n} streams", lambda m: m.run.tokens / 1000)
@@ -403,7 +419,14 @@ def _workers_section(results: Results) -> list[str]:
         if len(w.cpu_s) > 1:
             cores += " (" + ", ".join(f"{v / seconds:.2f}" for v in w.cpu_s.values()) + ")"
         ratio = "" if i == 1 else f" ({_ratio(w.run.rps, base)})"
-        starts = "" if w.starts == 1 else f" (spread on start {w.starts})"
+        spread = all(w.connections.values())
+        starts = (
+            ""
+            if w.starts == 1
+            else f" (spread on start {w.starts})"
+            if spread
+            else f" (not spread after {w.starts} starts)"
+        )
         shipped = " (shipped)" if i == 1 else ""
         lines.append(
             f"| {i} | {w.processes}{shipped} | {_number(w.run.rps)}{ratio} | {w.run.p50_ms:.2f} | {w.run.p99_ms:.2f} "
@@ -411,14 +434,15 @@ def _workers_section(results: Results) -> list[str]:
         )
     by_n: dict[int, list[float]] = {}
     for w in results.workers[1:]:
-        by_n.setdefault(w.processes, []).append(w.run.rps)
+        if all(w.connections.values()):  # a run whose connections all went to one process measures 1 process
+            by_n.setdefault(w.processes, []).append(w.run.rps)
     if len(by_n) == 2:
         means = {n: sum(v) / len(v) for n, v in by_n.items()}
         one, many = means[min(means)], means[max(means)]
         lines += [
             "",
-            f"Mean of the variant's runs: {max(means)} processes {_number(many)} req/s, 1 process {_number(one)} "
-            f"req/s: {_ratio(many, one)}.",
+            f"Mean of the variant's runs (connections spread): {max(means)} processes {_number(many)} req/s, "
+            f"1 process {_number(one)} req/s: {_ratio(many, one)}.",
         ]
     return lines
 
@@ -431,13 +455,18 @@ def markdown(results: Results, meta: dict[str, str], chart: str | None = None) -
         else "the asyncio client, as wrk is not installed (so the direct column is also the client's ceiling)"
     )
     warmup = f" after a {options.warmup} s warm-up" if options.warmup else " (no warm-up)"
+    rounds = (
+        f"{options.rounds} interleaved rounds of {options.seconds} s per run{warmup}, each cell the median round"
+        if options.rounds > 1
+        else f"{options.seconds} s per run{warmup}"
+    )
     lines = [
         f"# Benchmark, {meta['date']}",
         "",
         f"Commit {meta['commit']} · {meta['cores']} cores, 1-min load average {meta['loadavg']} at the start; "
         f"other processes took {100 * results.others_cpu_share:.0f} % of the machine during the run · "
         f"Envoy {meta['envoy']} `--concurrency 2` · Flask proxy: gunicorn, {FLASK_WORKERS} sync workers · "
-        f"LiteLLM {meta.get('litellm', '-')}, {LITELLM_WORKERS} worker · {options.seconds} s per run{warmup} · "
+        f"LiteLLM {meta.get('litellm', '-')}, {LITELLM_WORKERS} worker · {rounds} · "
         f"settings changed from the defaults: `{meta['settings']}` · {meta.get('duration_s', '?')} s in all.",
         f"Non-stream load (max_tokens 16): {client}. Streams (max_tokens {STREAM_MAX_TOKENS}, emulator `repeat`): "
         "the asyncio client (aiohttp, uvloop). Emulator: fixed reply, no token delay. "
@@ -543,6 +572,8 @@ def json_document(results: Results, meta: dict[str, str]) -> dict[str, Any]:
         "nonstream": runs(results.nonstream),
         "asyncio_ceiling": {str(n): _run_json(run) for n, run in results.asyncio_ceiling.items()},
         "stream": runs(results.stream),
+        "nonstream_rounds": results.nonstream_rounds,
+        "stream_rounds": results.stream_rounds,
         "peak_rss_mib": results.peak_rss_mib,
         "contender_peak_rss_mib": {c.name: results.contender_peak_rss(c) for c in CONTENDERS},
         "rss_check": rss,

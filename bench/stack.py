@@ -460,19 +460,25 @@ class Stack:
             env["BENCH_CPU_TIMES"] = str(cpu_times)
         for i in range(count):
             self._spawn(f"{EXTPROC}-{i}", [sys.executable, "-m", "bench.extproc_variant"], env)
+        # Every process must listen before Envoy connects, or the first one up gets every connection.
+        self._wait("every processor to listen", lambda: all(self.processor_sockets(listening=True).values()))
         chat = self.url(self.ports.gateway, "/v1/chat/completions")
         probe = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "ready?"}], "stream": False})
         self._wait("the new processors", lambda: request(chat, probe.encode())[0] == 200)
 
     def processor_connections(self) -> dict[str, int]:
         """Established TCP connections each processor process holds on its port (Envoy's, one per worker)."""
-        port = f"{self.ports.extproc:04X}"
+        return self.processor_sockets(listening=False)
+
+    def processor_sockets(self, listening: bool) -> dict[str, int]:
+        """Sockets each processor process holds on its port: listening ones, or established connections."""
+        port, state = f"{self.ports.extproc:04X}", "0A" if listening else "01"  # TCP_LISTEN, TCP_ESTABLISHED
         inodes: set[str] = set()
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             with contextlib.suppress(OSError):
                 for line in Path(table).read_text().splitlines()[1:]:
                     cols = line.split()
-                    if cols[1].endswith(f":{port}") and cols[3] == "01":  # local port, ESTABLISHED
+                    if cols[1].endswith(f":{port}") and cols[3] == state:  # local address, state
                         inodes.add(cols[9])
         out: dict[str, int] = {}
         for proc in self.processors():

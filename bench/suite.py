@@ -121,11 +121,13 @@ GATEWAY = CONTENDERS[2]
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    seconds: int
+    seconds: int  # one round of the comparison
     warmup: int  # 0: no warm-up run
     sections: tuple[str, ...]
     wrk: str | None  # wrk's path; None: the asyncio client drives the non-stream loads too
     litellm: bool = True
+    rounds: int = 3  # interleaved rounds of the comparison; the table shows each contender's median round
+    long_seconds: int = 5  # one run of the gateway-only measures (workers experiment, CPU split)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +184,9 @@ class Results:
     # drove the non-stream runs, whose direct column is then that ceiling.
     asyncio_ceiling: dict[int, RequestRun] = field(default_factory=dict)
     stream: dict[str, dict[int, Measured[StreamRun]]] = field(default_factory=dict)
+    # Every round's req/s (token events/s) per contender and concurrency, ascending; the table shows the median.
+    nonstream_rounds: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    stream_rounds: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # per process (tree), after the comparison
     rss: RssCheck | None = None
     profile: profile.Profile | None = None
@@ -208,12 +213,17 @@ def _own_cpu_seconds(stack: Stack) -> float:
     return sum(stack.cpu_seconds().values()) + t.user + t.system + t.children_user + t.children_system
 
 
-def _measured(stack: Stack, options: Options, run: Callable[[int], R]) -> Measured[R]:
+def _measured(stack: Stack, options: Options, run: Callable[[int], R], seconds: int | None = None) -> Measured[R]:
     """A warm-up run, then the measured one with the counters read right around it."""
     if options.warmup:
         run(options.warmup)
+    return _once(stack, run, seconds or options.long_seconds)
+
+
+def _once(stack: Stack, run: Callable[[int], R], seconds: int) -> Measured[R]:
+    """One measured run, with the counters read right around it."""
     cpu, stats = stack.cpu_seconds(), stack.ext_proc_stats()
-    result = run(options.seconds)
+    result = run(seconds)
     cpu_after, stats_after = stack.cpu_seconds(), stack.ext_proc_stats()
     return Measured(
         result,
@@ -245,26 +255,48 @@ def _litellm_finding(stack: Stack, results: Results) -> None:
     results.litellm_finding = stack.litellm_finding(litellm.body(stream=False))
 
 
+def _compare(
+    stack: Stack,
+    options: Options,
+    runners: dict[str, Runner[R]],
+    concurrencies: tuple[int, ...],
+    key: Callable[[R], float],
+    table: dict[str, dict[int, Measured[R]]],
+    rounds: dict[str, dict[int, list[float]]],
+) -> None:
+    """At each concurrency: every contender warmed up, then `options.rounds` rounds through all contenders in turn;
+    the table keeps each contender's median round (by `key`), `rounds` every round's `key`."""
+    for concurrency in concurrencies:
+        if options.warmup:
+            for runner in runners.values():
+                runner(concurrency, options.warmup)
+        measured: dict[str, list[Measured[R]]] = {name: [] for name in runners}
+        for _ in range(options.rounds):
+            for name, runner in runners.items():
+                measured[name].append(_once(stack, partial(runner, concurrency), options.seconds))
+        for name, runs in measured.items():
+            runs.sort(key=lambda m: key(m.run))
+            table.setdefault(name, {})[concurrency] = runs[(len(runs) - 1) // 2]
+            rounds.setdefault(name, {})[concurrency] = [key(m.run) for m in runs]
+
+
 def _nonstream(stack: Stack, options: Options, results: Results, workdir: Path) -> None:
     runners = {c.name: _request_runner(options.wrk, stack, c, workdir) for c in active(stack)}
-    for concurrency in REQUEST_CONCURRENCY:
-        for name, runner in runners.items():
-            measured = _measured(stack, options, partial(runner, concurrency))
-            results.nonstream.setdefault(name, {})[concurrency] = measured
+    rps: Callable[[RequestRun], float] = lambda run: run.rps  # noqa: E731
+    _compare(stack, options, runners, REQUEST_CONCURRENCY, rps, results.nonstream, results.nonstream_rounds)
     if options.wrk is not None:
         runner = _request_runner(None, stack, CONTENDERS[0], workdir)
         for concurrency in REQUEST_CONCURRENCY:
-            results.asyncio_ceiling[concurrency] = _measured(stack, options, partial(runner, concurrency)).run
+            m = _measured(stack, options, partial(runner, concurrency), options.seconds)
+            results.asyncio_ceiling[concurrency] = m.run
 
 
 def _stream(stack: Stack, options: Options, results: Results) -> None:
     """With the emulators' `repeat` on, every stream runs to STREAM_MAX_TOKENS."""
     stack.configure_emulators(repeat=True)
     runners = {c.name: _stream_runner(stack, c) for c in active(stack)}
-    for concurrency in STREAM_CONCURRENCY:
-        for name, runner in runners.items():
-            measured = _measured(stack, options, partial(runner, concurrency))
-            results.stream.setdefault(name, {})[concurrency] = measured
+    tokens: Callable[[StreamRun], float] = lambda run: run.tokens_per_s  # noqa: E731
+    _compare(stack, options, runners, STREAM_CONCURRENCY, tokens, results.stream, results.stream_rounds)
 
 
 class _Sampler:
@@ -380,7 +412,7 @@ def _cpu_split(stack: Stack, options: Options, results: Results, workdir: Path) 
         return json.loads(path.read_text())
 
     before, cpu = parts(), proc.cpu_seconds()
-    run = runner(16, options.seconds)
+    run = runner(16, options.long_seconds)
     after, cpu = parts(), proc.cpu_seconds() - cpu
     results.cpu_split = CpuSplit(
         run,
