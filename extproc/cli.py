@@ -18,7 +18,7 @@ import sys
 
 import grpc
 
-from extproc import templates
+from extproc import templates, tokens
 from extproc.health import ShimmyMonitor
 from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
@@ -38,6 +38,7 @@ SETTINGS = (
     "SHIMMY_PORT",
     "MODEL_NAME",
     "PROMPT_TEMPLATES",
+    "TOKENIZER_GGUF",
     "MODEL_ALIASES",
     "GENERATION_TIMEOUT_S",
     "HEALTH_INTERVAL_S",
@@ -166,6 +167,7 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         monitor=monitor,
         generation_timeout=settings.generation_timeout_s,
         aliases=parse_pairs(settings.model_aliases, "MODEL_ALIASES"),
+        prompt_counter=tokens.counter(settings.tokenizer_gguf, models={settings.model_name}),
     )
     credentials = tls_credentials(
         settings.extproc_tls_cert.strip(), settings.extproc_tls_key.strip(), settings.extproc_tls_client_ca.strip()

@@ -29,6 +29,7 @@ from extproc.chat import ChatState, start_chat
 from extproc.errors import GatewayError, InvalidRequest
 from extproc.health import ShimmyMonitor
 from extproc.shimmy_protocol import GENERATE_PATH, model_names, upstream_error
+from extproc.tokens import ESTIMATE, PromptCounter
 
 __all__ = ["ROUTES", "ChatProcessor", "Context", "HealthProcessor", "MetricsProcessor", "ModelsProcessor", "Processor"]
 
@@ -43,6 +44,7 @@ class Context:
     monitor: ShimmyMonitor
     generation_timeout: float  # seconds; a stream still running then ends with an in-band error
     aliases: Mapping[str, str] = field(default_factory=dict)  # client-facing name -> Shimmy's model
+    prompt_counter: PromptCounter = ESTIMATE  # exact with TOKENIZER_GGUF, else the estimate
 
     @property
     def known_models(self) -> Collection[str] | None:
@@ -145,9 +147,8 @@ _STREAM_HEADERS = (
     ("content-type", "text/event-stream"),
     ("cache-control", "no-cache"),
     ("x-accel-buffering", "no"),
-    ("x-gateway-prompt-tokens", "estimated"),
 )
-_JSON_HEADERS = (("content-type", "application/json"), ("x-gateway-prompt-tokens", "estimated"))
+_JSON_HEADERS = (("content-type", "application/json"),)
 
 
 class ChatProcessor(Processor):
@@ -167,7 +168,12 @@ class ChatProcessor(Processor):
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         try:
             body, self.state = start_chat(
-                msg.body, self.ctx.templates, self.ctx.known_models, self.ctx.generation_timeout, self.ctx.aliases
+                msg.body,
+                self.ctx.templates,
+                self.ctx.known_models,
+                self.ctx.generation_timeout,
+                self.ctx.aliases,
+                counter=self.ctx.prompt_counter,
             )
         except GatewayError as exc:
             return self._failed(exc)
@@ -189,9 +195,10 @@ class ChatProcessor(Processor):
             return mutations.continue_response_headers()
         if status != 200:
             return self._failed(upstream_error(status, b"", state.model))
+        counted = (("x-gateway-prompt-tokens", state.prompt_tokens_kind),)  # "exact" or "estimated"
         if state.stream:
-            return mutations.response_headers(_STREAM_HEADERS, ["content-length"], mutations.DUPLEX_RESPONSE)
-        return mutations.response_headers(_JSON_HEADERS, ["content-length"])
+            return mutations.response_headers(_STREAM_HEADERS + counted, ["content-length"], mutations.DUPLEX_RESPONSE)
+        return mutations.response_headers(_JSON_HEADERS + counted, ["content-length"])
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | None:
         state = self.state

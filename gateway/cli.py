@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway import probes
-from gateway.envoy_config import render
+from gateway.envoy_config import extproc_addresses, render
 from gateway.settings import Settings, load, parse_pairs
 from gateway.supervisor import Child, supervise
 from shimmy import binary
@@ -93,14 +93,37 @@ def backend_child(settings: Settings, backend: str, env: dict[str, str]) -> list
     return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0)]
 
 
+def extproc_children(settings: Settings, env: dict[str, str]) -> list[Child]:
+    """The processor workers. A dead one is restarted with backoff; meanwhile Envoy answers 500/503 JSON."""
+    workers = []
+    for i, address in enumerate(extproc_addresses(settings)):
+        if "pipe" in address:
+            port = target = f"unix:{address['pipe']['path']}"
+        else:
+            port = str(address["socket_address"]["port_value"])
+            target = f"127.0.0.1:{port}"
+        workers.append(
+            Child(
+                "extproc" if i == 0 else f"extproc-{i + 1}",
+                [sys.executable, "-m", "extproc.cli"],
+                partial(probes.grpc_serving, target),
+                env={**env, "EXTPROC_PORT": port},
+                restart=True,
+            )
+        )
+    return workers
+
+
 def children(
     settings: Settings, backend: str, envoy_config: Path, engine: EngineChoice | None = None
 ) -> list[Child]:
     """`engine`: the emulator's engine, decided once in `up()`; the emulator and the processor both follow it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **settings.env()}
-    extproc_port = str(settings.extproc_port)
-    target = extproc_port if extproc_port.startswith("unix:") else f"127.0.0.1:{extproc_port}"
-    backend_env, extproc_env = env, dict(env)
+    # Inside the stack the processor is Envoy's neighbour: plaintext on loopback, whatever a standalone
+    # deployment's EXTPROC_HOST / EXTPROC_TLS_* say (the readiness probe and envoy/gateway.yaml expect that).
+    backend_env = env
+    extproc_env = {**env, "EXTPROC_HOST": "127.0.0.1", "EXTPROC_TLS_CERT": "", "EXTPROC_TLS_KEY": "",
+                   "EXTPROC_TLS_CLIENT_CA": ""}
     tokenizer = settings.tokenizer_gguf.strip()
     if engine is not None:
         backend_env = {**env, "EMULATOR_ENGINE": engine.engine, "EMULATOR_GGUF": engine.gguf}
@@ -117,9 +140,7 @@ def children(
     extproc_env["TOKENIZER_GGUF"] = tokenizer
     return [
         *backend_child(settings, backend, backend_env),
-        # A dead processor is restarted with backoff; meanwhile Envoy answers 500/503 JSON (envoy/gateway.yaml).
-        Child("extproc", [sys.executable, "-m", "extproc.cli"], partial(probes.grpc_serving, target),
-              env=extproc_env, restart=True),
+        *extproc_children(settings, extproc_env),
         Child(
             "envoy",
             [

@@ -16,7 +16,7 @@ import yaml
 
 from gateway.settings import Settings
 
-__all__ = ["config_path", "render"]
+__all__ = ["config_path", "extproc_addresses", "render"]
 
 
 def config_path() -> Path:
@@ -114,11 +114,23 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
         settings.envoy_admin_port
     )
 
+    # One endpoint per processor worker; Envoy's round robin spreads the streams (SO_REUSEPORT on one port does
+    # not: Envoy keeps a couple of long-lived HTTP/2 connections, and the kernel often puts them on one process).
     extproc = _named(resources["clusters"], "extproc")
-    port = str(settings.extproc_port)
-    _endpoint(extproc)["address"] = (
-        {"pipe": {"path": port.removeprefix("unix:")}}
-        if port.startswith("unix:")
-        else {"socket_address": {"address": "127.0.0.1", "port_value": int(port)}}
-    )
+    extproc["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {"endpoint": {"address": address}} for address in extproc_addresses(settings)
+    ]
     return config
+
+
+def extproc_addresses(settings: Settings) -> list[dict[str, Any]]:
+    """Envoy addresses of the stack's processor workers: EXTPROC_PORT and the ports after it, or one socket."""
+    port = str(settings.extproc_port)
+    if port.startswith("unix:"):
+        if settings.extproc_workers != 1:
+            raise SystemExit("EXTPROC_WORKERS > 1 needs a TCP EXTPROC_PORT, not a unix socket")
+        return [{"pipe": {"path": port.removeprefix("unix:")}}]
+    first = int(port)
+    return [
+        {"socket_address": {"address": "127.0.0.1", "port_value": first + i}} for i in range(settings.extproc_workers)
+    ]

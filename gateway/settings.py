@@ -38,6 +38,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SHIMMY_PORT", "8080", "Port of the Shimmy backend (real or emulator), bound on 127.0.0.1.", int),
     Setting("ENVOY_ADMIN_PORT", "9901", "Envoy admin port, bound on 127.0.0.1 only.", int),
     Setting("EXTPROC_PORT", "50051", "Processor gRPC port (on EXTPROC_HOST), or `unix:/path` for a unix socket."),
+    Setting("EXTPROC_WORKERS", "1", "Processor processes in the stack, on EXTPROC_PORT and the ports after it.", int),
     Setting("SHIMMY_BACKEND", "auto", "`auto`, `shimmy` (real binary), `emulator`, or `external` (not started here)."),
     Setting("MODEL_NAME", "phi3-lora", "Model name served by the backend and listed by `/v1/models`."),
     Setting("MODEL_ALIASES", "", "Names clients may use instead, `alias=model,...` (e.g. `gpt-4o-mini=phi3-lora`)."),

@@ -235,7 +235,7 @@ class LlamaEngine:
             seed=42,
             verbose=False,
         )
-        log.info("llama.cpp loaded %s (%d threads, context %d)", path, self.n_threads, self.n_ctx)
+        log.info("llama.cpp loaded %s (threads %d, context %d)", path, self.n_threads, self.n_ctx)
         return llm
 
     def tokenize(self, prompt: str) -> list[int]:

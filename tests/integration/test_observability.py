@@ -145,3 +145,17 @@ def test_public_metrics_can_be_turned_off(aliased: Stack) -> None:
     for path in ("/metrics", "/v1/metrics"):
         resp = httpx.get(f"{aliased.url}{path}")
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+
+
+def test_several_processor_workers_share_the_load() -> None:
+    stack = start_stack({"EXTPROC_WORKERS": "2"})
+    try:
+        for _ in range(12):
+            httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2}).raise_for_status()
+        clusters = httpx.get(f"http://127.0.0.1:{stack.admin_port}/clusters").text
+        per_worker = [int(line.rsplit("::", 1)[1]) for line in clusters.splitlines()
+                      if line.startswith("extproc::127.0.0.1:") and "::rq_total::" in line]
+        assert len(per_worker) == 2 and all(n > 0 for n in per_worker), per_worker
+        assert "[extproc-2]" in stack.output()
+    finally:
+        stop_stack(stack)

@@ -7,7 +7,6 @@ one by one as the model makes them.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import itertools
 import json
@@ -19,8 +18,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from extproc.processors import Context
-from extproc.tokens import GgufCounter, estimate_tokens
+from extproc.tokens import GgufCounter
 from shimmy import models
 from shimmy.emulator import EmulatorConfig, create_app
 from tests.integration.conftest import Stack, start_stack, stop_stack
@@ -37,7 +35,6 @@ CHAT = {
     "temperature": 0,
 }
 # Once the processor has a prompt counter (TOKENIZER_GGUF), the header must say exact.
-COUNTER_WIRED = "prompt_counter" in {f.name for f in dataclasses.fields(Context)}
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +89,7 @@ def test_chat_through_the_stack_non_stream_and_stream(real: Stack) -> None:
     exact = stats["last_prompt_tokens"]
     gguf = httpx.get(f"{real.emulator}/config").json()["gguf"]
     assert isinstance(exact, int) and exact == GgufCounter(gguf).count(MODEL, stats["last_prompt"])
-    if COUNTER_WIRED or r.headers["x-gateway-prompt-tokens"] == "exact":
-        assert (r.headers["x-gateway-prompt-tokens"], usage["prompt_tokens"]) == ("exact", exact)
-    else:
-        assert (r.headers["x-gateway-prompt-tokens"], usage["prompt_tokens"]) == (
-            "estimated",
-            estimate_tokens(stats["last_prompt"]),
-        )
+    assert (r.headers["x-gateway-prompt-tokens"], usage["prompt_tokens"]) == ("exact", exact)
 
     # The same request streamed: one content chunk per token, the same text (temperature 0), the same usage.
     headers, events = _stream(real, {**body, "stream_options": {"include_usage": True}})
