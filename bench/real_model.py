@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.stack import free_ports
 from extproc import templates
 
 MODEL = "phi3-lora"
@@ -49,21 +49,10 @@ class Run:
         return (self.tokens - 1) / (self.last - self.first) if self.tokens > 1 and self.last > self.first else 0.0
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @contextmanager
 def _stack() -> Iterator[tuple[str, str]]:
     """(gateway URL, emulator URL) of a running stack with the llama engine; stopped on the way out."""
-    gateway, shimmy, admin, extproc = _free_ports(4)
+    gateway, shimmy, admin, extproc = free_ports(4)
     env = {
         **os.environ,
         "GATEWAY_PORT": str(gateway),

@@ -78,7 +78,7 @@ def _die_with_parent() -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Distinct ports the kernel just handed out; all sockets stay open until every port is chosen."""
     sockets = [socket.socket() for _ in range(count)]
     try:
@@ -264,7 +264,7 @@ class Stack:
 
     def __init__(self, workdir: Path, max_concurrency: int, litellm: bool = True) -> None:
         self.workdir = workdir
-        self.ports = Ports(*_free_ports(len(fields(Ports))))
+        self.ports = Ports(*free_ports(len(fields(Ports))))
         self.procs: dict[str, Proc] = {}
         self.missing = missing_contenders()
         if not litellm:

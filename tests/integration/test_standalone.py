@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway.cli import envoy_binary
-from tests.integration.conftest import free_port, sse_events
+from tests.integration.conftest import free_port, sse_events, terminate
 from tests.integration.test_faults import Emulator
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "envoy" / "standalone.example.yaml"
@@ -151,16 +151,7 @@ class ExtProc:
         self.proc.send_signal(signal.SIGTERM)
 
     def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return None if self.proc is None else terminate(self.proc, 20)
 
 
 def _named(items: list[dict[str, Any]], name: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,19 +57,26 @@ class Emulator:
         return await self.client.post("/api/generate", json={"model": MODEL, **body})
 
 
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    config = EmulatorConfig(version="2.5.0", models=[MODEL], reply=REPLY)
+@asynccontextmanager
+async def serving(config: EmulatorConfig, client_timeout: float = 10) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """The emulator in this process on a free loopback port, and a client for it."""
     runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-            yield Emulator(client, config, url)
+        async with httpx.AsyncClient(base_url=url, timeout=client_timeout) as client:
+            yield client, url
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    config = EmulatorConfig(version="2.5.0", models=[MODEL], reply=REPLY)
+    async with serving(config) as (client, url):
+        yield Emulator(client, config, url)
 
 
 def events(body: str) -> list[str]:
