@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from extproc import metrics
 from extproc.processors import ROUTES, Context, Processor
 
-__all__ = ["ExternalProcessor", "GrpcServer", "serve", "unix_socket_path"]
+__all__ = ["ExternalProcessor", "GrpcServer", "unix_socket_path"]
 
 log = logging.getLogger("extproc")
 
@@ -228,29 +228,3 @@ class GrpcServer:
             if os.lstat(self.socket_path).st_ino == self._socket_inode:
                 self.socket_path.unlink()
 
-
-async def serve(
-    servicer: ExternalProcessor,
-    address: str,
-    started: asyncio.Event | None = None,
-    grace: float = 5.0,
-    *,
-    credentials: grpc.ServerCredentials | None = None,
-    reflection: bool = False,
-    stop: asyncio.Event | None = None,
-) -> None:
-    """Serve until `stop` is set or the task is cancelled, then shut down gracefully (`grace` seconds).
-
-    `address` is `host:port` or `unix:/path`.
-    """
-    server = GrpcServer(servicer, address, credentials=credentials, reflection=reflection)
-    await server.start()
-    if started is not None:
-        started.set()
-    try:
-        if stop is None:
-            await server.wait_for_termination()
-        else:
-            await stop.wait()
-    finally:
-        await server.stop(grace)

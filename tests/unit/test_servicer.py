@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from extproc.health import ShimmyMonitor
 from extproc.processors import Context
-from extproc.server import ExternalProcessor, serve
+from extproc.server import ExternalProcessor, GrpcServer
 
 SERVICE = ep.DESCRIPTOR.services_by_name["ExternalProcessor"]
 CHAT = [("x-gateway-route", "chat")]
@@ -181,10 +181,9 @@ def test_unknown_route_passes_through(rpc_factory) -> None:
 
 async def test_real_aio_server_over_loopback(unused_tcp_port: int) -> None:
     servicer = ExternalProcessor(context())
-    started = asyncio.Event()
     address = f"127.0.0.1:{unused_tcp_port}"
-    server = asyncio.create_task(serve(servicer, address, started, grace=0.1))
-    await asyncio.wait_for(started.wait(), 5)
+    server = GrpcServer(servicer, address)
+    await server.start()
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             call = epg.ExternalProcessorStub(channel).Process(metadata=CHAT)
@@ -200,22 +199,4 @@ async def test_real_aio_server_over_loopback(unused_tcp_port: int) -> None:
             await asyncio.sleep(0.02)
         assert servicer.live_streams == 0
     finally:
-        server.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await server
-
-
-@pytest.mark.parametrize(("status", "code", "expected"), [
-    (404, "model_not_found", 404), (422, "upstream_rejected", 400), (415, "upstream_rejected", 400),
-    (413, "upstream_rejected", 400), (500, "upstream_error", 502),
-])
-def test_shimmy_error_statuses_are_mapped(rpc_factory, status: int, code: str, expected: int) -> None:
-    rpc = rpc_factory(CHAT)
-    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
-    rpc.take_response()
-    rpc.send_request(status_headers(status))
-    answer = rpc.take_response().immediate_response
-    assert answer.status.code == expected
-    assert json.loads(answer.body)["error"]["code"] == code
-    rpc.requests_closed()
-    rpc.termination()
+        await server.stop(grace=0.1)
