@@ -200,3 +200,19 @@ async def test_real_aio_server_over_loopback(unused_tcp_port: int) -> None:
         assert servicer.live_streams == 0
     finally:
         await server.stop(grace=0.1)
+
+
+@pytest.mark.parametrize(("status", "code", "expected"), [
+    (404, "model_not_found", 404), (422, "upstream_rejected", 400), (415, "upstream_rejected", 400),
+    (413, "upstream_rejected", 400), (500, "upstream_error", 502),
+])
+def test_shimmy_error_statuses_are_mapped(rpc_factory, status: int, code: str, expected: int) -> None:
+    rpc = rpc_factory(CHAT)
+    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
+    rpc.take_response()
+    rpc.send_request(status_headers(status))
+    answer = rpc.take_response().immediate_response
+    assert answer.status.code == expected
+    assert json.loads(answer.body)["error"]["code"] == code
+    rpc.requests_closed()
+    rpc.termination()
