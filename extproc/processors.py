@@ -191,8 +191,9 @@ class ChatProcessor(Processor):
             # a request without a body still reached Shimmy, whose answer must not count.
             if state is None and 200 <= status < 300:
                 return self._failed(InvalidRequest("The request body is missing", code="missing_body"))
-            self.state = None
-            return mutations.continue_response_headers()
+            self.state = None  # Shimmy generated nothing: no tokens to count
+            response = mutations.continue_response_headers()
+            return response if state is None else self._record(response, "error", f"http_{status}")
         if status != 200:
             return self._failed(upstream_error(status, b"", state.model))
         counted = (("x-gateway-prompt-tokens", state.prompt_tokens_kind),)  # "exact" or "estimated"

@@ -216,3 +216,23 @@ def test_shimmy_error_statuses_are_mapped(rpc_factory, status: int, code: str, e
     assert json.loads(answer.body)["error"]["code"] == code
     rpc.requests_closed()
     rpc.termination()
+
+
+def test_an_envoy_local_reply_passes_through_and_is_counted(rpc_factory) -> None:
+    from extproc import metrics
+
+    labels = ("phi3-lora", "error", "http_429")
+    before = metrics.REQUESTS.labels(*labels)._value.get()
+    rpc = rpc_factory(CHAT)
+    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
+    rpc.take_response()
+    local = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=b"429"),
+                                        base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")])
+    rpc.send_request(ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=local)))
+    answer = rpc.take_response()
+    assert answer.HasField("response_headers") and not answer.HasField("immediate_response")  # untouched
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b'{"error":{}}', end_of_stream=True)))
+    assert not rpc.take_response().response_body.response.HasField("body_mutation")
+    rpc.requests_closed()
+    rpc.termination()
+    assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
