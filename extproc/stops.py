@@ -12,10 +12,12 @@ __all__ = ["StopMatcher"]
 class StopMatcher:
     """Per-request: feed token text in order, get back the text that is safe to emit."""
 
-    __slots__ = ("_held", "_stops", "stopped")
+    __slots__ = ("_firsts", "_held", "_stops", "stopped")
 
     def __init__(self, stops: tuple[str, ...]) -> None:
+        """`stops` are non-empty strings (the request schema refuses empty ones)."""
         self._stops = stops
+        self._firsts = tuple({s[0] for s in stops})  # most tokens contain none of these: the fast path
         self._held = ""
         self.stopped = False
 
@@ -26,6 +28,9 @@ class StopMatcher:
         if not self._stops:
             return text
         buf = self._held + text
+        if not any(c in buf for c in self._firsts):  # no stop can start anywhere in buf, not even as a suffix
+            self._held = ""
+            return buf
         cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True

@@ -149,6 +149,8 @@ def children(
                 str(envoy_config),
                 "--disable-hot-restart",  # several gateways (tests, benchmarks) share one machine
                 "--file-flush-interval-msec", "1000",  # access log lines out within a second, not 10 s
+                # Envoy would start a worker per core it sees, the host's in a container: see ENVOY_WORKERS
+                "--concurrency", str(settings.envoy_workers),
                 "--log-level",
                 ENVOY_LOG_LEVELS.get(settings.log_level, "warn"),
             ],
@@ -162,6 +164,8 @@ def children(
 def up(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stdout, format="[supervisor] %(message)s")
     say = logging.getLogger("gateway")
+    if settings.envoy_workers < 1 or settings.extproc_workers < 1:
+        raise SystemExit("ENVOY_WORKERS and EXTPROC_WORKERS must be at least 1")
     backend = choose_backend(settings, say)
     engine = None
     if backend == "emulator":

@@ -39,6 +39,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ENVOY_ADMIN_PORT", "9901", "Envoy admin port, bound on 127.0.0.1 only.", int),
     Setting("EXTPROC_PORT", "50051", "Processor gRPC port (on EXTPROC_HOST), or `unix:/path` for a unix socket."),
     Setting("EXTPROC_WORKERS", "1", "Processor processes in the stack, on EXTPROC_PORT and the ports after it.", int),
+    Setting("ENVOY_WORKERS", "1", "Envoy worker threads (`--concurrency`); one outpaces the processor.", int),
     Setting("SHIMMY_BACKEND", "auto", "`auto`, `shimmy` (real binary), `emulator`, or `external` (not started here)."),
     Setting("MODEL_NAME", "phi3-lora", "Model name served by the backend and listed by `/v1/models`."),
     Setting("MODEL_ALIASES", "", "Names clients may use instead, `alias=model,...` (e.g. `gpt-4o-mini=phi3-lora`)."),

@@ -147,9 +147,19 @@ def test_public_metrics_can_be_turned_off(aliased: Stack) -> None:
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
 
 
-def test_several_processor_workers_share_the_load() -> None:
-    stack = start_stack({"EXTPROC_WORKERS": "2"})
+def _envoy_workers(stack: Stack) -> int:
+    info = httpx.get(f"http://127.0.0.1:{stack.admin_port}/server_info").json()
+    return int(info["command_line_options"]["concurrency"])
+
+
+def test_envoy_runs_one_worker_by_default(stack: Stack) -> None:
+    assert _envoy_workers(stack) == 1
+
+
+def test_several_processor_workers_share_the_load_and_envoy_workers_are_set() -> None:
+    stack = start_stack({"EXTPROC_WORKERS": "2", "ENVOY_WORKERS": "2"})
     try:
+        assert _envoy_workers(stack) == 2
         for _ in range(12):
             httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2}).raise_for_status()
         clusters = httpx.get(f"http://127.0.0.1:{stack.admin_port}/clusters").text
