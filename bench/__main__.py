@@ -1,6 +1,6 @@
 """`python -m bench` (`make bench`): the gateway against direct, plain Envoy, the Flask proxy and LiteLLM, in one
-run, one table and one chart; then the targets, the memory check, a profile of the processor and the workers
-experiment.
+run, one table and one chart; then the targets, the memory check, a profile of the processor, the workers
+experiment and what each speed-up step buys.
 
 The report is printed and written to bench/results/latest.md, the chart to latest.png, the raw numbers to
 latest.json and the processor's collapsed stacks to profile.txt. Every load is bounded in time and goes to
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tmp)
             with stack.running(workdir, suite.MAX_CONCURRENCY, litellm=options.litellm) as running:
                 meta["settings"] = " ".join(f"{k}={v}" for k, v in running.overrides.items())
+                meta["gateway_envoy_workers"] = str(running.gateway_settings.envoy_workers)
                 results = suite.measure(running, options, workdir)
             if (workdir / "profile.txt").exists():
                 RESULTS.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,8 @@ def _cpu_times(path: str) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("BENCH_NO_UVLOOP") == "1":
+        sys.modules["uvloop"] = None  # type: ignore[assignment]  # extproc.cli's `import uvloop` fails: asyncio.run
     if os.environ.get("BENCH_REUSEPORT") == "1":
         _reuseport()
     if path := os.environ.get("BENCH_CPU_TIMES"):

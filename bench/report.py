@@ -18,7 +18,16 @@ from typing import Any
 
 from bench.load import RequestRun, StreamRun
 from bench.profile import OTHER
-from bench.stack import EMULATOR, EMULATOR_LITELLM, EXTPROC, FLASK_WORKERS, LITELLM_WORKERS
+from bench.stack import (
+    EMULATOR,
+    EMULATOR_LITELLM,
+    ENVOY_GATEWAY,
+    ENVOY_PLAIN,
+    EXTPROC,
+    FLASK_WORKERS,
+    LITELLM_WORKERS,
+    PLAIN_ENVOY_WORKERS,
+)
 from bench.suite import (
     CONTENDERS,
     FLAT_REQUESTS,
@@ -26,6 +35,7 @@ from bench.suite import (
     LIVE_STREAM_TOKENS,
     LIVE_STREAMS,
     REQUEST_CONCURRENCY,
+    STEPS,
     STREAM_CONCURRENCY,
     STREAM_MAX_TOKENS,
     Contender,
@@ -200,6 +210,9 @@ def _errors(results: Results) -> list[str]:
     if results.rss:
         runs += [(f"{name}, {LIVE_STREAMS} live streams", r) for name, r in results.rss.live_others.items()]
     runs += [(f"workers experiment, {w.processes} process(es)", w.run) for w in results.workers]
+    runs += [
+        (f"steps, {step} at {n}", m.run) for step, by_n in results.steps.items() for n, ms in by_n.items() for m in ms
+    ]
     return [
         f"{where}: " + ", ".join(f"{count} {reason}" for reason, count in run.errors.items())
         for where, run in runs
@@ -298,9 +311,80 @@ def targets(results: Results) -> list[tuple[str, str, str]]:
     return out
 
 
+def _processor_cpu_s(m: Measured[Any]) -> float:
+    """The processor's CPU in a run: the shipped process, or the bench variants that replaced it."""
+    return sum(v for name, v in m.cpu_s.items() if name == EXTPROC or name.startswith(f"{EXTPROC}-"))
+
+
+def _free_processor_ceiling(results: Results) -> list[str]:
+    """What the gateway could reach at 16 connections if the processor cost nothing: the machine's cores divided
+    by the CPU everything else spends per request (the gateway's Envoy, the emulator, the load client)."""
+    m, plain = results.nonstream.get("gateway", {}).get(16), results.nonstream.get(_BASE, {}).get(16)
+    if m is None or plain is None or not m.run.requests:
+        return []
+    per_request = {
+        "Envoy (with its ext_proc client)": m.cpu_s.get(ENVOY_GATEWAY, 0.0),
+        "the emulator (streaming SSE to it)": m.cpu_s.get(EMULATOR, 0.0),
+        "the load client": m.run.client_cpu_s,
+    }
+    per_request = {k: 1000 * v / m.run.requests for k, v in per_request.items()}
+    total = sum(per_request.values())
+    plain_ms = 1000 * sum(plain.cpu_s.get(p, 0.0) for p in (ENVOY_PLAIN, EMULATOR)) / (plain.run.requests or 1)
+    ceiling = (os.cpu_count() or 1) * 1000 / total if total else math.nan
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in per_request.items())
+    return [
+        "",
+        f"**A processor costing nothing** would still leave the gateway at most {_number(ceiling)} req/s at 16 "
+        f"connections on these {os.cpu_count()} cores, {_ratio(ceiling, plain.run.rps)} plain Envoy: the rest of "
+        f"the gateway spends {total:.3f} ms of CPU per request ({parts}), against {plain_ms:.3f} ms for plain "
+        "Envoy and the emulator.",
+    ]
+
+
 def _targets_section(results: Results) -> list[str]:
     lines = ["## Targets (issue 7, item 3)", "", "| target | this run | verdict |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {v} |" for t, m, v in targets(results)]
+    return lines + _free_processor_ceiling(results)
+
+
+def _median(values: Iterable[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else math.nan
+
+
+def _steps_section(results: Results) -> list[str]:
+    if not results.steps:
+        return []
+    rounds = len(next(iter(results.steps.values())).get(16, []))
+    lines = [
+        "## What each step buys: the shipped gateway, then each speed-up undone on its own",
+        "",
+        f"Non-stream load through the gateway, interleaved rounds: {rounds}; Envoy and the processor started afresh "
+        "for every configuration (`bench.extproc_variant`, otherwise the shipped processor); each cell the median "
+        "round. Our own code's share (msgspec, precomputed SSE framing, the stop-sequence fast path) is in the CPU "
+        "split above.",
+        "",
+        "| configuration | req/s, 16 conn. | vs shipped | p50 ms, 1 conn. | vs shipped | ext_proc messages per "
+        "request | processor CPU µs per request | Envoy CPU µs per request |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    base_rps = _median(m.run.rps for m in results.steps.get("shipped", {}).get(16, []))
+    base_p50 = _median(m.run.p50_ms for m in results.steps.get("shipped", {}).get(1, []))
+    for step, label in STEPS:
+        runs = results.steps.get(step, {})
+        at16, at1 = runs.get(16, []), runs.get(1, [])
+        if not at16 or not at1:
+            continue
+        rps, p50 = _median(m.run.rps for m in at16), _median(m.run.p50_ms for m in at1)
+        requests = sum(m.run.requests for m in at16) or 1
+        msgs = sum(m.ext_proc_msgs for m in at16) / requests
+        proc = 1e6 * sum(_processor_cpu_s(m) for m in at16) / requests
+        envoy = 1e6 * sum(m.cpu_s.get(ENVOY_GATEWAY, 0.0) for m in at16) / requests
+        same = step == "shipped"
+        lines.append(
+            f"| {label} | {_number(rps)} | {'' if same else _ratio(rps, base_rps)} | {p50:.2f} | "
+            f"{'' if same else f'{p50 - base_p50:+.2f} ms'} | {msgs:.2f} | {proc:.0f} | {envoy:.0f} |"
+        )
     return lines
 
 
@@ -465,7 +549,9 @@ def markdown(results: Results, meta: dict[str, str], chart: str | None = None) -
         "",
         f"Commit {meta['commit']} · {meta['cores']} cores, 1-min load average {meta['loadavg']} at the start; "
         f"other processes took {100 * results.others_cpu_share:.0f} % of the machine during the run · "
-        f"Envoy {meta['envoy']} `--concurrency 2` · Flask proxy: gunicorn, {FLASK_WORKERS} sync workers · "
+        f"Envoy {meta['envoy']}: plain `--concurrency {PLAIN_ENVOY_WORKERS}`, the gateway's "
+        f"`--concurrency {meta.get('gateway_envoy_workers', '?')}` (`ENVOY_WORKERS`, as shipped) · "
+        f"Flask proxy: gunicorn, {FLASK_WORKERS} sync workers · "
         f"LiteLLM {meta.get('litellm', '-')}, {LITELLM_WORKERS} worker · {rounds} · "
         f"settings changed from the defaults: `{meta['settings']}` · {meta.get('duration_s', '?')} s in all.",
         f"Non-stream load (max_tokens 16): {client}. Streams (max_tokens {STREAM_MAX_TOKENS}, emulator `repeat`): "
@@ -489,7 +575,8 @@ def markdown(results: Results, meta: dict[str, str], chart: str | None = None) -
     lines += ["", "Failed requests: " + ("; ".join(errors) if errors else "none") + "."]
     if results.missing:
         lines += ["", "Not measured: " + "; ".join(f"{name}: {why}" for name, why in results.missing.items()) + "."]
-    for section in (_targets_section, _finding_section, _memory_section, _profile_section, _workers_section):
+    sections = (_targets_section, _finding_section, _memory_section, _profile_section, _workers_section, _steps_section)
+    for section in sections:
         part = section(results)
         if part:
             lines += ["", *part]
@@ -579,6 +666,13 @@ def json_document(results: Results, meta: dict[str, str]) -> dict[str, Any]:
         "rss_check": rss,
         "profile": prof,
         "workers": [{**asdict(w), "run": _run_json(w.run)} for w in results.workers],
+        "steps": {
+            step: {
+                str(n): [{"run": _run_json(m.run), "cpu_s": m.cpu_s, "ext_proc_msgs": m.ext_proc_msgs} for m in runs]
+                for n, runs in by_n.items()
+            }
+            for step, by_n in results.steps.items()
+        },
         "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in targets(results)],
         "others_cpu_share": results.others_cpu_share,
     }

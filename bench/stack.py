@@ -47,18 +47,22 @@ __all__ = [
     "LITELLM",
     "LITELLM_KEY",
     "MODEL",
+    "PLAIN_ENVOY_WORKERS",
     "Ports",
     "Proc",
     "Stack",
     "machine_busy_seconds",
     "plain_config",
     "running",
+    "with_request_headers",
 ]
 
 EMULATOR, EXTPROC, ENVOY_GATEWAY, ENVOY_PLAIN = "emulator", "extproc", "envoy-gateway", "envoy-plain"
 FLASK, LITELLM, EMULATOR_LITELLM = "flask", "litellm", "emulator-litellm"
 MODEL = "phi3-lora"
-ENVOY_CONCURRENCY = "2"  # one worker per core of the 2-core machine the benchmark is written for
+_PROBE = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "ready?"}], "stream": False}).encode()
+# Plain Envoy's best on the 2-core machine: a worker per core. The gateway's Envoy runs its shipped ENVOY_WORKERS.
+PLAIN_ENVOY_WORKERS = 2
 FLASK_WORKERS = 2  # gunicorn sync workers: one per core of the 2-core machine
 LITELLM_WORKERS = 1  # LiteLLM's own default (`--num_workers`); the processor is one process too
 LITELLM_KEY = "sk-bench"  # LiteLLM's proxy refuses to start its key checks without a master key
@@ -194,6 +198,10 @@ class Proc:
                 os.kill(pid, signal.SIGKILL)
 
 
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
 def plain_config(settings: Settings) -> dict[str, Any]:
     """The gateway's Envoy config without ext_proc: the chat route reaches the emulator's own OpenAI route.
 
@@ -201,11 +209,21 @@ def plain_config(settings: Settings) -> dict[str, Any]:
     checks and local replies stay, so the comparison prices exactly the processor.
     """
     config = render(settings)
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = _hcm(config)
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
         if route["name"] == "chat":
             del route["route"]["prefix_rewrite"]
+    return config
+
+
+def with_request_headers(config: dict[str, Any]) -> dict[str, Any]:
+    """The gateway's config with the chat route's request headers sent to the processor too (4 messages instead
+    of 3): what the processor would cost without the `SKIP` the route ships with (the steps section)."""
+    for route in _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]:
+        if route["name"] == "chat":
+            override = route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
+            override["processing_mode"]["request_header_mode"] = "SEND"
     return config
 
 
@@ -316,12 +334,12 @@ class Stack:
         self.procs[name] = Proc(name, popen, log)
         return self.procs[name]
 
-    def _envoy(self, name: str, config: dict[str, Any]) -> None:
+    def _envoy(self, name: str, config: dict[str, Any], workers: int) -> None:
         """Envoy's stdout is its access log: discarded, it would otherwise be one file write per request."""
         path = self.workdir / f"{name}.json"
         path.write_text(json.dumps(config))
         argv = [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"]
-        argv += ["--concurrency", ENVOY_CONCURRENCY]
+        argv += ["--concurrency", str(workers)]
         self._spawn(name, argv, dict(os.environ), quiet_stdout=True)
 
     def _wait(self, what: str, ready: Callable[[], bool], timeout: float = _START_TIMEOUT_S) -> None:
@@ -349,8 +367,8 @@ class Stack:
         env = self._python_env(gateway)
         self._spawn(EMULATOR, [sys.executable, "-m", "shimmy"], env)
         self._spawn(EXTPROC, [sys.executable, "-m", "extproc.cli"], env)
-        self._envoy(ENVOY_GATEWAY, render(gateway))
-        self._envoy(ENVOY_PLAIN, plain_config(self._settings(ports.plain, ports.plain_admin)))
+        self._envoy(ENVOY_GATEWAY, render(gateway), gateway.envoy_workers)
+        self._envoy(ENVOY_PLAIN, plain_config(self._settings(ports.plain, ports.plain_admin)), PLAIN_ENVOY_WORKERS)
         if FLASK not in self.missing:
             self._spawn(FLASK, self._gunicorn_argv(), {**env, "SHIMMY_URL": self.url(ports.emulator, "")})
         if LITELLM not in self.missing:
@@ -366,11 +384,10 @@ class Stack:
         for admin in (ports.gateway_admin, ports.plain_admin):
             self._wait("Envoy", lambda admin=admin: request(self.url(admin, "/ready")) == (200, b"LIVE\n"))
         self._wait("the processor's first probe", lambda: request(self.url(ports.gateway, "/health"))[0] == 200)
-        probe = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "ready?"}], "stream": False})
         chats = [ports.gateway, ports.plain] + ([ports.flask] if FLASK in self.procs else [])
         for port in chats:
             chat = self.url(port, "/v1/chat/completions")
-            self._wait("a first chat completion", lambda chat=chat: request(chat, probe.encode())[0] == 200)
+            self._wait("a first chat completion", lambda chat=chat: request(chat, _PROBE)[0] == 200)
         if LITELLM in self.procs:
             live = self.url(ports.litellm, "/health/liveliness")
             self._wait("LiteLLM", lambda: request(live)[0] == 200, _LITELLM_START_TIMEOUT_S)
@@ -447,15 +464,33 @@ class Stack:
     def processors(self) -> list[Proc]:
         return [p for name, p in self.procs.items() if name == EXTPROC or name.startswith(f"{EXTPROC}-")]
 
-    def replace_processors(self, count: int, reuseport: bool = False, cpu_times: Path | None = None) -> None:
+    @property
+    def gateway_settings(self) -> Settings:
+        return self._settings(self.ports.gateway, self.ports.gateway_admin)
+
+    def restart_gateway_envoy(self, config: dict[str, Any], workers: int) -> None:
+        """The gateway's Envoy again, with another config or worker count; back once it answers a chat."""
+        self.procs.pop(ENVOY_GATEWAY).stop()
+        self._envoy(ENVOY_GATEWAY, config, workers)
+        admin = self.url(self.ports.gateway_admin, "/ready")
+        self._wait("Envoy", lambda: request(admin) == (200, b"LIVE\n"))
+        chat = self.url(self.ports.gateway, "/v1/chat/completions")
+        self._wait("a chat completion through Envoy", lambda: request(chat, _PROBE)[0] == 200)
+
+    def replace_processors(
+        self, count: int, reuseport: bool = False, cpu_times: Path | None = None, uvloop: bool = True
+    ) -> None:
         """Stop the processor(s) and start `count` processes of `bench.extproc_variant` on the same port (with
-        SO_REUSEPORT, and/or timing their CPU, bench only); wait until the gateway answers through them again."""
+        SO_REUSEPORT, timing their CPU, or on asyncio's own event loop, bench only); wait until the gateway answers
+        through them again."""
         for proc in self.processors():
             proc.stop()
             del self.procs[proc.name]
-        env = self._python_env(self._settings(self.ports.gateway, self.ports.gateway_admin))
+        env = self._python_env(self.gateway_settings)
         if reuseport:
             env["BENCH_REUSEPORT"] = "1"
+        if not uvloop:
+            env["BENCH_NO_UVLOOP"] = "1"
         if cpu_times is not None:
             env["BENCH_CPU_TIMES"] = str(cpu_times)
         for i in range(count):
@@ -463,8 +498,7 @@ class Stack:
         # Every process must listen before Envoy connects, or the first one up gets every connection.
         self._wait("every processor to listen", lambda: all(self.processor_sockets(listening=True).values()))
         chat = self.url(self.ports.gateway, "/v1/chat/completions")
-        probe = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "ready?"}], "stream": False})
-        self._wait("the new processors", lambda: request(chat, probe.encode())[0] == 200)
+        self._wait("the new processors", lambda: request(chat, _PROBE)[0] == 200)
 
     def processor_connections(self) -> dict[str, int]:
         """Established TCP connections each processor process holds on its port (Envoy's, one per worker)."""

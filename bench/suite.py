@@ -4,7 +4,8 @@ Runs are interleaved (every contender at one concurrency, then the next concurre
 made of are measured close together in time on a noisy machine. Every run is preceded by an unmeasured warm-up run
 of the same load, and every process's CPU time is read just before and just after it. After the comparison come the
 checks that only concern the gateway: its memory with 256 live streams and across 10,000 requests, a py-spy profile
-of the processor, and the processor-workers experiment (which replaces the processor, so it comes last).
+of the processor, the processor-workers experiment and the speed-up steps undone one by one (these replace the
+processor and Envoy, so they come last).
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ from bench.stack import (
     MODEL,
     Stack,
     machine_busy_seconds,
+    with_request_headers,
 )
 from extproc import templates
+from gateway.envoy_config import render
 
 __all__ = [
     "CONTENDERS",
     "MAX_CONCURRENCY",
     "SECTIONS",
+    "STEPS",
     "Contender",
     "Measured",
     "Options",
@@ -63,7 +67,14 @@ FLAT_WARMUP = 1_000  # requests before the first reading
 PROFILE_SECONDS = 10
 WORKERS = 2  # processor processes on one port in the workers experiment
 MAX_CONCURRENCY = LIVE_STREAMS  # Envoy's admission limits are raised to this
-SECTIONS = ("nonstream", "stream", "memory", "profile", "workers")
+SECTIONS = ("nonstream", "stream", "memory", "profile", "workers", "steps")
+# The speed-up steps the steps section undoes, one at a time: (name, what the configuration is).
+STEPS = (
+    ("shipped", "as shipped: one Envoy worker, uvloop, 3 ext_proc messages per request"),
+    ("envoy-2-workers", "Envoy with 2 workers (`ENVOY_WORKERS=2`, one per core)"),
+    ("asyncio", "the processor on asyncio's own event loop, not uvloop"),
+    ("request-headers", "the chat route's request headers sent to the processor too: 4 messages, not 3"),
+)
 _MSGS = "http.gateway.ext_proc.shimmy.stream_msgs_sent"
 _STARTED = "http.gateway.ext_proc.shimmy.streams_started"
 _SHIMMY_ACTIVE = "cluster.shimmy.upstream_rq_active"
@@ -193,6 +204,7 @@ class Results:
     profile_note: str = ""
     workers: list[WorkersRun] = field(default_factory=list)
     cpu_split: CpuSplit | None = None
+    steps: dict[str, dict[int, list[Measured[RequestRun]]]] = field(default_factory=dict)  # step -> conc. -> rounds
     # The machine's CPU used by anything but the stack and the harness (with wrk), as a share of all its cores:
     # the noise the run had to share the machine with.
     others_cpu_share: float = 0.0
@@ -422,6 +434,24 @@ def _cpu_split(stack: Stack, options: Options, results: Results, workdir: Path) 
     )
 
 
+def _steps(stack: Stack, options: Options, results: Results, workdir: Path) -> None:
+    """Non-stream runs at 1 and 16 connections with each speed-up step undone on its own (STEPS), in interleaved
+    rounds. Envoy and the processor are started afresh for every run, the shipped configuration included, so
+    that no configuration runs on a warmer process than another."""
+    runner = _request_runner(options.wrk, stack, GATEWAY, workdir)
+    shipped = stack.gateway_settings
+    for _ in range(options.rounds):
+        for step, _label in STEPS:
+            config = render(shipped)
+            if step == "request-headers":
+                config = with_request_headers(config)
+            stack.restart_gateway_envoy(config, 2 if step == "envoy-2-workers" else shipped.envoy_workers)
+            stack.replace_processors(1, uvloop=step != "asyncio")
+            for concurrency in REQUEST_CONCURRENCY:
+                m = _measured(stack, options, partial(runner, concurrency), options.seconds)
+                results.steps.setdefault(step, {}).setdefault(concurrency, []).append(m)
+
+
 def measure(stack: Stack, options: Options, workdir: Path) -> Results:
     """Every measure the options ask for, in order; the peak RSS of the contenders right after the comparison."""
     results = Results(options, missing=dict(stack.missing))
@@ -444,4 +474,6 @@ def measure(stack: Stack, options: Options, workdir: Path) -> Results:
         _workers(stack, options, results, workdir)
     if "profile" in options.sections:
         _cpu_split(stack, options, results, workdir)
+    if "steps" in options.sections:
+        _steps(stack, options, results, workdir)
     return results

@@ -259,6 +259,18 @@ def test_stop_matcher_holds_only_possible_prefixes(
     assert matcher.stopped is stopped
 
 
+@given(tokens=st.lists(st.text(alphabet="ab<|e>x", max_size=6), max_size=20),
+       stops=st.lists(st.text(alphabet="ab<|e>", min_size=1, max_size=5), min_size=1, max_size=4))
+def test_stop_matcher_equals_cutting_the_whole_text(tokens: list[str], stops: list[str]) -> None:
+    """Token by token, the matcher emits exactly the whole text up to its earliest stop sequence."""
+    text = "".join(tokens)
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    matcher = StopMatcher(tuple(stops))
+    emitted = "".join(matcher.feed(t) for t in tokens) + matcher.flush()
+    assert emitted == (text if cut < 0 else text[:cut])
+    assert matcher.stopped is (cut >= 0)
+
+
 # -- re-chunking ----------------------------------------------------------------------------------------
 
 RECORDED = shimmy_stream("Hello", "!", " How", " can", " I", "\n", "help", " you", "?\n\n", "", " Bye")
