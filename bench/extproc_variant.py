@@ -1,8 +1,5 @@
 """Bench only: `python -m bench.extproc_variant` is `python -m extproc.cli` with instruments the product lacks.
 
-- `BENCH_REUSEPORT=1`: SO_REUSEPORT on the processor's port, so that several processes can share it. The product
-  turns it off (`grpc.so_reuseport` 0 in extproc/server.py: there a port another processor holds is an error). The
-  workers experiment starts N of these on one port; the kernel spreads Envoy's connections across them.
 - `BENCH_CPU_TIMES=<path>`: the CPU time (`time.thread_time_ns`) the processor spends in our code (`dispatch`: every
   phase handler, with the protobuf field access and msgspec work it does) and in protobuf's wire (de)serialisation of
   each ext_proc message, written to <path> as JSON on SIGUSR1. What is left of the process's CPU time is gRPC's aio
@@ -21,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import grpc.aio
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import cli, server
@@ -40,16 +36,6 @@ def _timed(fn: Callable[..., Any], part: str) -> Callable[..., Any]:
             CALLS[part] += 1
 
     return timed
-
-
-def _reuseport() -> None:
-    make_server = grpc.aio.server
-
-    def server_with_reuseport(*args: Any, options: Any = None, **kwargs: Any) -> grpc.aio.Server:
-        kept = [(key, value) for key, value in (options or []) if key != "grpc.so_reuseport"]
-        return make_server(*args, options=[*kept, ("grpc.so_reuseport", 1)], **kwargs)
-
-    grpc.aio.server = server_with_reuseport
 
 
 def _cpu_times(path: str) -> None:
@@ -80,8 +66,6 @@ def _cpu_times(path: str) -> None:
 if __name__ == "__main__":
     if os.environ.get("BENCH_NO_UVLOOP") == "1":
         sys.modules["uvloop"] = None  # type: ignore[assignment]  # extproc.cli's `import uvloop` fails: asyncio.run
-    if os.environ.get("BENCH_REUSEPORT") == "1":
-        _reuseport()
     if path := os.environ.get("BENCH_CPU_TIMES"):
         _cpu_times(path)
     sys.exit(cli.main())

@@ -486,10 +486,11 @@ def _workers_section(results: Results) -> list[str]:
     if not results.workers:
         return []
     lines = [
-        "## Processor workers: N processes on one port (SO_REUSEPORT), bench only",
+        "## Processor workers: `EXTPROC_WORKERS=N`",
         "",
-        "The shipped processor first, then `bench.extproc_variant` (the same processor with SO_REUSEPORT) with 2, "
-        "1 and 2 processes, each run seconds after the previous one.",
+        "The shipped processor first, then `bench.extproc_variant` (the same processor) as `EXTPROC_WORKERS` runs "
+        "it: N processes on consecutive ports, one Envoy endpoint each, with 2, 1 and 2 processes, each run seconds "
+        "after the previous one.",
         "",
         "| run | processor processes | non-stream req/s, 16 conn. | p50 ms | p99 ms | Envoy connections per process "
         "| processor CPU, cores (per process) |",
@@ -503,29 +504,20 @@ def _workers_section(results: Results) -> list[str]:
         if len(w.cpu_s) > 1:
             cores += " (" + ", ".join(f"{v / seconds:.2f}" for v in w.cpu_s.values()) + ")"
         ratio = "" if i == 1 else f" ({_ratio(w.run.rps, base)})"
-        spread = all(w.connections.values())
-        starts = (
-            ""
-            if w.starts == 1
-            else f" (spread on start {w.starts})"
-            if spread
-            else f" (not spread after {w.starts} starts)"
-        )
         shipped = " (shipped)" if i == 1 else ""
         lines.append(
             f"| {i} | {w.processes}{shipped} | {_number(w.run.rps)}{ratio} | {w.run.p50_ms:.2f} | {w.run.p99_ms:.2f} "
-            f"| {conns}{starts} | {cores} |"
+            f"| {conns} | {cores} |"
         )
     by_n: dict[int, list[float]] = {}
     for w in results.workers[1:]:
-        if all(w.connections.values()):  # a run whose connections all went to one process measures 1 process
-            by_n.setdefault(w.processes, []).append(w.run.rps)
+        by_n.setdefault(w.processes, []).append(w.run.rps)
     if len(by_n) == 2:
         means = {n: sum(v) / len(v) for n, v in by_n.items()}
         one, many = means[min(means)], means[max(means)]
         lines += [
             "",
-            f"Mean of the variant's runs (connections spread): {max(means)} processes {_number(many)} req/s, "
+            f"Mean of the variant's runs: {max(means)} processes {_number(many)} req/s, "
             f"1 process {_number(one)} req/s: {_ratio(many, one)}.",
         ]
     return lines

@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,22 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def _ports() -> Ports:
+    """Free ports, with the one after the processor's free too: EXTPROC_WORKERS=2 puts a second processor there."""
+    for _ in range(20):
+        ports = Ports(*free_ports(len(fields(Ports))))
+        spare = ports.extproc + 1
+        if spare in astuple(ports):
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", spare))
+            except OSError:
+                continue
+        return ports
+    raise RuntimeError("found no free port with a free neighbour for the processor workers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +298,7 @@ class Stack:
 
     def __init__(self, workdir: Path, max_concurrency: int, litellm: bool = True) -> None:
         self.workdir = workdir
-        self.ports = Ports(*free_ports(len(fields(Ports))))
+        self.ports = _ports()
         self.procs: dict[str, Proc] = {}
         self.missing = missing_contenders()
         if not litellm:
@@ -302,8 +318,9 @@ class Stack:
     def url(port: int, path: str) -> str:
         return f"http://127.0.0.1:{port}{path}"
 
-    def _settings(self, gateway_port: int, admin_port: int, shimmy_port: int | None = None) -> Settings:
-        """The stack's settings from the defaults, not from the caller's environment, so runs compare."""
+    def _settings(self, gateway_port: int, admin_port: int, shimmy_port: int | None = None, **variant: str) -> Settings:
+        """The stack's settings from the defaults, not from the caller's environment, so runs compare; `variant`
+        changes more of them (bench-only configurations of the gateway)."""
         return load(
             argv=[],
             environ={
@@ -313,6 +330,7 @@ class Stack:
                 "EXTPROC_PORT": str(self.ports.extproc),
                 "MODEL_NAME": MODEL,
                 **self.overrides,
+                **variant,
             },
         )
 
@@ -468,51 +486,62 @@ class Stack:
     def gateway_settings(self) -> Settings:
         return self._settings(self.ports.gateway, self.ports.gateway_admin)
 
-    def restart_gateway_envoy(self, config: dict[str, Any], workers: int) -> None:
-        """The gateway's Envoy again, with another config or worker count; back once it answers a chat."""
-        self.procs.pop(ENVOY_GATEWAY).stop()
-        self._envoy(ENVOY_GATEWAY, config, workers)
-        admin = self.url(self.ports.gateway_admin, "/ready")
-        self._wait("Envoy", lambda: request(admin) == (200, b"LIVE\n"))
-        chat = self.url(self.ports.gateway, "/v1/chat/completions")
-        self._wait("a chat completion through Envoy", lambda: request(chat, _PROBE)[0] == 200)
-
-    def replace_processors(
-        self, count: int, reuseport: bool = False, cpu_times: Path | None = None, uvloop: bool = True
+    def reconfigure_gateway(
+        self,
+        processors: int = 1,
+        *,
+        envoy_workers: int | None = None,
+        request_headers: bool = False,
+        uvloop: bool = True,
+        cpu_times: Path | None = None,
     ) -> None:
-        """Stop the processor(s) and start `count` processes of `bench.extproc_variant` on the same port (with
-        SO_REUSEPORT, timing their CPU, or on asyncio's own event loop, bench only); wait until the gateway answers
-        through them again."""
-        for proc in self.processors():
+        """The gateway's processor(s) and Envoy started afresh in a bench-only configuration; back once a chat
+        completion goes through.
+
+        `processors` processes of `bench.extproc_variant` on EXTPROC_PORT and the ports after it, with Envoy
+        rendered for them as EXTPROC_WORKERS ships it (one endpoint each). `envoy_workers`: Envoy's worker count
+        (default: the shipped ENVOY_WORKERS). `request_headers`: the chat route sends its request headers too.
+        `uvloop=False`: the processors on asyncio's own loop. `cpu_times`: they time their own parts (see
+        bench/extproc_variant.py).
+        """
+        for proc in [self.procs.pop(ENVOY_GATEWAY), *self.processors()]:
             proc.stop()
-            del self.procs[proc.name]
-        env = self._python_env(self.gateway_settings)
-        if reuseport:
-            env["BENCH_REUSEPORT"] = "1"
+            self.procs.pop(proc.name, None)
+        settings = self._settings(self.ports.gateway, self.ports.gateway_admin, EXTPROC_WORKERS=str(processors))
+        env = self._python_env(settings)
         if not uvloop:
             env["BENCH_NO_UVLOOP"] = "1"
         if cpu_times is not None:
             env["BENCH_CPU_TIMES"] = str(cpu_times)
-        for i in range(count):
-            self._spawn(f"{EXTPROC}-{i}", [sys.executable, "-m", "bench.extproc_variant"], env)
-        # Every process must listen before Envoy connects, or the first one up gets every connection.
+        for i in range(processors):
+            port = {"EXTPROC_PORT": str(self.ports.extproc + i)}
+            self._spawn(f"{EXTPROC}-{i}", [sys.executable, "-m", "bench.extproc_variant"], {**env, **port})
         self._wait("every processor to listen", lambda: all(self.processor_sockets(listening=True).values()))
+        config = render(settings)
+        self._envoy(
+            ENVOY_GATEWAY,
+            with_request_headers(config) if request_headers else config,
+            envoy_workers or settings.envoy_workers,
+        )
+        admin = self.url(self.ports.gateway_admin, "/ready")
+        self._wait("Envoy", lambda: request(admin) == (200, b"LIVE\n"))
         chat = self.url(self.ports.gateway, "/v1/chat/completions")
-        self._wait("the new processors", lambda: request(chat, _PROBE)[0] == 200)
+        self._wait("a chat completion through the new gateway", lambda: request(chat, _PROBE)[0] == 200)
 
     def processor_connections(self) -> dict[str, int]:
-        """Established TCP connections each processor process holds on its port (Envoy's, one per worker)."""
+        """Established TCP connections each processor process holds on its port (Envoy's, one per Envoy worker)."""
         return self.processor_sockets(listening=False)
 
     def processor_sockets(self, listening: bool) -> dict[str, int]:
-        """Sockets each processor process holds on its port: listening ones, or established connections."""
-        port, state = f"{self.ports.extproc:04X}", "0A" if listening else "01"  # TCP_LISTEN, TCP_ESTABLISHED
+        """Sockets each processor process holds on the processors' ports: listening ones, or connections."""
+        ports = {f"{self.ports.extproc + i:04X}" for i in range(len(self.processors()))}
+        state = "0A" if listening else "01"  # TCP_LISTEN, TCP_ESTABLISHED
         inodes: set[str] = set()
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             with contextlib.suppress(OSError):
                 for line in Path(table).read_text().splitlines()[1:]:
                     cols = line.split()
-                    if cols[1].endswith(f":{port}") and cols[3] == state:  # local address, state
+                    if cols[1].rpartition(":")[2] in ports and cols[3] == state:  # local address, state
                         inodes.add(cols[9])
         out: dict[str, int] = {}
         for proc in self.processors():

@@ -35,10 +35,8 @@ from bench.stack import (
     MODEL,
     Stack,
     machine_busy_seconds,
-    with_request_headers,
 )
 from extproc import templates
-from gateway.envoy_config import render
 
 __all__ = [
     "CONTENDERS",
@@ -172,7 +170,6 @@ class WorkersRun:
     run: RequestRun
     connections: dict[str, int]  # Envoy connections each processor process held during the run
     cpu_s: dict[str, float]  # CPU seconds of each processor process during the run
-    starts: int  # how many starts it took to get Envoy's connections spread over the processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,33 +380,26 @@ def _profile(stack: Stack, options: Options, results: Results, workdir: Path) ->
 
 
 def _workers(stack: Stack, options: Options, results: Results, workdir: Path) -> None:
-    """Non-stream req/s at 16 with the processor as shipped, then alternately WORKERS processes and one process on
-    its port (bench.extproc_variant, SO_REUSEPORT), twice each, so that a drift of the machine's load shows.
-
-    Envoy opens one connection to the processor per worker thread, and the kernel picks a process per connection;
-    when both land on one process, the processes are restarted (up to 4 starts) so that the run measures a spread.
-    """
+    """Non-stream req/s at 16 with the processor as shipped, then alternately WORKERS processes and one, as
+    EXTPROC_WORKERS ships them (consecutive ports, one Envoy endpoint each; bench.extproc_variant), so that a drift
+    of the machine's load shows."""
     runner = _request_runner(options.wrk, stack, GATEWAY, workdir)
 
-    def one(processes: int, starts: int) -> WorkersRun:
+    def one(processes: int) -> WorkersRun:
         m = _measured(stack, options, partial(runner, 16))
         procs = [p.name for p in stack.processors()]
-        return WorkersRun(processes, m.run, stack.processor_connections(), {p: m.cpu_s[p] for p in procs}, starts)
+        return WorkersRun(processes, m.run, stack.processor_connections(), {p: m.cpu_s[p] for p in procs})
 
-    results.workers.append(one(1, 1))
+    results.workers.append(one(1))
     for count in (WORKERS, 1, WORKERS):
-        for start in range(1, 5):
-            stack.replace_processors(count, reuseport=True)
-            runner(16, 1)  # every Envoy worker thread connects
-            if all(stack.processor_connections().values()) or start == 4:
-                break
-        results.workers.append(one(count, start))
+        stack.reconfigure_gateway(count)
+        results.workers.append(one(count))
 
 
 def _cpu_split(stack: Stack, options: Options, results: Results, workdir: Path) -> None:
     """One processor that times its own parts (bench.extproc_variant), under the 16-connection non-stream load."""
     path = workdir / "cpu_times.json"
-    stack.replace_processors(1, cpu_times=path)
+    stack.reconfigure_gateway(cpu_times=path)
     (proc,) = stack.processors()
     runner = _request_runner(options.wrk, stack, GATEWAY, workdir)
     if options.warmup:
@@ -439,14 +429,13 @@ def _steps(stack: Stack, options: Options, results: Results, workdir: Path) -> N
     rounds. Envoy and the processor are started afresh for every run, the shipped configuration included, so
     that no configuration runs on a warmer process than another."""
     runner = _request_runner(options.wrk, stack, GATEWAY, workdir)
-    shipped = stack.gateway_settings
     for _ in range(options.rounds):
         for step, _label in STEPS:
-            config = render(shipped)
-            if step == "request-headers":
-                config = with_request_headers(config)
-            stack.restart_gateway_envoy(config, 2 if step == "envoy-2-workers" else shipped.envoy_workers)
-            stack.replace_processors(1, uvloop=step != "asyncio")
+            stack.reconfigure_gateway(
+                envoy_workers=2 if step == "envoy-2-workers" else None,
+                request_headers=step == "request-headers",
+                uvloop=step != "asyncio",
+            )
             for concurrency in REQUEST_CONCURRENCY:
                 m = _measured(stack, options, partial(runner, concurrency), options.seconds)
                 results.steps.setdefault(step, {}).setdefault(concurrency, []).append(m)

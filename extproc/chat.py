@@ -12,8 +12,8 @@ Prompt tokens: Shimmy reports none, so `usage.prompt_tokens` is counted here by 
 
 from __future__ import annotations
 
+import random
 import time
-import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -103,7 +103,8 @@ class ChatState:
     finished: bool = False  # the final chunk and [DONE] went out; later bytes are dropped
     failure: str | None = None  # code of the in-band error that ended the stream, if one did
     sse: SSEDecoder = field(default_factory=SSEDecoder)
-    id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
+    # Unique, not secret: 128 random bits without uuid4's getrandom() system call per request.
+    id: str = field(default_factory=lambda: f"chatcmpl-{random.getrandbits(128):032x}")
     created: int = field(default_factory=lambda: int(time.time()))
     _head: bytes = field(init=False, repr=False)  # chunk bytes before `choices`, built once per stream
     _tail: bytes = field(init=False, repr=False)
