@@ -19,6 +19,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,19 +96,19 @@ def free_ports(count: int) -> list[int]:
 
 
 def _ports() -> Ports:
-    """Free ports, with the one after the processor's free too: EXTPROC_WORKERS=2 puts a second processor there."""
-    for _ in range(20):
-        ports = Ports(*free_ports(len(fields(Ports))))
-        spare = ports.extproc + 1
-        if spare in astuple(ports):
-            continue
-        with socket.socket() as probe:
+    """Free ports; the processor's is below the kernel's ephemeral range with its neighbour free too, since
+    EXTPROC_WORKERS=2 puts a second processor there later, and there no outgoing connection can take it meanwhile."""
+    ports = free_ports(len(fields(Ports)))
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for first in random.sample(range(10_000, low - 1), 200):
+        with socket.socket() as a, socket.socket() as b:
             try:
-                probe.bind(("127.0.0.1", spare))
+                a.bind(("127.0.0.1", first))
+                b.bind(("127.0.0.1", first + 1))
             except OSError:
                 continue
-        return ports
-    raise RuntimeError("found no free port with a free neighbour for the processor workers")
+        return replace(Ports(*ports), extproc=first)
+    raise RuntimeError("found no two free neighbouring ports for the processor workers")
 
 
 @dataclass(frozen=True, slots=True)
