@@ -357,7 +357,7 @@ def _steps_section(results: Results) -> list[str]:
         return []
     rounds = len(next(iter(results.steps.values())).get(16, []))
     lines = [
-        "## What each step buys: the shipped gateway, then each speed-up undone on its own",
+        "## What each step buys: the shipped gateway, each speed-up undone on its own, and what was tried and not kept",
         "",
         f"Non-stream load through the gateway, interleaved rounds: {rounds}; Envoy and the processor started afresh "
         "for every configuration (`bench.extproc_variant`, otherwise the shipped processor); each cell the median "

@@ -493,7 +493,8 @@ class Stack:
         *,
         envoy_workers: int | None = None,
         request_headers: bool = False,
-        uvloop: bool = True,
+        uvloop: bool = False,
+        sync_server: bool = False,
         cpu_times: Path | None = None,
     ) -> None:
         """The gateway's processor(s) and Envoy started afresh in a bench-only configuration; back once a chat
@@ -502,16 +503,18 @@ class Stack:
         `processors` processes of `bench.extproc_variant` on EXTPROC_PORT and the ports after it, with Envoy
         rendered for them as EXTPROC_WORKERS ships it (one endpoint each). `envoy_workers`: Envoy's worker count
         (default: the shipped ENVOY_WORKERS). `request_headers`: the chat route sends its request headers too.
-        `uvloop=False`: the processors on asyncio's own loop. `cpu_times`: they time their own parts (see
-        bench/extproc_variant.py).
+        `uvloop`: the processors on uvloop's loop; `sync_server`: behind grpcio's synchronous server. `cpu_times`:
+        they time their own parts. See bench/extproc_variant.py.
         """
         for proc in [self.procs.pop(ENVOY_GATEWAY), *self.processors()]:
             proc.stop()
             self.procs.pop(proc.name, None)
         settings = self._settings(self.ports.gateway, self.ports.gateway_admin, EXTPROC_WORKERS=str(processors))
         env = self._python_env(settings)
-        if not uvloop:
-            env["BENCH_NO_UVLOOP"] = "1"
+        if uvloop:
+            env["BENCH_UVLOOP"] = "1"
+        if sync_server:
+            env["BENCH_SYNC_SERVER"] = "1"
         if cpu_times is not None:
             env["BENCH_CPU_TIMES"] = str(cpu_times)
         for i in range(processors):

@@ -66,12 +66,13 @@ PROFILE_SECONDS = 10
 WORKERS = 2  # processor processes on one port in the workers experiment
 MAX_CONCURRENCY = LIVE_STREAMS  # Envoy's admission limits are raised to this
 SECTIONS = ("nonstream", "stream", "memory", "profile", "workers", "steps")
-# The speed-up steps the steps section undoes, one at a time: (name, what the configuration is).
+# The steps section: the shipped configuration, each speed-up undone on its own, and what was tried and not kept.
 STEPS = (
-    ("shipped", "as shipped: one Envoy worker, uvloop, 3 ext_proc messages per request"),
-    ("envoy-2-workers", "Envoy with 2 workers (`ENVOY_WORKERS=2`, one per core)"),
-    ("asyncio", "the processor on asyncio's own event loop, not uvloop"),
-    ("request-headers", "the chat route's request headers sent to the processor too: 4 messages, not 3"),
+    ("shipped", "as shipped: one Envoy worker, grpc.aio on asyncio's loop, 3 ext_proc messages per request"),
+    ("envoy-2-workers", "undone: Envoy with 2 workers (`ENVOY_WORKERS=2`, one per core)"),
+    ("request-headers", "undone: the chat route's request headers sent to the processor too, 4 messages"),
+    ("uvloop", "tried, not kept: the processor on uvloop"),
+    ("sync-server", "tried, not kept: grpcio's synchronous server (a thread per stream) instead of grpc.aio"),
 )
 _MSGS = "http.gateway.ext_proc.shimmy.stream_msgs_sent"
 _STARTED = "http.gateway.ext_proc.shimmy.streams_started"
@@ -425,16 +426,17 @@ def _cpu_split(stack: Stack, options: Options, results: Results, workdir: Path) 
 
 
 def _steps(stack: Stack, options: Options, results: Results, workdir: Path) -> None:
-    """Non-stream runs at 1 and 16 connections with each speed-up step undone on its own (STEPS), in interleaved
-    rounds. Envoy and the processor are started afresh for every run, the shipped configuration included, so
-    that no configuration runs on a warmer process than another."""
+    """Non-stream runs at 1 and 16 connections in each configuration of STEPS, in interleaved rounds that each
+    start one configuration further on (a run late in a round tended to be a little faster). Envoy and the processor
+    are started afresh for every run, the shipped configuration included, so none runs on a warmer process."""
     runner = _request_runner(options.wrk, stack, GATEWAY, workdir)
-    for _ in range(options.rounds):
-        for step, _label in STEPS:
+    for r in range(options.rounds):
+        for step, _label in STEPS[r % len(STEPS) :] + STEPS[: r % len(STEPS)]:  # each round starts one further on
             stack.reconfigure_gateway(
                 envoy_workers=2 if step == "envoy-2-workers" else None,
                 request_headers=step == "request-headers",
-                uvloop=step != "asyncio",
+                uvloop=step == "uvloop",
+                sync_server=step == "sync-server",
             )
             for concurrency in REQUEST_CONCURRENCY:
                 m = _measured(stack, options, partial(runner, concurrency), options.seconds)
