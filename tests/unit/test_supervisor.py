@@ -18,7 +18,9 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from gateway import cli
 from gateway.probes import envoy_ready, grpc_serving, http_ok
+from gateway.settings import load
 from gateway.supervisor import Backoff, Child, format_line, supervise
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -403,3 +405,20 @@ async def test_grpc_serving(where: str, tmp_path: Path) -> None:
 
 async def test_grpc_serving_on_a_closed_port() -> None:
     assert not await grpc_serving(f"127.0.0.1:{free_port()}")
+
+
+# --- the stack's command lines -------------------------------------------------------------------------------
+
+
+def test_envoy_gets_the_configured_worker_count() -> None:
+    """Left alone, Envoy would start a worker per core it sees (the host's, in a container). The default, 1, is
+    checked on a running Envoy in tests/integration/test_observability.py."""
+    settings = load(argv=[], environ={"ENVOY_WORKERS": "3"})
+    argv = list(next(c for c in cli.children(settings, "emulator", Path("/dev/null")) if c.name == "envoy").argv)
+    assert argv[argv.index("--concurrency") + 1] == "3"
+
+
+@pytest.mark.parametrize("name", ["ENVOY_WORKERS", "EXTPROC_WORKERS"])
+def test_worker_counts_below_one_are_refused(name: str) -> None:
+    with pytest.raises(SystemExit, match="must be at least 1"):
+        cli.up(load(argv=[], environ={name: "0"}))
