@@ -55,7 +55,6 @@ __all__ = [
     "machine_busy_seconds",
     "plain_config",
     "running",
-    "with_request_headers",
 ]
 
 EMULATOR, EXTPROC, ENVOY_GATEWAY, ENVOY_PLAIN = "emulator", "extproc", "envoy-gateway", "envoy-plain"
