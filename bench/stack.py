@@ -52,6 +52,7 @@ __all__ = [
     "Ports",
     "Proc",
     "Stack",
+    "free_port_pair",
     "machine_busy_seconds",
     "plain_config",
     "running",
@@ -94,10 +95,9 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _ports() -> Ports:
-    """Free ports; the processor's is below the kernel's ephemeral range with its neighbour free too, since
-    EXTPROC_WORKERS=2 puts a second processor there later, and there no outgoing connection can take it meanwhile."""
-    ports = free_ports(len(fields(Ports)))
+def free_port_pair() -> int:
+    """A free port whose neighbour is free too, below the kernel's ephemeral range: EXTPROC_WORKERS=2 puts a second
+    processor on the next port, and there no outgoing connection can take either port before it binds."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for first in random.sample(range(10_000, low - 1), 200):
         with socket.socket() as a, socket.socket() as b:
@@ -106,8 +106,13 @@ def _ports() -> Ports:
                 b.bind(("127.0.0.1", first + 1))
             except OSError:
                 continue
-        return replace(Ports(*ports), extproc=first)
-    raise RuntimeError("found no two free neighbouring ports for the processor workers")
+        return first
+    raise RuntimeError("found no two free neighbouring ports")
+
+
+def _ports() -> Ports:
+    """Free ports, the processor's from `free_port_pair` (the workers experiment uses the one after it)."""
+    return replace(Ports(*free_ports(len(fields(Ports)))), extproc=free_port_pair())
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.stack import free_port_pair
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -66,7 +68,8 @@ class Stack:
 
 def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 60.0, wait: bool = True) -> Stack:
     """Start `shimmy-gateway up`; return once it says ready and (with `wait`) /health answers 200."""
-    ports = {name: free_port() for name in ("gateway", "shimmy", "admin", "extproc")}
+    ports = {name: free_port() for name in ("gateway", "shimmy", "admin")}
+    ports["extproc"] = free_port_pair()  # EXTPROC_WORKERS=2 binds the next port too
     env = {
         **os.environ,
         "GATEWAY_PORT": str(ports["gateway"]),
