@@ -27,6 +27,7 @@ from bench.stack import (
     FLASK_WORKERS,
     LITELLM_WORKERS,
     PLAIN_ENVOY_WORKERS,
+    is_processor,
 )
 from bench.suite import (
     CONTENDERS,
@@ -313,7 +314,7 @@ def targets(results: Results) -> list[tuple[str, str, str]]:
 
 def _processor_cpu_s(m: Measured[Any]) -> float:
     """The processor's CPU in a run: the shipped process, or the bench variants that replaced it."""
-    return sum(v for name, v in m.cpu_s.items() if name == EXTPROC or name.startswith(f"{EXTPROC}-"))
+    return sum(v for name, v in m.cpu_s.items() if is_processor(name))
 
 
 def _free_processor_ceiling(results: Results) -> list[str]:

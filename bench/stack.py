@@ -53,6 +53,7 @@ __all__ = [
     "Proc",
     "Stack",
     "free_port_pair",
+    "is_processor",
     "machine_busy_seconds",
     "plain_config",
     "running",
@@ -217,6 +218,11 @@ class Proc:
         for pid in below:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def is_processor(name: str) -> bool:
+    """A processor's process name: the shipped one, or a bench variant that replaced it (`extproc-0`, ...)."""
+    return name == EXTPROC or name.startswith(f"{EXTPROC}-")
 
 
 def _hcm(config: dict[str, Any]) -> dict[str, Any]:
@@ -485,7 +491,7 @@ class Stack:
     # --- the processor-workers experiment -------------------------------------------------------------------
 
     def processors(self) -> list[Proc]:
-        return [p for name, p in self.procs.items() if name == EXTPROC or name.startswith(f"{EXTPROC}-")]
+        return [p for name, p in self.procs.items() if is_processor(name)]
 
     @property
     def gateway_settings(self) -> Settings:
