@@ -97,6 +97,7 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
 # Then the project's own wheel (README.md is its long description, envoy/gateway.yaml a data file).
 COPY README.md ./
 COPY envoy ./envoy
+COPY settings ./settings
 COPY gateway ./gateway
 COPY extproc ./extproc
 COPY shimmy ./shimmy

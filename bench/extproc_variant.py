@@ -29,7 +29,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import cli, server
-from gateway.settings import load
+from settings import load
 
 SYNC_THREADS = 300  # above the benchmark's 256 live streams
 NS: Counter[str] = Counter()  # CPU nanoseconds per part

@@ -35,7 +35,7 @@ from typing import Any
 
 from gateway.cli import envoy_binary
 from gateway.envoy_config import render
-from gateway.settings import Settings, load
+from settings import Settings, load
 
 __all__ = [
     "EMULATOR",

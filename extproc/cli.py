@@ -22,7 +22,7 @@ from extproc import templates, tokens
 from extproc.health import ShimmyMonitor
 from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
-from gateway.settings import Settings, load, parse_pairs
+from settings import Settings, load, parse_pairs
 
 __all__ = ["grpc_address", "main", "tls_credentials"]
 

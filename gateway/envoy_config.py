@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from gateway.settings import Settings
+from settings import Settings
 
 __all__ = ["config_path", "extproc_addresses", "render"]
 

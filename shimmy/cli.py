@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway import settings
+import settings
 from shimmy.emulator import EmulatorConfig, create_app
 from shimmy.llama_engine import choose_engine
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import msgspec
 from aiohttp import web
 
-from gateway.settings import SETTINGS
+from settings import SETTINGS
 from shimmy.axum import DONE, sse_event
 from shimmy.engine import Engine, GenerationEngine, GenerationError, GenParams, Token
 from shimmy.llama_engine import ENGINES, LlamaEngine

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import cli
 from extproc.server import ExternalProcessor, GrpcServer, _claim_socket_file, unix_socket_path
-from gateway.settings import load
+from settings import load
 from tests.unit.test_servicer import CHAT, CHAT_BODY, context
 
 

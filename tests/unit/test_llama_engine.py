@@ -13,7 +13,7 @@ import pytest
 from extproc import tokens
 from extproc.chat import start_chat
 from gateway import cli
-from gateway.settings import load
+from settings import load
 from shimmy import llama_engine, models
 from shimmy.engine import GenParams
 from shimmy.llama_engine import EngineChoice, Utf8Pieces, choose_engine

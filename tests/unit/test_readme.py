@@ -1,10 +1,10 @@
-"""The README's settings table is the documentation of `gateway/settings.py`; they must agree."""
+"""The README's settings table is the documentation of `settings/__init__.py`; they must agree."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.settings import SETTINGS
+from settings import SETTINGS
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

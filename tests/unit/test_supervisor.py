@@ -22,7 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from gateway import cli
 from gateway.probes import envoy_ready, grpc_serving, http_ok
-from gateway.settings import load
+from settings import load
 from gateway.supervisor import Backoff, Child, format_line, supervise
 
 ROOT = Path(__file__).resolve().parents[2]
