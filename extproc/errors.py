@@ -4,6 +4,7 @@
       InvalidRequest        400 invalid_request_error (bad JSON, bad field, unsupported parameter)
       ModelNotFound         404 invalid_request_error / model_not_found
       UpstreamError         502 server_error / upstream_error (Shimmy failed or spoke garbage)
+      Timeout               504 server_error / timeout (the generation outlived the gateway's deadline)
 
 Bodies are always built by the JSON encoder, never by string formatting.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["GatewayError", "InvalidRequest", "ModelNotFound", "UpstreamError", "error_json"]
+__all__ = ["GatewayError", "InvalidRequest", "ModelNotFound", "Timeout", "UpstreamError", "error_json"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -52,6 +53,12 @@ class UpstreamError(GatewayError):
     status = 502
     type = "server_error"
     code = "upstream_error"
+
+
+class Timeout(GatewayError):
+    status = 504
+    type = "server_error"
+    code = "timeout"
 
 
 def error_json(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:

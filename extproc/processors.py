@@ -9,7 +9,8 @@ processor needs:
     metrics  response body (BUFFERED)                    1 (Envoy's /stats/prometheus, ours appended)
     models   response headers, response body (BUFFERED)  2
     chat     request body (BUFFERED), response headers,  3 non-stream; 2 + one per Shimmy chunk when streaming
-             response body (BUFFERED, or FULL_DUPLEX_STREAMED by mode_override for stream=true)
+    (every   response body (BUFFERED, or FULL_DUPLEX_STREAMED by mode_override for stream=true)
+    API of extproc.apis alike)
 
 A phase a processor does not override answers "continue unchanged" (the `Processor` base).
 """
@@ -19,19 +20,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import metrics, mutations
-from extproc.chat import ChatState, start_chat
+from extproc.apis import APIS
 from extproc.errors import GatewayError, InvalidRequest
+from extproc.generation import Api, Exchange, start
 from extproc.health import ShimmyMonitor
 from extproc.shimmy_protocol import GENERATE_PATH, model_names, upstream_error
 from extproc.tokens import ESTIMATE, PromptCounter
 
-__all__ = ["ROUTES", "ChatProcessor", "Context", "HealthProcessor", "MetricsProcessor", "ModelsProcessor", "Processor"]
+__all__ = [
+    "ROUTES",
+    "Context",
+    "GenerationProcessor",
+    "HealthProcessor",
+    "MetricsProcessor",
+    "ModelsProcessor",
+    "Processor",
+]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -151,95 +162,102 @@ _STREAM_HEADERS = (
 _JSON_HEADERS = (("content-type", "application/json"),)
 
 
-class ChatProcessor(Processor):
-    """OpenAI `/v1/chat/completions` -> Shimmy `/api/generate` and back; the logic lives in `extproc.chat`.
+class GenerationProcessor(Processor):
+    """A client API's request -> Shimmy `/api/generate` and back. The generation is `extproc.generation`'s, the
+    API's shapes are its adapter's (`extproc.apis`); this class only moves bytes between them and Envoy.
 
-    Besides translating, it keeps the request's metrics and, on its last answer, hands Envoy the request's
-    model, token counts and timings as dynamic metadata for the access log.
+    Besides that, it keeps the request's metrics and, on its last answer, hands Envoy the request's model, token
+    counts and timings as dynamic metadata for the access log.
     """
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, api: type[Api]) -> None:
         super().__init__(ctx)
-        self.state: ChatState | None = None
+        self.api = api
+        self.exchange: Exchange | None = None
         self.started = time.monotonic()
         self.model = ""  # as the client named it, once the body is read
         self.outcome: str | None = None  # set once the request's end is recorded
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        ctx = self.ctx
         try:
-            body, self.state = start_chat(
-                msg.body,
-                self.ctx.templates,
-                self.ctx.known_models,
-                self.ctx.generation_timeout,
-                self.ctx.aliases,
-                counter=self.ctx.prompt_counter,
+            request, api = self.api.parse(msg.body)
+            self.model = request.model
+            body, self.exchange = start(
+                request,
+                api,
+                ctx.templates,
+                ctx.known_models,
+                ctx.generation_timeout,
+                ctx.aliases,
+                counter=ctx.prompt_counter,
             )
         except GatewayError as exc:
             return self._failed(exc)
-        self.model = self.state.model
         return mutations.request_body(
             body,
             [(":path", GENERATE_PATH), ("content-type", "application/json"), ("content-length", str(len(body)))],
         )
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
-        state = self.state
+        exchange = self.exchange
         status = _status(msg)
-        if state is None or (status != 200 and _local_reply(msg)):
+        if exchange is None or (status != 200 and _local_reply(msg)):
             # Either an earlier filter answered (an Envoy local reply, already JSON) and it passes through, or
             # a request without a body still reached Shimmy, whose answer must not count.
-            if state is None and 200 <= status < 300:
+            if exchange is None and 200 <= status < 300:
                 return self._failed(InvalidRequest("The request body is missing", code="missing_body"))
-            self.state = None  # Shimmy generated nothing: no tokens to count
+            self.exchange = None  # Shimmy generated nothing: no tokens to count
             response = mutations.continue_response_headers()
-            return response if state is None else self._record(response, "error", f"http_{status}")
+            return response if exchange is None else self._record(response, "error", f"http_{status}")
+        gen = exchange.gen
         if status != 200:
-            return self._failed(upstream_error(status, b"", state.model))
-        counted = (("x-gateway-prompt-tokens", state.prompt_tokens_kind),)  # "exact" or "estimated"
-        if state.stream:
+            return self._failed(upstream_error(status, b"", gen.model))
+        counted = (("x-gateway-prompt-tokens", gen.prompt_tokens_kind),)  # "exact" or "estimated"
+        if gen.stream:
             return mutations.response_headers(_STREAM_HEADERS + counted, ["content-length"], mutations.DUPLEX_RESPONSE)
         return mutations.response_headers(_JSON_HEADERS + counted, ["content-length"])
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | None:
-        state = self.state
-        if state is None:  # an Envoy local reply passing through (see response_headers)
+        exchange = self.exchange
+        if exchange is None:  # an Envoy local reply passing through (see response_headers)
             return mutations.continue_response_body()
-        if state.stream:
-            if state.finished:  # the client's response is complete; Shimmy's late chunks go nowhere
+        if exchange.gen.stream:
+            if exchange.finished:  # the client's response is complete; Shimmy's late chunks go nowhere
                 return None
-            out = state.relay(msg.body, msg.end_of_stream)
-            if not state.finished:
+            out = exchange.relay(msg.body, msg.end_of_stream)
+            if not exchange.finished:
                 return mutations.streamed_body(out, False) if out else None
-            outcome = ("error", state.failure) if state.failure else ("ok", "")
+            outcome = ("error", exchange.failure) if exchange.failure else ("ok", "")
             return self._record(mutations.streamed_body(out, True), *outcome)
         try:
-            body = state.complete(msg.body)
+            body = exchange.complete(msg.body)
         except GatewayError as exc:
             return self._failed(exc)
         return self._record(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "")
 
     def close(self) -> None:
-        if self.outcome is None and self.state is not None:  # the client or Envoy went away mid-request
+        if self.outcome is None and self.exchange is not None:  # the client or Envoy went away mid-request
             self._record(None, "cancelled", "")
 
     def _failed(self, exc: GatewayError) -> ep.ProcessingResponse:
-        return self._record(_error(exc), "error", exc.code or exc.type)
+        return self._record(mutations.immediate(exc.status, self.api.error_body(exc)), "error", exc.code or exc.type)
 
     def _record(self, response: ResponseT, outcome: str, error_type: str) -> ResponseT:
         """Count the request's end once, and put its summary in Envoy's dynamic metadata for the access log."""
         self.outcome = outcome
         duration = time.monotonic() - self.started
-        state, model = self.state, self.model or "unknown"
+        exchange, model = self.exchange, self.model or "unknown"
         metrics.REQUESTS.labels(model, outcome, error_type).inc()
         fields: dict[str, object] = {"model": model, "outcome": outcome, "duration_ms": round(duration * 1000, 1)}
-        if state is not None:
-            metrics.REQUEST_DURATION.labels(model, "true" if state.stream else "false").observe(duration)
-            metrics.TOKENS.labels(model, "input").inc(state.prompt_tokens)
-            metrics.TOKENS.labels(model, "output").inc(state.completion_tokens)
-            fields.update(prompt_tokens=state.prompt_tokens, completion_tokens=state.completion_tokens)
-            if state.first_content_at is not None:
-                ttft = state.first_content_at - self.started
+        if exchange is not None:
+            gen = exchange.gen
+            metrics.REQUEST_DURATION.labels(model, "true" if gen.stream else "false").observe(duration)
+            metrics.TOKENS.labels(model, "input").inc(gen.prompt_tokens)
+            metrics.TOKENS.labels(model, "output").inc(gen.completion_tokens)
+            fields.update(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
+            if gen.first_content_at is not None:
+                ttft = gen.first_content_at - self.started
                 metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
                 fields["ttft_ms"] = round(ttft * 1000, 1)
         if response is not None:
@@ -251,7 +269,7 @@ ResponseT = TypeVar("ResponseT", ep.ProcessingResponse, None)
 
 
 ROUTES: dict[str, Callable[[Context], Processor]] = {
-    "chat": ChatProcessor,
+    **{route: partial(GenerationProcessor, api=api) for route, api in APIS.items()},
     "models": ModelsProcessor,
     "health": HealthProcessor,
     "metrics": MetricsProcessor,

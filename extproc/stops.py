@@ -12,7 +12,7 @@ __all__ = ["StopMatcher"]
 class StopMatcher:
     """Per-request: feed token text in order, get back the text that is safe to emit."""
 
-    __slots__ = ("_firsts", "_held", "_stops", "stopped")
+    __slots__ = ("_firsts", "_held", "_stops", "matched", "stopped")
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         """`stops` are non-empty strings (the request schema refuses empty ones)."""
@@ -20,6 +20,7 @@ class StopMatcher:
         self._firsts = tuple({s[0] for s in stops})  # most tokens contain none of these: the fast path
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop sequence that ended the text, once one has
 
     def feed(self, text: str) -> str:
         """Text to emit now. After a stop sequence matches, `stopped` is set and nothing more is emitted."""
@@ -31,7 +32,7 @@ class StopMatcher:
         if not any(c in buf for c in self._firsts):  # no stop can start anywhere in buf, not even as a suffix
             self._held = ""
             return buf
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        cut, self.matched = min(((i, s) for s in self._stops if (i := buf.find(s)) >= 0), default=(-1, None))
         if cut >= 0:
             self.stopped = True
             self._held = ""

@@ -4,7 +4,7 @@ Shimmy reports no token counts, so `usage.prompt_tokens` is ours. With `TOKENIZE
 the model from, or any GGUF with the same vocabulary) the processor counts with llama.cpp's tokenizer exactly as
 Shimmy tokenizes a prompt: BOS always added (`AddBos::Always`) and special tokens parsed, so a template's
 `<|im_start|>` is one token. Without it, the estimate is UTF-8 bytes / 4, rounded up. `x-gateway-prompt-tokens`
-says which one a response used (`ChatState.prompt_tokens_kind`).
+says which one a response used (`Generation.prompt_tokens_kind`).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import aiohttp
 
 from gateway import probes
 from gateway.envoy_config import extproc_addresses, render
-from settings import Settings, load, parse_pairs
 from gateway.supervisor import Child, supervise
+from settings import Settings, load, parse_pairs
 from shimmy import binary
 from shimmy.llama_engine import EngineChoice, choose_engine, llama_importable
 

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc.chat import ChatState, start_chat
 from extproc.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
+from extproc.generation import Exchange
 from extproc.stops import StopMatcher
+from tests.unit.translate import start_chat
 
 
 def body(**fields: object) -> bytes:
@@ -51,7 +52,7 @@ def test_request_becomes_explicit_stream_generate_with_rendered_prompt() -> None
         "top_p": 0.5,
         "top_k": 3,
     }
-    assert state.max_tokens == 7 and not state.stream
+    assert state.gen.max_tokens == 7 and not state.gen.stream
 
 
 def test_defaults_are_explicit_and_content_parts_are_joined() -> None:
@@ -67,7 +68,7 @@ def test_defaults_are_explicit_and_content_parts_are_joined() -> None:
 
 def test_max_completion_tokens_wins_over_max_tokens() -> None:
     _, state = start_chat(body(max_tokens=50, max_completion_tokens=5), {})
-    assert state.max_tokens == 5
+    assert state.gen.max_tokens == 5
 
 
 @pytest.mark.parametrize(
@@ -126,7 +127,7 @@ def test_unknown_model_fails_before_shimmy_when_the_list_is_known() -> None:
 # -- non-stream response ------------------------------------------------------------------------------
 
 
-def state_for(**fields: object) -> ChatState:
+def state_for(**fields: object) -> Exchange:
     return start_chat(body(**fields), {})[1]
 
 
@@ -136,7 +137,7 @@ def test_complete_builds_a_chat_completion_with_exact_usage() -> None:
     assert doc["object"] == "chat.completion"
     assert doc["id"].startswith("chatcmpl-") and doc["model"] == "phi3-lora"
     assert doc["choices"] == [
-        {"index": 0, "message": {"role": "assistant", "content": "Hello world!\n"}, "logprobs": None,
+        {"index": 0, "message": {"role": "assistant", "content": "Hello world!\n", "refusal": None}, "logprobs": None,
          "finish_reason": "stop"}
     ]
     usage = doc["usage"]
@@ -189,7 +190,7 @@ def test_relay_emits_role_content_finish_usage_done() -> None:
     assert [c["choices"][0]["delta"]["content"] for c in chunks[1:4]] == ["Hello", " world", "!"]
     assert chunks[4]["choices"][0]["finish_reason"] == "length"
     assert chunks[5]["choices"] == [] and chunks[5]["usage"]["completion_tokens"] == 3
-    assert {c["id"] for c in chunks} == {state.id} and {c["created"] for c in chunks} == {state.created}
+    assert {c["id"] for c in chunks} == {state.api.id} and {c["created"] for c in chunks} == {state.api.created}
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "phi3-lora" for c in chunks)
 
 

@@ -1,10 +1,10 @@
 """Fuzzing the pure translation (issue 4, item 6): whatever a client or Shimmy sends, the outcome is defined.
 
 - `start_chat` returns Shimmy's `/api/generate` body (valid JSON, `"stream": true`, a string `prompt`, an int
-  `max_tokens`, every number within Shimmy's serde types) and a `ChatState`, or raises `GatewayError` 400/404
+  `max_tokens`, every number within Shimmy's serde types) and a `Exchange`, or raises `GatewayError` 400/404
   with an OpenAI error body. Nothing else, whatever the bytes.
-- `ChatState.relay` never raises; it emits only whole `data: ...\\n\\n` events and, once the end is fed, exactly one
-  `data: [DONE]`, last. `ChatState.complete` returns one `chat.completion` or raises a 502 `GatewayError`.
+- `Exchange.relay` never raises; it emits only whole `data: ...\\n\\n` events and, once the end is fed, exactly one
+  `data: [DONE]`, last. `Exchange.complete` returns one `chat.completion` or raises a 502 `GatewayError`.
 
 The strategies are shared with tests/integration/test_fuzz_live.py, which sends the same bodies through Envoy.
 
@@ -24,10 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.chat import ChatState, start_chat
 from extproc.errors import GatewayError
+from extproc.generation import Exchange
 from extproc.openai_schema import MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, ChatRequest
 from extproc.sse import MAX_PENDING_BYTES
+from tests.unit.translate import start_chat
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -358,7 +359,7 @@ def split_events(out: bytes) -> list[bytes]:
 # -- start_chat ----------------------------------------------------------------------------------------------------
 
 
-def outcome(body: bytes, overrides: dict[str, str], models: tuple[str, ...] | None) -> tuple[bytes, ChatState] | None:
+def outcome(body: bytes, overrides: dict[str, str], models: tuple[str, ...] | None) -> tuple[bytes, Exchange] | None:
     """start_chat's result, or None after checking its refusal; any other exception fails the test."""
     try:
         shimmy, state = start_chat(body, overrides, models)
@@ -366,7 +367,7 @@ def outcome(body: bytes, overrides: dict[str, str], models: tuple[str, ...] | No
         check_refusal(exc)
         return None
     sent = check_shimmy_body(shimmy)
-    assert isinstance(state, ChatState) and state.max_tokens == sent["max_tokens"]
+    assert isinstance(state, Exchange) and state.gen.max_tokens == sent["max_tokens"]
     if models is not None:
         assert sent["model"] in models
     return shimmy, state
@@ -393,8 +394,8 @@ def test_near_valid_requests(
     result = outcome(body, overrides, models)
     if result is not None:
         _, state = result
-        assert state.stream is (request.get("stream") is True)
-        assert state.model == request["model"]
+        assert state.gen.stream is (request.get("stream") is True)
+        assert state.gen.model == request["model"]
 
 
 @FUZZ
@@ -413,9 +414,9 @@ def test_valid_requests_are_accepted_and_carried_over(request: dict[str, Any], o
     assert sent["max_tokens"] == (256 if limit is None else limit)
     for name in ("temperature", "top_p", "top_k"):
         assert sent.get(name) == request.get(name)
-    assert sent["model"] == state.model == request["model"]
-    assert state.stream is bool(request.get("stream"))
-    assert state.include_usage is bool(request.get("stream_options", {}).get("include_usage"))
+    assert sent["model"] == state.gen.model == request["model"]
+    assert state.gen.stream is bool(request.get("stream"))
+    assert state.api.include_usage is bool(request.get("stream_options", {}).get("include_usage"))
     for message in request["messages"]:
         content = message["content"]
         text = content if isinstance(content, str) else "".join(p["text"] for p in content)
@@ -439,7 +440,7 @@ def test_relay_emits_whole_events_and_one_done(request: dict[str, Any], chunks: 
         choices = [json.loads(e.removeprefix(b"data: "))["choices"] for e in events[:-1]]
         reasons = [c[0]["finish_reason"] for c in choices if c and c[0]["finish_reason"]]
         assert reasons in (["stop"], ["length"])
-        assert ("usage" in last) is state.include_usage
+        assert ("usage" in last) is state.api.include_usage
     assert state.finished
     assert state.relay(b"data: late\n\ndata: [DONE]\n\n", end=True) == b""  # nothing after [DONE]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from extproc import tokens
-from extproc.chat import start_chat
 from gateway import cli
 from settings import load
 from shimmy import llama_engine, models
 from shimmy.engine import GenParams
 from shimmy.llama_engine import EngineChoice, Utf8Pieces, choose_engine
+from tests.unit.translate import start_chat
 
 # --- one event per token, whole characters only --------------------------------------------------------------
 
@@ -164,12 +164,12 @@ def _chat(model: str = "phi3-lora") -> bytes:
 
 def test_start_chat_counts_with_the_counter_and_says_so() -> None:
     _, state = start_chat(_chat(), {}, counter=_Exact())
-    assert (state.prompt_tokens, state.prompt_tokens_kind) == (7, "exact")
+    assert (state.gen.prompt_tokens, state.gen.prompt_tokens_kind) == (7, "exact")
     _, other = start_chat(_chat("qwen"), {}, counter=_Exact())  # no vocabulary for that model: the estimate
-    assert other.prompt_tokens_kind == "estimated"
+    assert other.gen.prompt_tokens_kind == "estimated"
     shimmy, default = start_chat(_chat(), {})
     prompt = json.loads(shimmy)["prompt"]
-    assert (default.prompt_tokens, default.prompt_tokens_kind) == (tokens.estimate_tokens(prompt), "estimated")
+    assert (default.gen.prompt_tokens, default.gen.prompt_tokens_kind) == (tokens.estimate_tokens(prompt), "estimated")
     assert tokens.estimate_tokens("abcde") == 2
 
 

@@ -1,0 +1,15 @@
+"""One adapter per client API, each a small module: parse its request into a `GenerationRequest`, render its
+answer, frame its stream, shape its errors. The generation itself is `extproc.generation`'s, shared by all.
+
+Adding an API is one module here, its entry in `APIS`, and its route in envoy/gateway.yaml (whose
+`x-gateway-route` metadata names the key).
+"""
+
+from __future__ import annotations
+
+from extproc.apis.chat import ChatCompletions
+from extproc.generation import Api
+
+__all__ = ["APIS"]
+
+APIS: dict[str, type[Api]] = {api.route: api for api in (ChatCompletions,)}

@@ -1,0 +1,257 @@
+"""The generation core: one Shimmy generation, whatever API the client speaks.
+
+Every client API (`extproc.apis`) parses its request into a `GenerationRequest` and frames the answer; everything
+between is here, once: the rendered prompt, the limits, the Shimmy body, decoding Shimmy's SSE, counting completion
+tokens, stop sequences, the deadline, the stop reason and the failures. `start` returns Shimmy's body and an
+`Exchange`, which the processor feeds Shimmy's bytes and which answers with the client's bytes.
+
+    GenerationRequest   what the client asked for, API-neutral (messages or a raw prompt, limits, sampling, stops)
+    Generation          the running generation: tokens counted, text released past stop sequences, how it ended
+    Api                 an adapter's side of the contract: render a whole answer, frame a stream, shape an error
+    Exchange            a Generation framed by its Api: `complete` for a buffered answer, `relay` for a stream
+
+Shimmy always streams to us (see shimmy_protocol): one event per engine token is the only exact completion count
+it offers. Prompt tokens: Shimmy reports none, so they are counted here by a `PromptCounter` (`extproc.tokens`):
+exact with the model's GGUF vocabulary, else estimated (`Generation.prompt_tokens_kind` says which).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol
+
+from extproc import templates
+from extproc.errors import GatewayError, ModelNotFound, Timeout, UpstreamError
+from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS, DONE, ERROR_PREFIX, generate_body
+from extproc.sse import SSEDecoder, SSEError
+from extproc.stops import StopMatcher
+from extproc.tokens import ESTIMATE, ESTIMATED, PromptCounter, estimate_tokens
+
+__all__ = ["Api", "Exchange", "Generation", "GenerationRequest", "StopReason", "start"]
+
+StopReason = Literal["end", "length", "stop_sequence"]
+"""How a generation ended: the model ended its turn, it reached `max_tokens`, or a client stop sequence matched."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """What the client asked for, in no API's terms."""
+
+    model: str  # as the client named it (an alias, maybe); answers carry it back
+    messages: Sequence[tuple[str, str]] = ()  # (role, text), rendered with the model's template
+    prompt: str | None = None  # a raw prompt, sent untemplated (legacy completions) instead of `messages`
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stops: tuple[str, ...] = ()  # the client's stop sequences; the template's end-of-turn markers are added here
+    stream: bool = False
+
+
+@dataclass(slots=True)
+class Generation:
+    """Everything one generation needs between Shimmy's first byte and its last."""
+
+    model: str  # as the client asked
+    stream: bool
+    max_tokens: int  # sent to Shimmy explicitly; reaching it means the stop reason "length"
+    prompt_tokens: int
+    stops: StopMatcher  # the client's stop sequences plus the template's end-of-turn markers
+    client_stops: frozenset[str]  # which of those the client sent: a match is "stop_sequence", not "end"
+    deadline: float  # time.monotonic() after which a stream ends with an in-band timeout error
+    prompt_tokens_kind: str = ESTIMATED  # "exact" or "estimated": the x-gateway-prompt-tokens header value
+    completion_tokens: int = 0  # one per Shimmy SSE event, counted until a stop sequence cuts the text
+    upstream_done: bool = False  # Shimmy sent [DONE]; without it the stream was cut short
+    error: str | None = None  # Shimmy's [ERROR] text, or our reason the stream is unusable
+    first_content_at: float | None = None  # time.monotonic() of the first text released (time to first token)
+    sse: SSEDecoder = field(default_factory=SSEDecoder)
+
+    def feed(self, data: bytes, end: bool) -> list[str]:
+        """Shimmy's SSE bytes -> the text pieces that may be released now, in order."""
+        try:
+            events = self.sse.feed(data)
+            if end:
+                events += self.sse.flush()
+        except SSEError as exc:
+            self.error = f"unreadable stream from Shimmy: {exc}"
+            return []
+        out: list[str] = []
+        stops = self.stops
+        for event in events:
+            if self.upstream_done or self.error is not None:
+                break
+            if event == DONE:
+                self.upstream_done = True
+            elif event.startswith(ERROR_PREFIX):
+                self.error = event[len(ERROR_PREFIX) :].strip() or "generation failed"
+            elif not stops.stopped:
+                self.completion_tokens += 1
+                piece = stops.feed(event)
+                if piece:
+                    out.append(piece)
+        if out and self.first_content_at is None:
+            self.first_content_at = time.monotonic()
+        return out
+
+    def flush(self) -> str:
+        """At the end: text held back because it might have begun a stop sequence, and did not."""
+        return self.stops.flush()
+
+    @property
+    def done(self) -> bool:
+        """Nothing more will be released: Shimmy finished, or a stop sequence ended the answer."""
+        return self.upstream_done or self.stops.stopped
+
+    def failure(self, end: bool) -> GatewayError | None:
+        """The failure that ends this generation now, if any. `end`: Shimmy's response is over."""
+        if self.error is not None:
+            return UpstreamError(f"Shimmy failed during generation: {self.error}", code="generation_failed")
+        if end and not self.done:
+            return UpstreamError("Shimmy's stream ended before [DONE]", code="generation_failed")
+        if not self.done and time.monotonic() > self.deadline:
+            return Timeout("The generation took longer than the gateway allows")
+        return None
+
+    @property
+    def stop_reason(self) -> StopReason:
+        if self.stops.stopped:
+            return "stop_sequence" if self.stops.matched in self.client_stops else "end"
+        return "length" if self.completion_tokens >= self.max_tokens else "end"
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The client's stop sequence that ended the answer, if one did."""
+        return self.stops.matched if self.stop_reason == "stop_sequence" else None
+
+    def text(self, body: bytes) -> str:
+        """A whole buffered Shimmy SSE body -> the answer's text; GatewayError if Shimmy failed."""
+        pieces = self.feed(body, end=True)
+        if self.error is not None:
+            raise UpstreamError(f"Shimmy failed during generation: {self.error}", code="generation_failed")
+        if not self.done:
+            raise UpstreamError("Shimmy's stream ended before [DONE]", code="upstream_truncated")
+        pieces.append(self.flush())
+        return "".join(pieces)
+
+
+class Api(Protocol):
+    """One client API's adapter, one instance per request. Its module parses the request (`parse`) and this side
+    renders: the framing bytes are the adapter's, what they say comes from the `Generation`."""
+
+    route: ClassVar[str]  # Envoy's x-gateway-route value; also the `api` label of metrics and the access log
+
+    @classmethod
+    def parse(cls, body: bytes) -> tuple[GenerationRequest, Api]:
+        """Validate the client's body (GatewayError naming the param if it cannot be served)."""
+        ...
+
+    @staticmethod
+    def error_body(exc: GatewayError) -> bytes:
+        """`exc` in this API's error shape (the status is `exc.status`)."""
+        ...
+
+    def render(self, gen: Generation, text: str) -> bytes:
+        """The whole non-stream answer."""
+        ...
+
+    def stream_start(self, gen: Generation) -> bytes:
+        """What a stream sends before any text (a role chunk, message_start, response.created)."""
+        ...
+
+    def stream_text(self, gen: Generation, pieces: list[str]) -> bytes:
+        """Text deltas."""
+        ...
+
+    def stream_end(self, gen: Generation) -> bytes:
+        """The stream's successful end: stop reason, usage, the terminator."""
+        ...
+
+    def stream_error(self, gen: Generation, exc: GatewayError) -> bytes:
+        """An in-band error that ends the stream (headers are long gone)."""
+        ...
+
+
+@dataclass(slots=True)
+class Exchange:
+    """A Generation framed by its API: what the processor feeds Shimmy's bytes and answers the client with."""
+
+    gen: Generation
+    api: Api
+    started: bool = False  # the stream's opening went out
+    finished: bool = False  # the stream's end went out; later bytes are dropped
+    failure: str | None = None  # code of the failure that ended the stream, if one did
+
+    def complete(self, body: bytes) -> bytes:
+        """A whole buffered Shimmy SSE body -> the API's answer; GatewayError if Shimmy failed."""
+        return self.api.render(self.gen, self.gen.text(body))
+
+    def relay(self, data: bytes, end: bool) -> bytes:
+        """Shimmy's SSE bytes (one body chunk) -> the client's stream bytes to send now (possibly empty)."""
+        if self.finished:
+            return b""
+        gen, api = self.gen, self.api
+        pieces = gen.feed(data, end)
+        out: list[bytes] = []
+        if not self.started:
+            self.started = True
+            out.append(api.stream_start(gen))
+        if pieces:
+            out.append(api.stream_text(gen, pieces))
+        failure = gen.failure(end)
+        if failure is not None:
+            self.failure = failure.code or failure.type
+            out.append(api.stream_error(gen, failure))
+            self.finished = True
+        elif gen.done:
+            held = gen.flush()
+            if held:
+                out.append(api.stream_text(gen, [held]))
+            out.append(api.stream_end(gen))
+            self.finished = True
+        return b"".join(out)
+
+
+def start(
+    request: GenerationRequest,
+    api: Api,
+    template_overrides: Mapping[str, str],
+    known_models: Collection[str] | None = None,
+    timeout: float = 600.0,
+    aliases: Mapping[str, str] | None = None,
+    *,
+    counter: PromptCounter = ESTIMATE,
+) -> tuple[bytes, Exchange]:
+    """Shimmy's `/api/generate` body for `request`, and the Exchange that answers it through `api`.
+
+    `known_models` (when the processor has read Shimmy's list) lets an unknown model fail here, before Shimmy.
+    `timeout` is the generation deadline in seconds, enforced in-band on streams (Envoy answers 504 otherwise).
+    `aliases` maps names clients use (`gpt-4o-mini`) to Shimmy's; answers carry the name the client sent.
+    `counter` counts the prompt's tokens (Shimmy's model name); where it cannot, the estimate does.
+    """
+    model = aliases.get(request.model, request.model) if aliases else request.model
+    if known_models is not None and model not in known_models:
+        raise ModelNotFound(request.model)
+    stops = request.stops
+    if request.prompt is not None:
+        prompt = request.prompt
+    else:
+        template = templates.template_for(model, template_overrides)
+        prompt = templates.render(template, request.messages)
+        stops += templates.STOP_MARKERS[template]
+    body = generate_body(model, prompt, request.max_tokens, request.temperature, request.top_p, request.top_k)
+    prompt_tokens, kind = counter.count(model, prompt), counter.kind
+    if prompt_tokens is None:
+        prompt_tokens, kind = estimate_tokens(prompt), ESTIMATED
+    gen = Generation(
+        model=request.model,
+        stream=request.stream,
+        max_tokens=request.max_tokens,
+        prompt_tokens=prompt_tokens,
+        prompt_tokens_kind=kind,
+        stops=StopMatcher(stops),
+        client_stops=frozenset(request.stops),
+        deadline=time.monotonic() + timeout,
+    )
+    return body, Exchange(gen, api)
