@@ -5,8 +5,10 @@ between is here, once: the rendered prompt, the limits, the Shimmy body, decodin
 tokens, stop sequences, the deadline, the stop reason and the failures. `start` returns Shimmy's body and an
 `Exchange`, which the processor feeds Shimmy's bytes and which answers with the client's bytes.
 
-    GenerationRequest   what the client asked for, API-neutral (messages or a raw prompt, limits, sampling, stops)
-    Generation          the running generation: tokens counted, text released past stop sequences, how it ended
+    GenerationRequest   what the client asked for, API-neutral (messages or a raw prompt, limits, sampling, stops,
+                        tools and output schema)
+    Generation          the running generation: tokens counted, text released past stop sequences and tool calls,
+                        how it ended
     Api                 an adapter's side of the contract: render a whole answer, frame a stream, shape an error
     Exchange            a Generation framed by its Api: `complete` for a buffered answer, `relay` for a stream
 
@@ -28,11 +30,22 @@ from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS, DONE, ERROR_PREFIX, gene
 from extproc.sse import SSEDecoder, SSEError
 from extproc.stops import StopMatcher
 from extproc.tokens import ESTIMATE, ESTIMATED, PromptCounter, estimate_tokens
+from extproc.tools import NO_TOOLING, CallDetector, ToolCall, Tooling, parse_output, to_turns
 
-__all__ = ["Api", "Exchange", "Generation", "GenerationRequest", "StopReason", "start"]
+__all__ = ["Api", "Exchange", "Generation", "GenerationRequest", "Message", "StopReason", "start"]
 
-StopReason = Literal["end", "length", "stop_sequence"]
-"""How a generation ended: the model ended its turn, it reached `max_tokens`, or a client stop sequence matched."""
+StopReason = Literal["end", "length", "stop_sequence", "tool_calls"]
+"""How a generation ended: the model ended its turn, it reached `max_tokens`, a client stop sequence matched, or
+the model called tools (its answer is the calls)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One turn of the conversation; an assistant turn may carry the tool calls it made."""
+
+    role: str  # system, developer, user, assistant or tool
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +53,7 @@ class GenerationRequest:
     """What the client asked for, in no API's terms."""
 
     model: str  # as the client named it (an alias, maybe); answers carry it back
-    messages: Sequence[tuple[str, str]] = ()  # (role, text), rendered with the model's template
+    messages: Sequence[Message] = ()  # rendered with the model's template
     prompt: str | None = None  # a raw prompt, sent untemplated (legacy completions) instead of `messages`
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float | None = None
@@ -48,6 +61,7 @@ class GenerationRequest:
     top_k: int | None = None
     stops: tuple[str, ...] = ()  # the client's stop sequences; the template's end-of-turn markers are added here
     stream: bool = False
+    tooling: Tooling = NO_TOOLING  # tools offered and how they must be used, or a schema the answer must meet
 
 
 @dataclass(slots=True)
@@ -66,6 +80,8 @@ class Generation:
     upstream_done: bool = False  # Shimmy sent [DONE]; without it the stream was cut short
     error: str | None = None  # Shimmy's [ERROR] text, or our reason the stream is unusable
     first_content_at: float | None = None  # time.monotonic() of the first text released (time to first token)
+    tooling: Tooling = NO_TOOLING
+    calls: tuple[ToolCall, ...] = ()  # the tool calls read from the output, once it is whole
     sse: SSEDecoder = field(default_factory=SSEDecoder)
 
     def feed(self, data: bytes, end: bool) -> list[str]:
@@ -116,6 +132,8 @@ class Generation:
 
     @property
     def stop_reason(self) -> StopReason:
+        if self.calls:
+            return "tool_calls"
         if self.stops.stopped:
             return "stop_sequence" if self.stops.matched in self.client_stops else "end"
         return "length" if self.completion_tokens >= self.max_tokens else "end"
@@ -126,14 +144,20 @@ class Generation:
         return self.stops.matched if self.stop_reason == "stop_sequence" else None
 
     def text(self, body: bytes) -> str:
-        """A whole buffered Shimmy SSE body -> the answer's text; GatewayError if Shimmy failed."""
+        """A whole buffered Shimmy SSE body -> the answer's content (its tool calls in `calls`); GatewayError if
+        Shimmy failed or the output fails what the request demands."""
         pieces = self.feed(body, end=True)
         if self.error is not None:
             raise UpstreamError(f"Shimmy failed during generation: {self.error}", code="generation_failed")
         if not self.done:
             raise UpstreamError("Shimmy's stream ended before [DONE]", code="upstream_truncated")
         pieces.append(self.flush())
-        return "".join(pieces)
+        text = "".join(pieces)
+        if not self.tooling.active:
+            return text
+        parsed = parse_output(text, self.tooling)
+        self.calls = parsed.calls
+        return parsed.text
 
 
 class Api(Protocol):
@@ -164,6 +188,10 @@ class Api(Protocol):
         """Text deltas."""
         ...
 
+    def stream_calls(self, gen: Generation, calls: tuple[ToolCall, ...]) -> bytes:
+        """The tool calls, whole (they are parsed once the output is complete), in the API's call deltas."""
+        ...
+
     def stream_end(self, gen: Generation) -> bytes:
         """The stream's successful end: stop reason, usage, the terminator."""
         ...
@@ -182,6 +210,11 @@ class Exchange:
     started: bool = False  # the stream's opening went out
     finished: bool = False  # the stream's end went out; later bytes are dropped
     failure: str | None = None  # code of the failure that ended the stream, if one did
+    detector: CallDetector | None = None  # streams whose output is read back: holds what may be a call
+
+    def __post_init__(self) -> None:
+        if self.gen.stream and self.gen.tooling.active:
+            self.detector = CallDetector(self.gen.tooling)
 
     def complete(self, body: bytes) -> bytes:
         """A whole buffered Shimmy SSE body -> the API's answer; GatewayError if Shimmy failed."""
@@ -191,8 +224,10 @@ class Exchange:
         """Shimmy's SSE bytes (one body chunk) -> the client's stream bytes to send now (possibly empty)."""
         if self.finished:
             return b""
-        gen, api = self.gen, self.api
+        gen, api, detector = self.gen, self.api, self.detector
         pieces = gen.feed(data, end)
+        if detector is not None:
+            pieces = [text for text in map(detector.feed, pieces) if text]
         out: list[bytes] = []
         if not self.started:
             self.started = True
@@ -200,17 +235,32 @@ class Exchange:
         if pieces:
             out.append(api.stream_text(gen, pieces))
         failure = gen.failure(end)
+        if failure is None and gen.done:
+            try:
+                out += self._last_text(gen.flush())
+            except GatewayError as exc:
+                failure = exc
         if failure is not None:
             self.failure = failure.code or failure.type
             out.append(api.stream_error(gen, failure))
             self.finished = True
         elif gen.done:
-            held = gen.flush()
-            if held:
-                out.append(api.stream_text(gen, [held]))
             out.append(api.stream_end(gen))
             self.finished = True
         return b"".join(out)
+
+    def _last_text(self, held: str) -> list[bytes]:
+        """The stream's last content once the output is whole: held-back text, or the calls read from it."""
+        gen, api, detector = self.gen, self.api, self.detector
+        if detector is None:
+            return [api.stream_text(gen, [held])] if held else []
+        released = detector.feed(held) if held else ""
+        parsed = parse_output(detector.finish(), gen.tooling)
+        gen.calls = parsed.calls
+        out = [api.stream_text(gen, [text]) for text in (released, parsed.text) if text]
+        if parsed.calls:
+            out.append(api.stream_calls(gen, parsed.calls))
+        return out
 
 
 def start(
@@ -238,7 +288,7 @@ def start(
         prompt = request.prompt
     else:
         template = templates.template_for(model, template_overrides)
-        prompt = templates.render(template, request.messages)
+        prompt = templates.render(template, to_turns(template, request.messages, request.tooling))
         stops += templates.STOP_MARKERS[template]
     body = generate_body(model, prompt, request.max_tokens, request.temperature, request.top_p, request.top_k)
     prompt_tokens, kind = counter.count(model, prompt), counter.kind
@@ -253,5 +303,6 @@ def start(
         stops=StopMatcher(stops),
         client_stops=frozenset(request.stops),
         deadline=time.monotonic() + timeout,
+        tooling=request.tooling,
     )
     return body, Exchange(gen, api)

@@ -13,10 +13,21 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from extproc.errors import InvalidRequest
+from extproc.tools import check_schema
 
-__all__ = ["ChatRequest", "Message", "StreamOptions", "TextPart", "parse_chat_request"]
+__all__ = [
+    "ChatRequest",
+    "JsonObjectFormat",
+    "JsonSchemaFormat",
+    "Message",
+    "NamedToolChoice",
+    "StreamOptions",
+    "TextPart",
+    "parse_chat_request",
+]
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's own limit
+MAX_TOOLS = 128  # OpenAI's own limit
 MAX_TOKENS_LIMIT = 131072  # Shimmy 2.x rejects more; no GGUF we serve has a longer context
 I32_MAX = 2**31 - 1  # Shimmy reads top_k as i32 and answers 422 beyond it
 
@@ -29,14 +40,78 @@ class TextPart(msgspec.Struct, tag="text", tag_field="type"):
     text: str
 
 
+class FunctionCall(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    arguments: str  # a JSON object as text, as OpenAI sends it back in a history
+
+
+class ToolCallItem(msgspec.Struct):
+    """An earlier call in an assistant message of the history."""
+
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class Message(msgspec.Struct):
     role: Role
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # null (or absent) only in an assistant message with tool_calls
+    tool_calls: list[ToolCallItem] | None = None  # assistant messages only
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
+    name: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for function names
+
+
+class FunctionDefinition(msgspec.Struct):
+    name: ToolName
+    description: str = ""
+    parameters: dict[str, Any] | None = None  # a JSON Schema; absent means no parameters
+    strict: bool | None = None  # accepted: arguments are always validated against `parameters`
+
+
+class ToolDefinition(msgspec.Struct):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(msgspec.Struct):
+    name: ToolName
+
+
+class NamedToolChoice(msgspec.Struct):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class TextFormat(msgspec.Struct, tag="text", tag_field="type"):
+    pass
+
+
+class JsonObjectFormat(msgspec.Struct, tag="json_object", tag_field="type"):
+    pass
+
+
+class JsonSchemaSpec(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    schema: dict[str, Any] | None = None  # absent: any JSON object
+    description: str = ""
+    strict: bool | None = None  # accepted: the output is always validated against `schema`
+
+
+class JsonSchemaFormat(msgspec.Struct, tag="json_schema", tag_field="type"):
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
 
 
 class StreamOptions(msgspec.Struct):
@@ -66,15 +141,16 @@ class ChatRequest(msgspec.Struct):
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    tools: Annotated[list[ToolDefinition], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     # Present only to be refused by name when they ask for something we cannot do.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any = None
 
@@ -125,23 +201,49 @@ def parse_chat_request(body: bytes) -> ChatRequest:
 def _refuse_unsupported(request: ChatRequest) -> None:
     unsupported = (
         ("n", request.n is not None and request.n > 1, "Only n=1 is supported"),
-        ("tools", bool(request.tools), "Tool calling is not supported"),
-        ("tool_choice", request.tool_choice not in (None, "none"), "Tool calling is not supported"),
-        ("functions", bool(request.functions), "Function calling is not supported"),
-        ("function_call", request.function_call not in (None, "none"), "Function calling is not supported"),
+        ("functions", bool(request.functions), "The deprecated functions parameter is not supported; use tools"),
+        (
+            "function_call",
+            request.function_call not in (None, "none"),
+            "The deprecated function_call parameter is not supported; use tool_choice",
+        ),
         ("logprobs", bool(request.logprobs), "logprobs are not supported"),
         ("top_logprobs", bool(request.top_logprobs), "logprobs are not supported"),
         ("logit_bias", bool(request.logit_bias), "logit_bias is not supported"),
         ("modalities", request.modalities not in (None, ["text"]), "Only text output is supported"),
         ("audio", request.audio is not None, "Audio output is not supported"),
-        (
-            "response_format",
-            request.response_format is not None and request.response_format.get("type") != "text",
-            "Only response_format type 'text' is supported",
-        ),
     )
     for param, refused, message in unsupported:
         if refused:
             raise InvalidRequest(message, param=param, code="unsupported_parameter")
     if request.stream_options is not None and not request.stream:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
+    _check_tools(request)
+
+
+def _check_tools(request: ChatRequest) -> None:
+    """What msgspec cannot see: tool_choice names an offered tool, schemas are schemas, histories are coherent."""
+    names = [t.function.name for t in request.tools or ()]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("Tool names must be unique", param="tools")
+    for i, tool in enumerate(request.tools or ()):
+        problem = check_schema(tool.function.parameters) if tool.function.parameters is not None else None
+        if problem is not None:
+            raise InvalidRequest(f"Invalid JSON schema: {problem}", param=f"tools[{i}].function.parameters")
+    choice = request.tool_choice
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise InvalidRequest(f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice")
+    if choice == "required" and not names:
+        raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
+    fmt = request.response_format
+    if isinstance(fmt, JsonSchemaFormat) and fmt.json_schema.schema is not None:
+        problem = check_schema(fmt.json_schema.schema)
+        if problem is not None:
+            raise InvalidRequest(f"Invalid JSON schema: {problem}", param="response_format.json_schema.schema")
+    for i, m in enumerate(request.messages):
+        if m.tool_calls and m.role != "assistant":
+            raise InvalidRequest("Only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls")
+        if m.content is None and not m.tool_calls:
+            raise InvalidRequest("Message content is required", param=f"messages[{i}].content")
+        if m.role == "tool" and not m.tool_call_id:
+            raise InvalidRequest("A tool message needs tool_call_id", param=f"messages[{i}].tool_call_id")

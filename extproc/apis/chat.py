@@ -10,18 +10,64 @@ from typing import ClassVar
 import msgspec
 
 from extproc.errors import GatewayError
-from extproc.generation import Generation, GenerationRequest
-from extproc.openai_schema import parse_chat_request
+from extproc.generation import Generation, GenerationRequest, Message
+from extproc.openai_schema import (
+    ChatRequest,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    NamedToolChoice,
+    parse_chat_request,
+)
 from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS
 from extproc.sse import DONE, encode_event
+from extproc.tools import NO_TOOLING, Tool, ToolCall, Tooling
 
 __all__ = ["ChatCompletions"]
 
 _encode = msgspec.json.Encoder().encode
 
 
+_FINISH_REASONS = {"end": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
+
+
 def _finish_reason(gen: Generation) -> str:
-    return "length" if gen.stop_reason == "length" else "stop"
+    return _FINISH_REASONS[gen.stop_reason]
+
+
+def _messages(request: ChatRequest) -> list[Message]:
+    return [
+        Message(
+            m.role,
+            m.text(),
+            tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ()),
+        )
+        for m in request.messages
+    ]
+
+
+def _tooling(request: ChatRequest) -> Tooling:
+    fmt = request.response_format
+    schema = None
+    if isinstance(fmt, JsonSchemaFormat):
+        schema = fmt.json_schema.schema or {}
+    elif isinstance(fmt, JsonObjectFormat):
+        schema = {}
+    if not request.tools and schema is None:
+        return NO_TOOLING
+    choice = request.tool_choice
+    return Tooling(
+        tools=tuple(
+            Tool(t.function.name, t.function.description, t.function.parameters or {"type": "object"})
+            for t in request.tools or ()
+        ),
+        choice=choice.function.name if isinstance(choice, NamedToolChoice) else choice or "auto",
+        parallel=request.parallel_tool_calls is not False,
+        schema=schema,
+    )
+
+
+def _call(call: ToolCall) -> dict[str, object]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _usage(gen: Generation) -> dict[str, int]:
@@ -59,13 +105,14 @@ class ChatCompletions:
         limit = request.token_limit
         generation = GenerationRequest(
             model=request.model,
-            messages=[(m.role, m.text()) for m in request.messages],
+            messages=_messages(request),
             max_tokens=limit if limit is not None else DEFAULT_MAX_TOKENS,
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
             stops=request.stop_sequences,
             stream=bool(request.stream),
+            tooling=_tooling(request),
         )
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return generation, cls(request.model, include_usage)
@@ -75,6 +122,10 @@ class ChatCompletions:
         return exc.body()
 
     def render(self, gen: Generation, text: str) -> bytes:
+        message: dict[str, object] = {"role": "assistant", "content": text, "refusal": None}
+        if gen.calls:
+            message["content"] = text or None
+            message["tool_calls"] = [_call(c) for c in gen.calls]
         return _encode(
             {
                 "id": self.id,
@@ -84,7 +135,7 @@ class ChatCompletions:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "message": message,
                         "logprobs": None,
                         "finish_reason": _finish_reason(gen),
                     }
@@ -102,6 +153,18 @@ class ChatCompletions:
             head + b'[{"index":0,"delta":{"content":%s},"finish_reason":null}]' % _encode(piece) + tail
             for piece in pieces
         )
+
+    def stream_calls(self, gen: Generation, calls: tuple[ToolCall, ...]) -> bytes:
+        """Each call as OpenAI streams one: id and name first, then the arguments."""
+        head, tail = self._head, self._tail
+        out = []
+        for i, call in enumerate(calls):
+            opening = {"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            arguments = {"index": i, "function": {"arguments": call.arguments}}
+            for delta in (opening, arguments):
+                choice = {"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None}
+                out.append(head + b"[" + _encode(choice) + b"]" + tail)
+        return b"".join(out)
 
     def stream_end(self, gen: Generation) -> bytes:
         head, tail = self._head, self._tail

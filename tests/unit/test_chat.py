@@ -71,6 +71,10 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
     assert state.gen.max_tokens == 5
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+
+
 @pytest.mark.parametrize(
     ("raw", "param", "code"),
     [
@@ -93,10 +97,28 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
         pytest.param(body(stop=["a", "b", "c", "d", "e"]), "stop", "invalid_value", id="too-many-stops"),
         pytest.param(body(model=""), "model", "invalid_value", id="empty-model"),
         pytest.param(body(n=2), "n", "unsupported_parameter", id="n"),
-        pytest.param(body(tools=[{"type": "function"}]), "tools", "unsupported_parameter", id="tools"),
+        pytest.param(body(tools=[{"type": "function"}]), "tools[0].function", "invalid_value",
+                     id="tool-without-function"),
+        pytest.param(body(tools=[TOOL, TOOL]), "tools", "invalid_value", id="duplicate-tools"),
+        pytest.param(body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]),
+                     "tools[0].function.parameters", "invalid_value", id="invalid-tool-schema"),
+        pytest.param(body(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0].function.name",
+                     "invalid_value", id="invalid-tool-name"),
+        pytest.param(body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "other"}}),
+                     "tool_choice", "invalid_value", id="tool-choice-not-offered"),
+        pytest.param(body(tool_choice="required"), "tool_choice", "invalid_value", id="required-without-tools"),
+        pytest.param(body(tool_choice="sometimes"), "tool_choice", "invalid_value", id="unknown-tool-choice"),
+        pytest.param(body(messages=[{"role": "user", "content": None}]), "messages[0].content", "invalid_value",
+                     id="null-content-without-tool-calls"),
+        pytest.param(body(messages=[{"role": "tool", "content": "42"}]), "messages[0].tool_call_id", "invalid_value",
+                     id="tool-result-without-call-id"),
+        pytest.param(body(messages=[{"role": "user", "content": "x", "tool_calls": [CALL]}]), "messages[0].tool_calls",
+                     "invalid_value", id="tool-calls-on-a-user-message"),
+        pytest.param(body(response_format={"type": "xml"}), "response_format.type", "invalid_value", id="format-type"),
+        pytest.param(body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 1}}}),
+                     "response_format.json_schema.schema", "invalid_value", id="invalid-output-schema"),
+        pytest.param(body(functions=[{"name": "f"}]), "functions", "unsupported_parameter", id="functions"),
         pytest.param(body(logprobs=True), "logprobs", "unsupported_parameter", id="logprobs"),
-        pytest.param(body(response_format={"type": "json_object"}), "response_format", "unsupported_parameter",
-                     id="json-mode"),
         pytest.param(body(stream_options={"include_usage": True}), "stream_options", "invalid_value",
                      id="stream-options-without-stream"),
     ],

@@ -183,16 +183,20 @@ def valid_requests(draw: st.DrawFn) -> dict[str, Any]:
                 "frequency_penalty": st.floats(-2, 2),
                 "metadata": st.dictionaries(valid_texts, valid_texts, max_size=2),
                 "store": st.booleans(),
-                "tools": st.just([]),
-                "tool_choice": st.sampled_from([None, "none"]),
+                "tools": st.sampled_from([[], [{"type": "function", "function": {"name": "f"}}]]),
+                "tool_choice": st.sampled_from([None, "none", "auto"]),
+                "parallel_tool_calls": st.booleans(),
                 "logprobs": st.sampled_from([None, False]),
-                "response_format": st.just({"type": "text"}),
+                "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
                 "modalities": st.just(["text"]),
             },
         )
     )
     if request.get("stream") is True and draw(st.booleans()):
         request["stream_options"] = {"include_usage": draw(st.booleans())}
+    for message in request["messages"]:
+        if message["role"] == "tool":
+            message["tool_call_id"] = "call_1"
     return request
 
 

@@ -1,0 +1,370 @@
+"""Tool calling and structured output on a backend that has neither.
+
+Shimmy's `/api/generate` takes a prompt and gives text: no tools, no grammar, no JSON mode. So the gateway writes
+the offered tools (or the JSON schema an answer must satisfy) into the prompt in the convention of the model's
+template family, writes earlier calls and their results into the conversation the same way, and reads the model's
+text back into calls or a JSON document, validated against their schemas. What the model did not deliver is never
+passed off as delivered: `OutputError` (502) says what was missing or invalid.
+
+    family   tools offered in the system turn          a call looks like                   a result goes in
+    chatml   <tools>...</tools> (Hermes, Qwen 2.5)     <tool_call>{"name", "arguments"}    user turn, <tool_response>
+    llama3   JSON function list (Llama 3.1)            {"name", "parameters"}              `ipython` turn
+    phi3     JSON function list (no tool tokens)       {"name", "arguments"}               user turn, <tool_response>
+    gemma    JSON function list (no tool tokens)       {"name", "arguments"}               user turn, <tool_response>
+
+Whatever the family, the parser also accepts a bare JSON call object (`arguments` or `parameters`), a list of
+them, or either inside a ```json fence: small models emit these whatever they were shown.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+
+from extproc.errors import UpstreamError
+
+if TYPE_CHECKING:
+    from extproc.generation import Message
+
+__all__ = [
+    "NO_TOOLING",
+    "CallDetector",
+    "OutputError",
+    "Parsed",
+    "Tool",
+    "ToolCall",
+    "Tooling",
+    "call_id",
+    "check_schema",
+    "parse_output",
+    "to_turns",
+]
+
+_NO_PARAMETERS: Mapping[str, Any] = {"type": "object", "properties": {}}
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=lambda: _NO_PARAMETERS)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text: every API sends it so or re-decodes it
+
+
+@dataclass(frozen=True, slots=True)
+class Tooling:
+    """What the client offered and demands: tools and how they must be used, or a schema the answer must meet."""
+
+    tools: tuple[Tool, ...] = ()
+    choice: str = "auto"  # "auto", "required", "none", or the name of the one tool that must be called
+    parallel: bool = True  # several calls in one answer allowed
+    schema: Mapping[str, Any] | None = None  # structured output: the answer is JSON meeting it ({}: any object)
+
+    @property
+    def calls_allowed(self) -> bool:
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def offered(self) -> tuple[Tool, ...]:
+        """The tools the prompt shows: a named choice shows only that tool, `none` shows none."""
+        if not self.calls_allowed:
+            return ()
+        if self.choice in ("auto", "required"):
+            return self.tools
+        return tuple(t for t in self.tools if t.name == self.choice)
+
+    @property
+    def active(self) -> bool:
+        """The output must be read back (calls or a schema), not only relayed as text."""
+        return self.calls_allowed or self.schema is not None
+
+
+NO_TOOLING = Tooling()
+
+
+class OutputError(UpstreamError):
+    """The model's output did not deliver what the request demands (a call, a valid call, valid JSON)."""
+
+
+def call_id() -> str:
+    """Fresh, unique, not secret (as the processor's completion ids)."""
+    return f"call_{random.getrandbits(96):024x}"
+
+
+def check_schema(schema: Mapping[str, Any]) -> str | None:
+    """Why `schema` is not a usable JSON Schema, or None: checked when the request arrives, not after generating."""
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        return exc.message
+    return None
+
+
+# -- into the prompt ---------------------------------------------------------------------------------------------
+
+
+def _function(tool: Tool) -> dict[str, Any]:
+    return {"name": tool.name, "description": tool.description, "parameters": dict(tool.parameters)}
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _instructions(family: str, tooling: Tooling) -> str:
+    parts: list[str] = []
+    offered = tooling.offered
+    if offered:
+        if family == "chatml":
+            listed = "\n".join(_dumps({"type": "function", "function": _function(t)}) for t in offered)
+            parts.append(
+                "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n"
+                f"<tools>\n{listed}\n</tools>\n\n"
+                "For each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+                '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+            )
+        else:
+            key = "parameters" if family == "llama3" else "arguments"
+            listed = "\n\n".join(_dumps({"type": "function", "function": _function(t)}) for t in offered)
+            parts.append(
+                "You have access to the following functions. To call a function, respond with only a JSON object "
+                f'in the format {{"name": function name, "{key}": dictionary of argument name and its value}}'
+                + ("; to call several, a JSON list of such objects" if tooling.parallel else "")
+                + ". Do not use variables. If no function fits, answer normally.\n\n"
+                + listed
+            )
+        if tooling.choice == "required":
+            parts.append("You must call at least one of these functions.")
+        elif tooling.choice not in ("auto", "none"):
+            parts.append(f'You must call the function "{tooling.choice}".')
+        if not tooling.parallel:
+            parts.append("Call at most one function.")
+    if tooling.schema is not None:
+        schema = f" that conforms to this JSON schema:\n{_dumps(tooling.schema)}" if tooling.schema else ""
+        parts.append(f"Respond only with a JSON object{schema}\nNo prose, no code fence.")
+    return "\n\n".join(parts)
+
+
+def _render_calls(family: str, calls: Sequence[ToolCall]) -> str:
+    key = "parameters" if family == "llama3" else "arguments"
+    rendered = [f'{{"name": {_dumps(c.name)}, "{key}": {c.arguments}}}' for c in calls]
+    if family == "chatml":
+        return "\n".join(f"<tool_call>\n{call}\n</tool_call>" for call in rendered)
+    return rendered[0] if len(rendered) == 1 else "[" + ", ".join(rendered) + "]"
+
+
+def to_turns(family: str, messages: Sequence[Message], tooling: Tooling) -> list[tuple[str, str]]:
+    """Messages with tool calls and results -> plain (role, text) turns for the template, instructions included.
+
+    The instructions open the first system turn (or become one); `tool_choice: none` adds none, but earlier calls
+    and results stay in the conversation, since they happened.
+    """
+    turns: list[tuple[str, str]] = []
+    for m in messages:
+        if m.tool_calls:
+            calls = _render_calls(family, m.tool_calls)
+            turns.append((m.role, f"{m.text}\n{calls}" if m.text else calls))
+        elif m.role == "tool" and family != "llama3":
+            turns.append(("tool", f"<tool_response>\n{m.text}\n</tool_response>"))
+        else:
+            turns.append((m.role, m.text))
+    instructions = _instructions(family, tooling)
+    if instructions:
+        if turns and turns[0][0] in ("system", "developer"):
+            turns[0] = (turns[0][0], f"{turns[0][1]}\n\n{instructions}" if turns[0][1] else instructions)
+        else:
+            turns.insert(0, ("system", instructions))
+    return turns
+
+
+# -- out of the output -------------------------------------------------------------------------------------------
+
+_NATIVE_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_FENCE = re.compile(r"```(?:json|tool_call|tool_code)?\s*\n?(.*?)\s*(?:```|$)", re.S)
+_PYTHON_TAG = "<|python_tag|>"
+# What may begin a call in a stream: text after one of these is held until the end and parsed.
+_OPENERS = ("<tool_call>", "```", _PYTHON_TAG)
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    text: str  # the answer's content: prose around the calls, or the JSON document of a structured answer
+    calls: tuple[ToolCall, ...] = ()
+
+
+def _decode(candidate: str) -> Any:
+    try:
+        return json.loads(candidate)
+    except ValueError:
+        return None
+
+
+def _as_calls(value: Any) -> list[tuple[str, Any]] | None:
+    """(name, arguments) pairs if `value` is a call object or a non-empty list of them."""
+    items = value if isinstance(value, list) and value else [value]
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        if "arguments" in item:
+            arguments = item["arguments"]
+        elif "parameters" in item:
+            arguments = item["parameters"]
+        else:
+            return None
+        if isinstance(arguments, str):  # some models send the arguments as a JSON string, as OpenAI does
+            arguments = _decode(arguments)
+        out.append((item["name"], arguments))
+    return out
+
+
+def _find_calls(output: str) -> tuple[str, list[tuple[str, Any]]] | None:
+    """(prose, calls) if the output holds call markup in any accepted form; None if it holds none."""
+    native = _NATIVE_CALL.findall(output)
+    if native:
+        calls = []
+        for block in native:
+            found = _as_calls(_decode(block))
+            if found is None:
+                raise OutputError(f"The model wrote a tool call that is not valid JSON: {block[:200]!r}",
+                                  code="invalid_tool_call")
+            calls += found
+        return _NATIVE_CALL.sub("", output).strip(), calls
+    stripped = output.strip().removeprefix(_PYTHON_TAG).strip()
+    decoded = _decode(stripped) if stripped[:1] in ("{", "[") else None
+    whole = _as_calls(decoded) if decoded is not None else None
+    if whole is not None:
+        return "", whole
+    for match in _FENCE.finditer(output):
+        found = _as_calls(_decode(match.group(1)))
+        if found is not None:
+            return (output[: match.start()] + output[match.end() :]).strip(), found
+    if stripped[:1] in ("{", "[") and decoded is None:  # it set out to write a call and did not finish one
+        raise OutputError(f"The model's tool call is not valid JSON: {stripped[:200]!r}", code="invalid_tool_call")
+    return None
+
+
+@lru_cache(maxsize=256)
+def _validator(schema_json: str) -> jsonschema.protocols.Validator:
+    schema = json.loads(schema_json)
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def _violation(schema: Mapping[str, Any], value: Any) -> str | None:
+    error = jsonschema.exceptions.best_match(_validator(_dumps(schema)).iter_errors(value))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{error.message}" + (f" (at {where})" if where else "")
+
+
+def _structured(output: str, schema: Mapping[str, Any]) -> Parsed:
+    stripped = output.strip()
+    fenced = _FENCE.search(stripped) if not stripped.startswith(("{", "[")) else None
+    document = fenced.group(1) if fenced else stripped
+    value = _decode(document)
+    if not isinstance(value, dict):
+        raise OutputError(f"The model's answer is not a JSON object: {stripped[:200]!r}", code="invalid_json_output")
+    problem = _violation(schema, value) if schema else None
+    if problem is not None:
+        raise OutputError(f"The model's JSON does not match the schema: {problem}", code="invalid_json_output")
+    return Parsed(_dumps(value))
+
+
+def parse_output(output: str, tooling: Tooling) -> Parsed:
+    """The model's whole output -> content and calls, or OutputError if it fails what the request demands."""
+    if tooling.calls_allowed:
+        found = _find_calls(output)
+        if found is not None:
+            prose, raw = found
+            by_name = {t.name: t for t in tooling.offered}
+            if not tooling.parallel and len(raw) > 1:
+                raise OutputError(f"The model made {len(raw)} tool calls; parallel_tool_calls is false",
+                                  code="invalid_tool_call")
+            calls = []
+            for name, arguments in raw:
+                tool = by_name.get(name)
+                if tool is None:
+                    raise OutputError(f"The model called a tool that was not offered: {name!r}",
+                                      code="invalid_tool_call")
+                if not isinstance(arguments, dict):
+                    raise OutputError(f"The model's arguments for {name!r} are not a JSON object",
+                                      code="invalid_tool_call")
+                problem = _violation(tool.parameters, arguments)
+                if problem is not None:
+                    raise OutputError(f"The model's arguments for {name!r} do not match its schema: {problem}",
+                                      code="invalid_tool_call")
+                calls.append(ToolCall(call_id(), name, _dumps(arguments)))
+            return Parsed(prose, tuple(calls))
+        if tooling.choice != "auto":
+            wanted = "a tool call" if tooling.choice == "required" else f"a call to {tooling.choice!r}"
+            raise OutputError(f"tool_choice requires {wanted}, and the model answered without one",
+                              code="missing_tool_call")
+    if tooling.schema is not None:
+        return _structured(output, tooling.schema)
+    return Parsed(output)
+
+
+class CallDetector:
+    """A stream's text, released as it comes until a tool call (or a structured answer) may be starting; from
+    there on it is held, to be parsed whole at the end, so a client never sees half a call as text.
+
+    A call may start where the text starts with `{`, `[` or `<`, or wherever a call opener (`<tool_call>`, a
+    code fence) appears; a structured answer is held whole. The held-back tail is at most an opener's length.
+    """
+
+    __slots__ = ("_held", "_holding", "_started")
+
+    def __init__(self, tooling: Tooling) -> None:
+        self._held = ""
+        self._holding = tooling.schema is not None and not tooling.calls_allowed
+        self._started = False  # some non-space text has been seen
+
+    def feed(self, text: str) -> str:
+        """Text that may go to the client now."""
+        buf = self._held + text
+        if self._holding:
+            self._held = buf
+            return ""
+        if not self._started:
+            stripped = buf.lstrip()
+            if not stripped:
+                self._held = buf
+                return ""
+            self._started = True
+            if stripped[0] in "{[<`":
+                self._holding = True
+                self._held = buf
+                return ""
+        cut = min((i for i in (buf.find(o) for o in _OPENERS) if i >= 0), default=-1)
+        if cut >= 0:
+            self._holding = True
+            self._held = buf[cut:]
+            return buf[:cut]
+        keep = max((n for o in _OPENERS for n in range(1, len(o)) if buf.endswith(o[:n])), default=0)
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
+
+    def finish(self) -> str:
+        """The held text, for `parse_output` (or to release as text if it holds no call)."""
+        held, self._held = self._held, ""
+        return held
+
+    @property
+    def holding(self) -> bool:
+        return self._holding

@@ -1,0 +1,193 @@
+"""Tools and structured output: the prompt conventions per family, reading calls back, and the stream's hold-back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extproc.generation import Message
+from extproc.templates import TEMPLATES
+from extproc.tools import CallDetector, OutputError, Tool, ToolCall, Tooling, parse_output, to_turns
+
+WEATHER = Tool(
+    "get_weather",
+    "The weather in a city",
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+)
+TIME = Tool("get_time", "The time", {"type": "object", "properties": {}})
+TOOLS = Tooling(tools=(WEATHER, TIME))
+CALL = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+
+
+# -- into the prompt ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", TEMPLATES)
+def test_offered_tools_open_the_system_turn(family: str) -> None:
+    turns = to_turns(family, [Message("system", "Be brief"), Message("user", "Weather?")], TOOLS)
+    role, text = turns[0]
+    assert role == "system" and text.startswith("Be brief\n\n")
+    assert '"name": "get_weather"' in text and '"name": "get_time"' in text
+    assert turns[1] == ("user", "Weather?")
+
+
+def test_without_a_system_turn_the_instructions_become_one() -> None:
+    turns = to_turns("chatml", [Message("user", "Weather?")], TOOLS)
+    assert [role for role, _ in turns] == ["system", "user"]
+    assert "<tools>" in turns[0][1] and "<tool_call>" in turns[0][1]
+
+
+@pytest.mark.parametrize("family", TEMPLATES)
+def test_tool_choice_none_renders_no_tools(family: str) -> None:
+    messages = [Message("user", "Weather?")]
+    assert to_turns(family, messages, Tooling(tools=(WEATHER,), choice="none")) == [("user", "Weather?")]
+
+
+def test_a_named_choice_shows_only_that_tool_and_demands_it() -> None:
+    text = to_turns("llama3", [Message("user", "x")], Tooling(tools=(WEATHER, TIME), choice="get_time"))[0][1]
+    assert '"get_time"' in text and "get_weather" not in text
+    assert 'You must call the function "get_time"' in text
+
+
+def test_required_and_no_parallel_are_said() -> None:
+    text = to_turns("gemma", [Message("user", "x")], Tooling(tools=(WEATHER,), choice="required", parallel=False))[0][1]
+    assert "You must call at least one" in text and "at most one" in text
+
+
+@pytest.mark.parametrize(
+    ("family", "call", "result"),
+    [
+        ("chatml", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+         ("tool", "<tool_response>\n18C\n</tool_response>")),
+        ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}', ("tool", "18C")),
+        ("phi3", '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+         ("tool", "<tool_response>\n18C\n</tool_response>")),
+        ("gemma", '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+         ("tool", "<tool_response>\n18C\n</tool_response>")),
+    ],
+)
+def test_history_calls_and_results_in_the_family_convention(family: str, call: str, result: tuple[str, str]) -> None:
+    history = [Message("user", "Weather?"), Message("assistant", "", (CALL,)), Message("tool", "18C")]
+    turns = to_turns(family, history, Tooling(tools=(WEATHER,), choice="none"))
+    assert turns == [("user", "Weather?"), ("assistant", call), result]
+
+
+def test_several_history_calls_are_a_list_outside_chatml() -> None:
+    two = (CALL, ToolCall("call_2", "get_time", "{}"))
+    assert to_turns("phi3", [Message("assistant", "Checking.", two)], Tooling())[0] == (
+        "assistant",
+        'Checking.\n[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]',
+    )
+
+
+def test_a_schema_is_asked_for_in_the_prompt() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    text = to_turns("chatml", [Message("user", "x")], Tooling(schema=schema))[0][1]
+    assert "JSON object that conforms to this JSON schema" in text and '"integer"' in text
+
+
+# -- out of the output -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        '[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+        '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',
+        '{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}',  # the closing tag stopped short
+    ],
+)
+def test_every_accepted_form_reads_as_the_same_call(output: str) -> None:
+    parsed = parse_output(output, TOOLS)
+    assert parsed.text == ""
+    [call] = parsed.calls
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+    assert call.id.startswith("call_") and len(call.id) > 10
+
+
+def test_calls_get_fresh_ids_and_prose_stays_content() -> None:
+    output = 'Let me check.\n```json\n[{"name": "get_weather", "arguments": {"city": "Oslo"}}, ' \
+             '{"name": "get_time", "arguments": {}}]\n```'
+    parsed = parse_output(output, TOOLS)
+    assert parsed.text == "Let me check."
+    assert [c.name for c in parsed.calls] == ["get_weather", "get_time"]
+    assert len({c.id for c in parsed.calls}) == 2
+
+
+@pytest.mark.parametrize(
+    ("output", "tooling", "code", "words"),
+    [
+        ('{"name": "launch", "arguments": {}}', TOOLS, "invalid_tool_call", "not offered"),
+        ('{"name": "get_weather", "arguments": {"town": "Paris"}}', TOOLS, "invalid_tool_call", "'city' is a required"),
+        ('{"name": "get_weather", "arguments": [1]}', TOOLS, "invalid_tool_call", "not a JSON object"),
+        ('{"name": "get_weather", "arguments": {"city": "Par', TOOLS, "invalid_tool_call", "not valid JSON"),
+        ("<tool_call>{oops}</tool_call>", TOOLS, "invalid_tool_call", "not valid JSON"),
+        ("It is sunny.", Tooling(tools=(WEATHER,), choice="required"), "missing_tool_call", "a tool call"),
+        ('{"name": "get_time", "arguments": {}}', Tooling(tools=(WEATHER, TIME), choice="get_weather"),
+         "invalid_tool_call", "not offered"),
+        ('[{"name": "get_time", "arguments": {}}, {"name": "get_time", "arguments": {}}]',
+         Tooling(tools=(TIME,), parallel=False), "invalid_tool_call", "parallel_tool_calls"),
+        ("Sure! Here it is", Tooling(schema={}), "invalid_json_output", "not a JSON object"),
+        ('{"n": "five"}', Tooling(schema={"type": "object", "properties": {"n": {"type": "integer"}}}),
+         "invalid_json_output", "'five' is not of type 'integer'"),
+    ],
+)
+def test_what_the_request_demands_is_never_passed_off(output: str, tooling: Tooling, code: str, words: str) -> None:
+    with pytest.raises(OutputError) as caught:
+        parse_output(output, tooling)
+    assert caught.value.status == 502 and caught.value.code == code
+    assert words in caught.value.message
+
+
+def test_auto_lets_a_plain_answer_through() -> None:
+    assert parse_output("It is sunny in <b>Paris</b>.", TOOLS).calls == ()
+    assert parse_output("<b>Sunny</b>", TOOLS).text == "<b>Sunny</b>"
+
+
+def test_a_valid_structured_answer_is_normalised_json() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    assert parse_output('```json\n{"n": 5}\n```', Tooling(schema=schema)).text == '{"n": 5}'
+    assert parse_output(' {"anything": [1]} ', Tooling(schema={})).text == '{"anything": [1]}'
+
+
+def test_tools_and_a_schema_together_take_a_call_or_valid_json() -> None:
+    both = Tooling(tools=(WEATHER,), schema={"type": "object", "required": ["answer"]})
+    assert parse_output('{"name": "get_weather", "arguments": {"city": "Rome"}}', both).calls
+    assert parse_output('{"answer": 1}', both).text == '{"answer": 1}'
+
+
+# -- streams -------------------------------------------------------------------------------------------------------
+
+
+def feed_all(detector: CallDetector, pieces: list[str]) -> tuple[str, str]:
+    released = "".join(detector.feed(p) for p in pieces)
+    return released, detector.finish()
+
+
+def test_prose_streams_and_a_call_is_held_whole() -> None:
+    pieces = ["Let", " me", " check", ". <tool", "_call>\n{", '"name": "get_time"', ', "arguments": {}}']
+    pieces.append("</tool_call>")
+    released, held = feed_all(CallDetector(TOOLS), pieces)
+    assert released == "Let me check. "
+    assert held == '<tool_call>\n{"name": "get_time", "arguments": {}}</tool_call>'
+
+
+def test_an_answer_that_opens_like_json_is_held() -> None:
+    released, held = feed_all(CallDetector(TOOLS), ["  ", '{"name"', ': "get_time", "arguments": {}}'])
+    assert released == "" and held == '  {"name": "get_time", "arguments": {}}'
+
+
+def test_text_that_only_looked_like_an_opener_is_released() -> None:
+    released, held = feed_all(CallDetector(TOOLS), ["Use ", "<to", "ol> tags"])
+    assert released == "Use <tool> tags" and held == ""
+
+
+def test_a_structured_answer_is_held_whole() -> None:
+    released, held = feed_all(CallDetector(Tooling(schema={})), ["Sure", "!"])
+    assert released == "" and held == "Sure!"
