@@ -9,6 +9,7 @@ import pytest
 from extproc.generation import Message
 from extproc.templates import TEMPLATES
 from extproc.tools import CallDetector, OutputError, Tool, ToolCall, Tooling, parse_output, to_turns
+from tests.unit.translate import start_chat
 
 WEATHER = Tool(
     "get_weather",
@@ -191,3 +192,74 @@ def test_text_that_only_looked_like_an_opener_is_released() -> None:
 def test_a_structured_answer_is_held_whole() -> None:
     released, held = feed_all(CallDetector(Tooling(schema={})), ["Sure", "!"])
     assert released == "" and held == "Sure!"
+
+
+# -- through the chat adapter --------------------------------------------------------------------------------------
+
+OFFER = [{"type": "function", "function": {"name": "get_weather", "parameters": dict(WEATHER.parameters)}}]
+CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def chat(**fields: object) -> bytes:
+    base: dict[str, object] = {"model": "qwen", "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    return json.dumps({**base, **fields}).encode()
+
+
+def wire(*tokens: str) -> bytes:
+    return "".join(f"data: {line}\n\n" for t in tokens for line in t.split("\n")).encode() + b"data: [DONE]\n\n"
+
+
+def test_a_chat_answer_carries_the_calls() -> None:
+    _, exchange = start_chat(chat(tools=OFFER), {})
+    doc = json.loads(exchange.complete(wire(*CALL_TEXT.split(" "))))
+    [choice] = doc["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_a_history_with_calls_is_accepted_and_rendered() -> None:
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_9", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+        ]},
+        {"role": "tool", "tool_call_id": "call_9", "content": "18C"},
+    ]
+    shimmy, _ = start_chat(chat(messages=history, tools=OFFER), {})
+    prompt = json.loads(shimmy)["prompt"]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris"}}\n</tool_call><|im_end|>' in prompt
+    assert "<|im_start|>tool\n<tool_response>\n18C\n</tool_response><|im_end|>" in prompt
+
+
+def test_a_chat_stream_sends_prose_then_call_deltas() -> None:
+    _, exchange = start_chat(chat(tools=OFFER, stream=True), {})
+    out = exchange.relay(wire("Checking", ".", " ", *CALL_TEXT.split(" ")), end=True)
+    chunks = [json.loads(e.removeprefix("data: ")) for e in out.decode().split("\n\n") if e and e != "data: [DONE]"]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking. "
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert calls[0]["id"].startswith("call_") and calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"city": "Paris"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert not any("<tool_call>" in (d.get("content") or "") for d in deltas)
+
+
+def test_a_stream_whose_required_call_never_came_ends_with_an_error() -> None:
+    _, exchange = start_chat(chat(tools=OFFER, tool_choice="required", stream=True), {})
+    out = exchange.relay(wire("It", " is", " sunny"), end=True).decode()
+    assert '"code":"missing_tool_call"' in out and out.endswith("data: [DONE]\n\n")
+    assert exchange.failure == "missing_tool_call"
+
+
+def test_structured_output_through_the_chat_adapter() -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "required": ["n"]}}}
+    _, exchange = start_chat(chat(response_format=fmt), {})
+    assert json.loads(json.loads(exchange.complete(wire('{"n":', " 3}")))["choices"][0]["message"]["content"]) == {
+        "n": 3
+    }
+    _, exchange = start_chat(chat(response_format=fmt), {})
+    with pytest.raises(OutputError):
+        exchange.complete(wire('{"m":', " 3}"))
