@@ -197,8 +197,11 @@ def to_turns(family: str, messages: Sequence[Message], tooling: Tooling) -> list
 _NATIVE_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _FENCE = re.compile(r"```(?:json|tool_call|tool_code)?\s*\n?(.*?)\s*(?:```|$)", re.S)
 _PYTHON_TAG = "<|python_tag|>"
+# Where a bare JSON call may start after prose ("Sure! {"name": ...}"), as small models write it.
+_JSON_OPENERS = ('{"name"', '{ "name"', '[{"name"', '[{ "name"')
 # What may begin a call in a stream: text after one of these is held until the end and parsed.
-_OPENERS = ("<tool_call>", "```", _PYTHON_TAG)
+_OPENERS = ("<tool_call>", "```", _PYTHON_TAG, *_JSON_OPENERS)
+_RAW_DECODE = json.JSONDecoder().raw_decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +257,15 @@ def _find_calls(output: str) -> tuple[str, list[tuple[str, Any]]] | None:
         found = _as_calls(_decode(match.group(1)))
         if found is not None:
             return (output[: match.start()] + output[match.end() :]).strip(), found
+    for start in sorted(i for i in (output.find(o) for o in _JSON_OPENERS) if i > 0):
+        try:
+            value, end = _RAW_DECODE(output, start)
+        except ValueError:
+            raise OutputError(f"The model's tool call is not valid JSON: {output[start:start + 200]!r}",
+                              code="invalid_tool_call") from None
+        found = _as_calls(value)
+        if found is not None:
+            return (output[:start] + output[end:]).strip(), found
     if stripped[:1] in ("{", "[") and decoded is None:  # it set out to write a call and did not finish one
         raise OutputError(f"The model's tool call is not valid JSON: {stripped[:200]!r}", code="invalid_tool_call")
     return None

@@ -263,3 +263,10 @@ def test_structured_output_through_the_chat_adapter() -> None:
     _, exchange = start_chat(chat(response_format=fmt), {})
     with pytest.raises(OutputError):
         exchange.complete(wire('{"m":', " 3}"))
+
+
+def test_a_bare_call_after_prose_is_read() -> None:
+    parsed = parse_output('Sure! {"name": "get_time", "arguments": {}} Done.', TOOLS)
+    assert parsed.text == "Sure!  Done." and [c.name for c in parsed.calls] == ["get_time"]
+    released, held = feed_all(CallDetector(TOOLS), ["Sure", '! {"na', 'me": "get_time", "arguments": {}}'])
+    assert released == "Sure! " and held.startswith('{"name"')

@@ -1,0 +1,187 @@
+"""Tools and structured output through the running stack, driven by the agent frameworks people use.
+
+The emulator plays the model's raw output (`reply`), so each test decides what the model "wrote" and checks what
+the client library makes of the gateway's answer. Default model `phi3-lora` renders with the phi3 family (a JSON
+call convention); one test uses a ChatML-named alias for the `<tool_call>` convention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel
+
+from tests.integration.conftest import Stack, sse_events
+
+WEATHER_CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+class Weather(BaseModel):
+    city: str
+    celsius: int
+
+
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"18C in {city}"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0) as api:
+        yield api
+
+
+@pytest.fixture
+def chat_model(stack: Stack) -> Iterator[object]:
+    """LangChain's ChatOpenAI on an HTTP client the test closes (every socket a test opens, it closes)."""
+    from langchain_openai import ChatOpenAI
+
+    with httpx.Client() as http:
+        yield ChatOpenAI(
+            base_url=f"{stack.url}/v1", api_key="unused", model="phi3-lora", max_retries=0, http_client=http
+        )
+
+
+def ask(stack: Stack, **fields: object) -> httpx.Response:
+    body = {"model": "phi3-lora", "messages": [{"role": "user", "content": "Weather in Paris?"}], **fields}
+    return httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=30)
+
+
+def test_openai_sdk_gets_a_tool_call_and_shimmy_saw_the_tools(stack: Stack, client: openai.OpenAI) -> None:
+    stack.configure(reply=WEATHER_CALL)
+    answer = client.chat.completions.create(
+        model="phi3-lora", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL]
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    prompt = stack.emulator_stats()["last_generate_body"]["prompt"]
+    assert prompt.startswith("<|system|>\nYou have access to the following functions") and '"get_weather"' in prompt
+
+
+def test_openai_sdk_assembles_a_streamed_tool_call(stack: Stack, client: openai.OpenAI) -> None:
+    stack.configure(reply=f"Let me look. {WEATHER_CALL}")
+    with client.chat.completions.stream(
+        model="phi3-lora", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL]
+    ) as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me look. "
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_tool_call_tags_are_read_whatever_the_family(stack: Stack) -> None:
+    stack.configure(reply=f"<tool_call>\n{WEATHER_CALL}\n</tool_call>")
+    response = ask(stack, tools=[WEATHER_TOOL], model="phi3-lora", stream=True)
+    events = sse_events(response.text.splitlines())
+    deltas = [e["choices"][0]["delta"] for e in events if isinstance(e, dict) and e["choices"]]
+    assert not any("tool_call>" in (d.get("content") or "") for d in deltas)
+    assert next(d["tool_calls"][0]["function"].get("name") for d in deltas if "tool_calls" in d) == "get_weather"
+
+
+@pytest.mark.parametrize(
+    ("reply", "fields", "code"),
+    [
+        ("It is sunny.", {"tool_choice": "required"}, "missing_tool_call"),
+        ('{"name": "launch_rocket", "arguments": {}}', {}, "invalid_tool_call"),
+        ('{"name": "get_weather", "arguments": {"town": "Paris"}}', {}, "invalid_tool_call"),
+        ("Sure, here you go", {"response_format": {"type": "json_object"}, "tools": None}, "invalid_json_output"),
+    ],
+)
+def test_what_the_model_did_not_deliver_is_a_502_not_an_answer(
+    stack: Stack, reply: str, fields: dict, code: str
+) -> None:
+    stack.configure(reply=reply)
+    response = ask(stack, **{"tools": [WEATHER_TOOL], **fields})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == code and response.json()["error"]["type"] == "server_error"
+
+
+def test_chat_completions_parse_with_a_pydantic_model(stack: Stack, client: openai.OpenAI) -> None:
+    stack.configure(reply='```json\n{"city": "Paris", "celsius": 18}\n```')
+    answer = client.chat.completions.parse(
+        model="phi3-lora", messages=[{"role": "user", "content": "Weather in Paris?"}], response_format=Weather
+    )
+    assert answer.choices[0].message.parsed == Weather(city="Paris", celsius=18)
+    prompt = stack.emulator_stats()["last_generate_body"]["prompt"]
+    assert "conforms to this JSON schema" in prompt and '"celsius"' in prompt
+
+
+def test_langchain_bind_tools_two_turn_loop(stack: Stack, chat_model: Any) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    bound = chat_model.bind_tools([get_weather])
+    history: list = [HumanMessage("Weather in Paris?")]
+    stack.configure(reply=WEATHER_CALL)
+    first = bound.invoke(history)
+    [call] = first.tool_calls
+    assert call["name"] == "get_weather" and call["args"] == {"city": "Paris"}
+    history += [first, ToolMessage(get_weather(**call["args"]), tool_call_id=call["id"])]
+    stack.configure(reply="It is 18C in Paris.")
+    final = bound.invoke(history)
+    assert final.content == "It is 18C in Paris." and not final.tool_calls
+    prompt = stack.emulator_stats()["last_generate_body"]["prompt"]
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt and "18C in Paris" in prompt
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(stack: Stack, chat_model: Any, method: str) -> None:
+    document = {"city": "Paris", "celsius": 18}
+    reply = json.dumps(document) if method == "json_schema" else json.dumps({"name": "Weather", "arguments": document})
+    stack.configure(reply=reply)
+    assert chat_model.with_structured_output(Weather, method=method).invoke("Weather in Paris?") == Weather(**document)
+
+
+def test_pydantic_ai_output_type(stack: Stack) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    stack.configure(reply=json.dumps({"name": "final_result", "arguments": {"city": "Paris", "celsius": 18}}))
+
+    async def run() -> object:
+        async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0) as api:
+            model = OpenAIChatModel("phi3-lora", provider=OpenAIProvider(openai_client=api))
+            return (await Agent(model, output_type=Weather).run("Weather in Paris?")).output
+
+    assert asyncio.run(run()) == Weather(city="Paris", celsius=18)
+
+
+def test_openai_agents_sdk_with_one_function_tool(stack: Stack) -> None:
+    from agents import Agent, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    stack.configure(reply=WEATHER_CALL)
+
+    async def run() -> object:
+        async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0) as api:
+            agent = Agent(
+                name="weather",
+                instructions="Answer with the tool.",
+                model=OpenAIChatCompletionsModel(model="phi3-lora", openai_client=api),
+                tools=[function_tool(get_weather)],
+                tool_use_behavior="stop_on_first_tool",
+            )
+            return (await Runner.run(agent, "Weather in Paris?")).final_output
+
+    assert asyncio.run(run()) == "18C in Paris"
