@@ -27,6 +27,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
+import msgspec
 
 from extproc.errors import UpstreamError
 
@@ -105,7 +106,16 @@ def call_id() -> str:
 
 
 def check_schema(schema: Mapping[str, Any]) -> str | None:
-    """Why `schema` is not a usable JSON Schema, or None: checked when the request arrives, not after generating."""
+    """Why `schema` is not a usable JSON Schema, or None: checked when the request arrives, not after generating.
+
+    Cached by the schema's text: an agent sends the same tools with every request, and checking a schema against
+    its meta-schema costs far more than the rest of the request."""
+    return _schema_problem(_dumps(schema))
+
+
+@lru_cache(maxsize=256)
+def _schema_problem(schema_json: str) -> str | None:
+    schema = json.loads(schema_json)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -121,6 +131,12 @@ def _function(tool: Tool) -> dict[str, Any]:
 
 
 def _dumps(value: object) -> str:
+    """Compact JSON, as OpenAI sends arguments (and a cache key); msgspec is several times faster than json."""
+    return msgspec.json.encode(value).decode()
+
+
+def _prompt_json(value: object) -> str:
+    """JSON as the families' own templates print it (`tojson`: `, ` and `: `), so the prompt looks familiar."""
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -129,7 +145,7 @@ def _instructions(family: str, tooling: Tooling) -> str:
     offered = tooling.offered
     if offered:
         if family == "chatml":
-            listed = "\n".join(_dumps({"type": "function", "function": _function(t)}) for t in offered)
+            listed = "\n".join(_prompt_json({"type": "function", "function": _function(t)}) for t in offered)
             parts.append(
                 "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                 "You are provided with function signatures within <tools></tools> XML tags:\n"
@@ -140,7 +156,7 @@ def _instructions(family: str, tooling: Tooling) -> str:
             )
         else:
             key = "parameters" if family == "llama3" else "arguments"
-            listed = "\n\n".join(_dumps({"type": "function", "function": _function(t)}) for t in offered)
+            listed = "\n\n".join(_prompt_json({"type": "function", "function": _function(t)}) for t in offered)
             parts.append(
                 "You have access to the following functions. To call a function, respond with only a JSON object "
                 f'in the format {{"name": function name, "{key}": dictionary of argument name and its value}}'
@@ -155,14 +171,14 @@ def _instructions(family: str, tooling: Tooling) -> str:
         if not tooling.parallel:
             parts.append("Call at most one function.")
     if tooling.schema is not None:
-        schema = f" that conforms to this JSON schema:\n{_dumps(tooling.schema)}" if tooling.schema else ""
+        schema = f" that conforms to this JSON schema:\n{_prompt_json(tooling.schema)}" if tooling.schema else ""
         parts.append(f"Respond only with a JSON object{schema}\nNo prose, no code fence.")
     return "\n\n".join(parts)
 
 
 def _render_calls(family: str, calls: Sequence[ToolCall]) -> str:
     key = "parameters" if family == "llama3" else "arguments"
-    rendered = [f'{{"name": {_dumps(c.name)}, "{key}": {c.arguments}}}' for c in calls]
+    rendered = [f'{{"name": {_prompt_json(c.name)}, "{key}": {c.arguments}}}' for c in calls]
     if family == "chatml":
         return "\n".join(f"<tool_call>\n{call}\n</tool_call>" for call in rendered)
     return rendered[0] if len(rendered) == 1 else "[" + ", ".join(rendered) + "]"
@@ -278,7 +294,10 @@ def _validator(schema_json: str) -> jsonschema.protocols.Validator:
 
 
 def _violation(schema: Mapping[str, Any], value: Any) -> str | None:
-    error = jsonschema.exceptions.best_match(_validator(_dumps(schema)).iter_errors(value))
+    validator = _validator(_dumps(schema))
+    if validator.is_valid(value):
+        return None
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path)

@@ -148,3 +148,31 @@ async def test_native_generate_stream_and_non_stream(emulator: httpx.AsyncClient
     assert stats["last_prompt_tokens"] == GgufCounter(str(models.default_gguf())).count(MODEL, prompt) == 13
     empty = await emulator.post("/api/generate", json={**body, "max_tokens": 0, "stream": False})
     assert empty.json() == {"response": ""}
+
+
+def test_a_tool_call_end_to_end_on_the_real_model(real: Stack) -> None:
+    """The 270M base model is no agent: whatever it writes, the answer must be a validated call or a clear 502."""
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [weather],
+        "tool_choice": "required",
+        "max_tokens": 48,
+        "temperature": 0,
+    }
+    response = httpx.post(f"{real.url}/v1/chat/completions", json=body, timeout=60)
+    if response.status_code == 200:
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        [call] = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and "city" in json.loads(call["function"]["arguments"])
+    else:
+        assert response.status_code == 502, response.text
+        assert response.json()["error"]["code"] in {"missing_tool_call", "invalid_tool_call"}

@@ -153,14 +153,14 @@ def test_auto_lets_a_plain_answer_through() -> None:
 
 def test_a_valid_structured_answer_is_normalised_json() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    assert parse_output('```json\n{"n": 5}\n```', Tooling(schema=schema)).text == '{"n": 5}'
-    assert parse_output(' {"anything": [1]} ', Tooling(schema={})).text == '{"anything": [1]}'
+    assert parse_output('```json\n{"n": 5}\n```', Tooling(schema=schema)).text == '{"n":5}'
+    assert parse_output(' {"anything": [1]} ', Tooling(schema={})).text == '{"anything":[1]}'
 
 
 def test_tools_and_a_schema_together_take_a_call_or_valid_json() -> None:
     both = Tooling(tools=(WEATHER,), schema={"type": "object", "required": ["answer"]})
     assert parse_output('{"name": "get_weather", "arguments": {"city": "Rome"}}', both).calls
-    assert parse_output('{"answer": 1}', both).text == '{"answer": 1}'
+    assert parse_output('{"answer": 1}', both).text == '{"answer":1}'
 
 
 # -- streams -------------------------------------------------------------------------------------------------------
