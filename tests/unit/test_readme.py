@@ -31,14 +31,28 @@ def test_settings_table_matches_the_code() -> None:
 
 
 QUICKSTART = "## Quickstart, per client API"
+CHAT = "### OpenAI chat completions"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+# Every curl of a snippet fails on an HTTP error status, so a 4xx or 5xx answer cannot pass for a working call.
+STRICT_CURL = 'curl() { command curl --fail-with-body "$@"; }\nset -euo pipefail\n'
 
 
-def quickstart_blocks(language: str) -> list[str]:
-    """The fenced blocks of the README's quickstart section (from its heading to the next `## ` heading)."""
-    text = README.read_text()
-    section = text[text.index(QUICKSTART):]
-    section = section[: section.index("\n## ", len(QUICKSTART))]
-    return [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", section, re.S | re.M) if lang == language]
+def section(text: str, heading: str) -> str:
+    """From `heading` to the next heading of the same level or higher."""
+    level = heading.split(" ")[0]
+    start = text.index(heading + "\n")
+    ends = [m.start() for m in re.finditer(rf"^#{{1,{len(level)}}} ", text[start + len(heading):], re.M)]
+    return text[start: start + len(heading) + ends[0]] if ends else text[start:]
+
+
+def quickstart_blocks(language: str, heading: str = QUICKSTART) -> list[str]:
+    text = section(README.read_text(), heading)
+    return [body for lang, body in FENCE.findall(text) if lang == language]
+
+
+def live(body: str, stack: Stack) -> str:
+    assert "http://127.0.0.1:8000/" in body, body
+    return body.replace("http://127.0.0.1:8000/", f"{stack.url}/")
 
 
 @pytest.fixture(scope="module")
@@ -49,25 +63,31 @@ def stack() -> Iterator[Stack]:
     started.log.unlink(missing_ok=True)
 
 
-def test_the_quickstart_curl_calls_work_as_written(stack: Stack) -> None:
-    [body] = quickstart_blocks("bash")
-    assert "http://127.0.0.1:8000/" in body
-    script = "set -euo pipefail\n" + body.replace("http://127.0.0.1:8000/", f"{stack.url}/")
-    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+def test_every_quickstart_snippet_runs_as_written(stack: Stack) -> None:
+    """Each client API's snippets, curl and SDK, exit 0 against the live stack (curl failing on HTTP errors)."""
+    assert quickstart_blocks("bash") and quickstart_blocks("python")
+    for body in quickstart_blocks("bash"):
+        result = subprocess.run(["bash", "-c", STRICT_CURL + live(body, stack)], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{body}"
+    for body in quickstart_blocks("python"):
+        result = subprocess.run([sys.executable, "-c", live(body, stack)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{result.stderr}\n{body}"
+
+
+def test_the_chat_quickstart_shows_what_it_says(stack: Stack) -> None:
+    [curl_calls] = quickstart_blocks("bash", CHAT)
+    result = subprocess.run(["bash", "-c", STRICT_CURL + live(curl_calls, stack)], capture_output=True, text=True,
+                            timeout=60)
     out = result.stdout
     assert '{"status":"healthy","shimmy_status":"healthy"}' in out
     assert '"object":"list"' in out and '"id":"phi3-lora"' in out
     assert '"object":"chat.completion"' in out and '"finish_reason"' in out
     assert '"object":"chat.completion.chunk"' in out and out.rstrip().endswith("data: [DONE]")
 
-
-def test_the_quickstart_sdk_snippet_works_as_written(stack: Stack) -> None:
-    [body] = quickstart_blocks("python")
-    assert 'base_url="http://127.0.0.1:8000/v1"' in body
-    code = body.replace("http://127.0.0.1:8000/", f"{stack.url}/")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    [sdk] = quickstart_blocks("python", CHAT)
+    assert 'base_url="http://127.0.0.1:8000/v1"' in sdk
+    result = subprocess.run([sys.executable, "-c", live(sdk, stack)], capture_output=True, text=True, timeout=60)
     reply, streamed = result.stdout.splitlines()[:2]
     assert reply.startswith("Hello! I am the Shimmy emulator.") and "completion_tokens=" in reply
     assert streamed.startswith("Hello! I am the Shimmy emulator.")
