@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from extproc import cli as extproc_cli
 from extproc import metrics
 from gateway.cli import envoy_binary
+from settings import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -259,6 +261,20 @@ def test_the_standalone_rewrites_give_configs_envoy_accepts(tmp_path: Path) -> N
         result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(target), "--disable-hot-restart"],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_standalone_guide_names_exactly_the_settings_the_processor_reads() -> None:
+    """Not "every EXTPROC_ setting": the guide lists what `shimmy-extproc` reads and says which two it does not."""
+    guide = (ROOT / "docs" / "standalone.md").read_text()
+    paragraph = guide[guide.index("It reads these settings"):]
+    paragraph = paragraph[: paragraph.index("\n\n")]
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]*[A-Z0-9])`", paragraph))
+    if "`EXTPROC_TLS_*`" in paragraph:
+        named |= {s for s in extproc_cli.SETTINGS if s.startswith("EXTPROC_TLS_")}
+    not_its_own = {s.env for s in SETTINGS if s.env.startswith("EXTPROC_")} - set(extproc_cli.SETTINGS)
+    assert named == set(extproc_cli.SETTINGS) | not_its_own
+    for name in not_its_own:
+        assert f"`{name}` is " in paragraph, name
 
 
 def test_the_standalone_guide_gives_the_envoy_command_for_the_example() -> None:
