@@ -7,16 +7,20 @@ docs/), every snippet runnable as written. The README's quickstart is run agains
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -24,6 +28,7 @@ from extproc import cli as extproc_cli
 from extproc import metrics
 from gateway.cli import envoy_binary
 from settings import SETTINGS
+from tests.integration.conftest import free_port, terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -243,6 +248,63 @@ def test_the_dev_cert_script_makes_certificates_the_example_accepts(tmp_path: Pa
     for name in re.findall(r"/etc/shimmy-gateway/tls/([\w.-]+)", example):
         assert name in files, name
     assert all((p.stat().st_mode & 0o077) == 0 for p in out.glob("*.key"))
+
+
+def _terminal_commands(guide: str) -> dict[str, str]:
+    """The mTLS recipe's blocks, by what they start with."""
+    recipe = guide[guide.index("## Try it on a laptop"): guide.index("## Plaintext TCP")]
+    found = {}
+    for body in re.findall(r"^```bash\n(.*?)^```", recipe, re.S | re.M):
+        key = next(k for k in ("make-dev-certs", "shimmy-emulator", "shimmy-extproc", "envoy -c", "curl") if k in body)
+        found[key] = body
+    return found
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("curl") is None, reason="needs openssl and curl")
+def test_the_mtls_recipe_works_as_written(tmp_path: Path) -> None:
+    """docs/standalone.md's four terminals, run as written from a copy of the repository root, on free ports:
+    the certificates from the script, the emulator, the processor over mTLS, Envoy with the example; then the
+    guide's curl calls answer 200 through Envoy and the processor."""
+    for name in ("scripts", "envoy"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    blocks_by_key = _terminal_commands((ROOT / "docs" / "standalone.md").read_text())
+    ports = {"8000": free_port(), "9901": free_port(), "50051": free_port(), "8080": free_port()}
+
+    def local(command: str) -> str:
+        command = command.replace(".venv/bin/shimmy-emulator", f"{sys.executable} -m shimmy")
+        command = command.replace(".venv/bin/shimmy-extproc", f"{sys.executable} -m extproc.cli")
+        command = command.replace(".venv/bin/envoy", envoy_binary()).replace("/tmp/", f"{tmp_path}/")
+        return re.sub(r"\b(8000|9901|50051|8080)\b", lambda m: str(ports[m.group(1)]), command)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HEALTH_INTERVAL_S": "0.5"}
+    subprocess.run(["bash", "-euc", blocks_by_key["make-dev-certs"]], cwd=tmp_path, check=True, env=env, timeout=60)
+    envoy_block = blocks_by_key["envoy -c"].splitlines()
+    subprocess.run(["bash", "-euc", local(envoy_block[0])], cwd=tmp_path, check=True, env=env, timeout=60)
+    config = next(tmp_path.glob("standalone-*.yaml"))
+    config.write_text(re.sub(r"port_value: (8000|9901|50051|8080)\b", lambda m: f"port_value: {ports[m.group(1)]}",
+                             config.read_text()))
+    children = []
+    try:
+        for command in (blocks_by_key["shimmy-emulator"], blocks_by_key["shimmy-extproc"], envoy_block[1]):
+            with (tmp_path / f"{len(children)}.log").open("wb") as log:
+                children.append(subprocess.Popen(["bash", "-c", "exec " + local(command).replace("\\\n", " ")],
+                                                 cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT))
+        health = f"http://127.0.0.1:{ports['8000']}/health"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(health, timeout=2).status_code == 200:
+                    break
+            assert all(c.poll() is None for c in children), [p.read_text() for p in tmp_path.glob("*.log")]
+            time.sleep(0.1)
+        calls = 'curl() { command curl --fail-with-body "$@"; }\nset -euo pipefail\n' + local(blocks_by_key["curl"])
+        result = subprocess.run(["bash", "-c", calls], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr + "".join(p.read_text() for p in tmp_path.glob("*.log"))
+        assert '"status":"healthy"' in result.stdout and '"object":"chat.completion"' in result.stdout
+        assert "(TLS)" in (tmp_path / "1.log").read_text()  # the processor really served over TLS
+    finally:
+        for child in children:
+            terminate(child)
 
 
 def test_the_standalone_rewrites_give_configs_envoy_accepts(tmp_path: Path) -> None:
