@@ -18,7 +18,8 @@ _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 
 
 TOKENS = Counter(
     "gen_ai_usage_tokens",
-    "Tokens by model and type (input = prompt, an estimate; output = completion, exact).",
+    "Tokens by model and type (input = prompt: exact with TOKENIZER_GGUF, else estimated; "
+    "output = completion, exact).",
     ["gen_ai_request_model", "gen_ai_token_type"],
     registry=REGISTRY,
 )

@@ -36,7 +36,7 @@ K8S = ROOT / "k8s"
 TEMPLATE = K8S / "shimmy-serving-template.yaml"
 INFERENCE_SERVICE = K8S / "inferenceservice.yaml"
 CONFIGURATION = K8S / "configuration.example.json"
-GUIDE = ROOT / "README.md"
+GUIDE = ROOT / "k8s" / "README.md"
 
 GATEWAY_PORT = 8000
 UID_GID = "65534:65534"
