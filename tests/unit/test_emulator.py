@@ -387,15 +387,13 @@ async def test_load_delay_once_in_2x_every_time_in_1x(emu: Emulator) -> None:
     assert await elapsed() >= 0.28
 
 
-async def test_generations_run_concurrently(emu: Emulator) -> None:
-    await emu.configure(reply="a b c d e", token_delay_ms=100)
-    start = time.monotonic()
-    tasks = [asyncio.create_task(emu.generate(stream=False)) for _ in range(8)]
-    await asyncio.sleep(0.25)
-    assert (await emu.stats())["active_generations"] == 8
-    results = await asyncio.gather(*tasks)
-    assert all(r.json() == {"response": "a b c d e"} for r in results)
-    assert time.monotonic() - start < 1.5
+@pytest.mark.parametrize(("version", "peak"), [("1.8.1", 8), ("2.5.0", 1)])
+async def test_1x_runs_generations_side_by_side_2x_one_at_a_time(emu: Emulator, version: str, peak: int) -> None:
+    await emu.configure(version=version, reply="a b c", token_delay_ms=30)
+    results = await asyncio.gather(*(emu.generate(stream=False) for _ in range(8)))
+    assert all(r.json() == {"response": "a b c"} for r in results)
+    stats = await emu.stats()
+    assert (stats["peak_generations"], stats["active_generations"], stats["queued_generations"]) == (peak, 0, 0)
 
 
 async def test_messages_are_rendered_like_shimmy(emu: Emulator) -> None:
@@ -643,12 +641,15 @@ async def test_config_controls(emu: Emulator) -> None:
         "hang",
         "engine",
         "gguf",
+        "max_generations",
+        "generation_memory_mib",
+        "replies",
     }
     assert config["engine"] == "fixed"
     r = await emu.client.put("/_emulator/config", json={"reply": "x", "bogus": 1})
     assert r.status_code == 400 and "bogus" in r.json()["error"]
     bads = ({"token_delay_ms": -1}, {"version": "latest"}, {"models": []}, {"error_after": 1.5}, {"hang": "yes"},
-            {"engine": "gpt"})
+            {"engine": "gpt"}, {"max_generations": 0}, {"replies": "x"}, {"generation_memory_mib": -1})
     for bad in bads:
         assert (await emu.client.put("/_emulator/config", json=bad)).status_code == 400, bad
     assert (await emu.client.put("/_emulator/config", content=b"{")).status_code == 400
@@ -672,7 +673,13 @@ async def test_stats_show_what_reached_shimmy(emu: Emulator) -> None:
         "last_generate_headers": None,
         "last_prompt": None,
         "last_prompt_tokens": None,
+        "last_prompt_count": None,
         "active_generations": 0,
+        "abandoned_active": 0,
+        "queued_generations": 0,
+        "peak_generations": 0,
+        "abandoned_generations": 0,
+        "memory_mib": 0.0,
         "chat_requests": 0,
     }
     await emu.generate(prompt="p", stream=False, max_tokens=3, stop=["x"])
