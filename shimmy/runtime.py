@@ -296,6 +296,8 @@ class Runtime:
 
     def _tokens(self, gen: _Generation, max_tokens: int, params: GenParams | None) -> AsyncIterator[Token]:
         engine = self.engine
+        if params is not None and self.profile.backend.deterministic:
+            params = dataclasses.replace(params, temperature=0.0)  # 1.x decodes greedily, whatever was asked
         if gen.reply is not None and isinstance(engine, Engine):
             return engine.generate(max_tokens, params, tokens=tokenize(gen.reply))
         return engine.generate(max_tokens, params)

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 import settings
-from shimmy import axum, binary, versions
+from shimmy import axum, binary, llama_engine, versions
 from shimmy.emulator import EmulatorConfig, create_app
 from shimmy.engine import tokenize
 from shimmy.native import GENERATE
@@ -983,3 +983,20 @@ def test_the_emulator_process_dies_as_the_real_one(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.skipif(not llama_engine.engine_available()[0], reason="no llm extra (llama.cpp and its model)")
+async def test_1x_decodes_greedily_whatever_the_sampling_fields_say() -> None:
+    """1.x's sampler chain ends in greedy(): temperature and seed change nothing. 2.x samples (seed 42 default)."""
+    prompt = "<start_of_turn>user\nWrite a line about the sea.<end_of_turn>\n<start_of_turn>model\n"
+    config = EmulatorConfig(version="1.8.1", models=[MODEL], engine="llama")
+    async with serving(config, client_timeout=60) as (client, _):
+
+        async def answer(seed: int) -> str:
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 1.5, "seed": seed}
+            r = await client.post("/api/generate", json={**body, "stream": False})
+            return r.json()["response"]  # type: ignore[no-any-return]
+
+        assert await answer(1) == await answer(2)
+        await client.put("/_emulator/config", json={"version": "2.5.0"})
+        assert await answer(1) != await answer(2)
