@@ -54,6 +54,10 @@ class Stack:
     def configure(self, **changes: object) -> None:
         httpx.put(f"{self.emulator}/config", json=changes).raise_for_status()
 
+    def shimmy_version(self) -> str:
+        """The version the emulator mimics (and, for a `versioned_stack`, the one the processor was told)."""
+        return str(httpx.get(f"{self.emulator}/config").json()["version"])
+
     def emulator_stats(self) -> dict:
         return httpx.get(f"{self.emulator}/stats").json()
 
