@@ -772,6 +772,7 @@ def test_backend_profiles_per_version() -> None:
     assert two.line == "2.x" and two.serialized and two.stream_errors_reported and not two.runs_without_gpu
     assert two.sampling == {"max_tokens", "temperature", "top_p"} and two.seeded and not two.deterministic
     assert all(p.nonstream_failure_502 and p.parses_special_tokens for p in (old, pinned, two))
+    assert (pinned.output_room(4090), pinned.output_room(5000), two.output_room(10)) == (6, 0, None)
     assert versions.parse_version("shimmy 1.8.1") == (1, 8, 1)
     with pytest.raises(ValueError, match="not a Shimmy version"):
         versions.profile_for("latest")
