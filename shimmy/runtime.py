@@ -249,29 +249,31 @@ class Runtime:
 
     @asynccontextmanager
     async def _generating(self, request: web.Request, params: GenParams | None) -> AsyncIterator[_Generation]:
-        """One generation's life: the model slot (2.x), memory (1.x), the prompt checks, the counters."""
+        """One generation's life: the model slot (2.x), memory (1.x), the prompt checks, the counters.
+
+        Counters are read from `self.stats` each time: a reset replaces it while generations still run.
+        """
         backend = self.profile.backend
-        stats = self.stats
         async with contextlib.AsyncExitStack() as stack:
             if backend.serialized:
-                stats.queued_generations += 1
+                self.stats.queued_generations += 1
                 try:
                     await stack.enter_async_context(self._model_lock)
                 finally:
-                    stats.queued_generations -= 1
+                    self.stats.queued_generations -= 1
             limit = self.config.max_generations
-            if not backend.serialized and limit is not None and stats.active_generations >= limit:
+            if not backend.serialized and limit is not None and self.stats.active_generations >= limit:
                 self._kill(request, signal.SIGKILL, "")  # the kernel says nothing to the process it kills
             prompt = params.prompt if params is not None else ""
             exact = self.engine.prompt_tokens(prompt)
-            count = stats.last_prompt_count = exact if exact is not None else prompt_count(prompt)
+            count = self.stats.last_prompt_count = exact if exact is not None else prompt_count(prompt)
             batch = backend.prompt_batch_tokens
             if batch is not None and count > batch and backend.prompt_overflow == "abort":
                 self._kill(request, signal.SIGABRT, BATCH_ASSERT)
-            gen = _Generation(request, stats, self._kv_room(count))
-            stats.active_generations += 1
-            stats.peak_generations = max(stats.peak_generations, stats.active_generations)
-            stats.memory_mib = self._memory()
+            gen = _Generation(request, self, self._kv_room(count))
+            self.stats.active_generations += 1
+            self.stats.peak_generations = max(self.stats.peak_generations, self.stats.active_generations)
+            self.stats.memory_mib = self._memory()
             try:
                 if self.config.hang:
                     await _hang(request)
@@ -279,10 +281,10 @@ class Runtime:
                     gen.reply = self.config.replies.pop(0)
                 yield gen
             finally:
-                stats.active_generations -= 1
+                self.stats.active_generations -= 1
                 if gen.abandoned:
-                    stats.abandoned_active -= 1
-                stats.memory_mib = self._memory()
+                    self.stats.abandoned_active -= 1
+                self.stats.memory_mib = self._memory()
 
     def _kv_room(self, prompt_tokens: int) -> int | None:
         """Tokens a generation can emit before its decode finds the KV cache full (1.x); None: no such end.
@@ -355,10 +357,10 @@ class Runtime:
 class _Generation:
     """One running generation: whether its client has left (checked per token), and its KV-cache room (1.x)."""
 
-    __slots__ = ("abandoned", "count", "reply", "request", "room", "stats")
+    __slots__ = ("abandoned", "count", "reply", "request", "room", "runtime")
 
-    def __init__(self, request: web.Request, stats: Stats, room: int | None) -> None:
-        self.request, self.stats, self.room = request, stats, room
+    def __init__(self, request: web.Request, runtime: Runtime, room: int | None) -> None:
+        self.request, self.runtime, self.room = request, runtime, room
         self.abandoned = False
         self.count = 0
         self.reply: str | None = None
@@ -368,8 +370,9 @@ class _Generation:
         self.count += 1
         if not self.abandoned and _gone(self.request):
             self.abandoned = True
-            self.stats.abandoned_generations += 1
-            self.stats.abandoned_active += 1
+            stats = self.runtime.stats
+            stats.abandoned_generations += 1
+            stats.abandoned_active += 1
         if self.room is not None and self.count >= self.room:
             raise GenerationError(KV_FULL)
 

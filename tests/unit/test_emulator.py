@@ -912,6 +912,20 @@ async def test_abandoned_generations_run_on_and_are_counted(emu: Emulator) -> No
     assert (await emu.stats())["abandoned_generations"] == 1
 
 
+async def test_the_gauges_survive_a_reset_while_generations_run(emu: Emulator) -> None:
+    await emu.configure(version="1.8.1", reply="a b c d e f g h", token_delay_ms=20)
+    async with emu.client.stream("POST", "/api/generate", json={"model": MODEL, "stream": True}) as r:
+        await anext(r.aiter_raw())
+        assert (await emu.client.post("/_emulator/reset")).status_code == 200
+        assert (await emu.stats())["active_generations"] == 1
+    for _ in range(200):
+        stats = await emu.stats()
+        if stats["active_generations"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (stats["active_generations"], stats["abandoned_active"], stats["memory_mib"]) == (0, 0, 0.0)
+
+
 async def test_queued_replies_are_used_one_per_generation(emu: Emulator) -> None:
     await emu.configure(replies=['{"name": "get_weather"}', "second"])
     assert (await emu.generate(stream=False)).json() == {"response": '{"name": "get_weather"}'}
