@@ -102,12 +102,14 @@ class Setting:
             return f"{', '.join(rest)} or {last}" if rest else last
         if self.kind in (int, float):
             noun = "an integer" if self.kind is int else "a number"
-            if self.low is not None and self.high is not None:
-                return f"{noun} from {self.low:g} to {self.high:g}"
-            if self.low is not None:
-                return f"{noun} of at least {self.low:g}"
-            if self.high is not None:
-                return f"{noun} of at most {self.high:g}"
+            shown = "{:g}" if self.kind is float else "{:d}"
+            low, high = (None if b is None else shown.format(b) for b in (self.low, self.high))
+            if low is not None and high is not None:
+                return f"{noun} from {low} to {high}"
+            if low is not None:
+                return f"{noun} of at least {low}"
+            if high is not None:
+                return f"{noun} of at most {high}"
             return noun
         return "text"
 
