@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         # asyncio's own loop: gRPC does its I/O in its C core, and uvloop measured no faster here (bench steps).
         asyncio.run(_run(ctx, server, grace))
     except OSError as exc:  # the address cannot be bound: a setting to change (EXTPROC_PORT, EXTPROC_HOST)
-        fail(PROG, f"EXTPROC_PORT={settings.extproc_port!r}: {exc}")
+        fail(PROG, f"{exc}; change EXTPROC_PORT (or EXTPROC_HOST)")
     return 0
 
 
