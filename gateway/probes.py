@@ -89,13 +89,20 @@ def _listening_inodes(port: int) -> set[str]:
     return inodes
 
 
-def listens(pid: int, port: int) -> bool | None:
-    """Whether process `pid` holds a listening socket on TCP `port`; None where /proc cannot tell (not Linux)."""
-    if not Path("/proc/net/tcp").exists():
-        return None
-    inodes = _listening_inodes(port)
-    if not inodes:
-        return False
+def _group(pgid: int) -> list[int]:
+    """The processes of process group `pgid` (each child leads its own; a wrapper script's program is in it too)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _holds(pid: int, inodes: set[str]) -> bool:
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -108,3 +115,14 @@ def listens(pid: int, port: int) -> bool | None:
         if link.startswith("socket:[") and link[8:-1] in inodes:
             return True
     return False
+
+
+def listens(pid: int, port: int) -> bool | None:
+    """Whether process `pid`, or a process of the group it leads, listens on TCP `port`; None where /proc cannot
+    tell (not Linux)."""
+    if not Path("/proc/net/tcp").exists():
+        return None
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return False
+    return _holds(pid, inodes) or any(_holds(member, inodes) for member in _group(pid) if member != pid)

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from gateway import cli
-from gateway.probes import envoy_ready, grpc_serving, http_ok
+from gateway.probes import envoy_ready, grpc_serving, http_ok, listens, port_free
 from gateway.supervisor import Backoff, Child, Port, format_line, supervise
 from settings import load
 
@@ -229,6 +229,23 @@ async def test_a_probe_answered_by_another_process_on_the_port_is_not_ready(tmp_
     )
     assert code == 1 and run.ready_calls == 0  # `a` answered b's probe all along, but b never listened
     assert run.lines[-1] == "[supervisor] b not ready after 1 s"
+
+
+def test_listens_tells_whose_port_it_is_even_behind_a_wrapper_script() -> None:
+    """A SHIMMY_BIN that is a shell script running the real program (no exec) still counts as listening."""
+    program = "import socket, time; s = socket.create_server(('127.0.0.1', 0)); print(s.getsockname()[1], flush=True)"
+    wrapper = subprocess.Popen(["sh", "-c", f'{sys.executable} -c "{program}; time.sleep(30)"; true'],
+                               stdout=subprocess.PIPE, start_new_session=True, text=True)
+    try:
+        assert wrapper.stdout is not None
+        port = int(wrapper.stdout.readline())
+        assert listens(wrapper.pid, port) is True
+        assert listens(os.getpid(), port) is False
+        assert not port_free("127.0.0.1", port)
+    finally:
+        os.killpg(wrapper.pid, signal.SIGKILL)
+        wrapper.wait()
+    assert port_free("127.0.0.1", port)
 
 
 async def test_a_supervisor_killed_with_sigkill_takes_its_children_along(tmp_path: Path) -> None:
