@@ -234,17 +234,16 @@ async def test_a_probe_answered_by_another_process_on_the_port_is_not_ready(tmp_
 def test_listens_tells_whose_port_it_is_even_behind_a_wrapper_script() -> None:
     """A SHIMMY_BIN that is a shell script running the real program (no exec) still counts as listening."""
     program = "import socket, time; s = socket.create_server(('127.0.0.1', 0)); print(s.getsockname()[1], flush=True)"
-    wrapper = subprocess.Popen(["sh", "-c", f'{sys.executable} -c "{program}; time.sleep(30)"; true'],
-                               stdout=subprocess.PIPE, start_new_session=True, text=True)
-    try:
-        assert wrapper.stdout is not None
-        port = int(wrapper.stdout.readline())
-        assert listens(wrapper.pid, port) is True
-        assert listens(os.getpid(), port) is False
-        assert not port_free("127.0.0.1", port)
-    finally:
-        os.killpg(wrapper.pid, signal.SIGKILL)
-        wrapper.wait()
+    with subprocess.Popen(["sh", "-c", f'{sys.executable} -c "{program}; time.sleep(30)"; true'],
+                          stdout=subprocess.PIPE, start_new_session=True, text=True) as wrapper:
+        try:
+            assert wrapper.stdout is not None
+            port = int(wrapper.stdout.readline())
+            assert listens(wrapper.pid, port) is True
+            assert listens(os.getpid(), port) is False
+            assert not port_free("127.0.0.1", port)
+        finally:
+            os.killpg(wrapper.pid, signal.SIGKILL)
 
 
 async def test_a_supervisor_killed_with_sigkill_takes_its_children_along(tmp_path: Path) -> None:
