@@ -5,6 +5,10 @@ It serves Envoy's ext_proc API and the gRPC health service on `EXTPROC_HOST:EXTP
 (`EXTPROC_TLS_CLIENT_CA`), with gRPC reflection on request (`EXTPROC_REFLECTION`). SIGTERM or SIGINT: health
 turns NOT_SERVING, no new stream is accepted, live streams get `EXTPROC_SHUTDOWN_GRACE_S` to finish, exit 0; a
 second signal cuts the grace short. envoy/standalone.example.yaml plugs it into an Envoy of your own.
+
+It reads exactly the settings in `SETTINGS` below; the stack's EXTPROC_WORKERS and EXTPROC_MESSAGE_TIMEOUT_MS
+belong to `shimmy-gateway` (how many processors it starts, and Envoy's limit per message), so here they are refused
+as flags and ignored in the environment. A bad setting, or an address it cannot bind, is one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from extproc import templates, tokens
 from extproc.health import ShimmyMonitor
 from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
-from settings import Settings, load, parse_pairs
+from settings import Settings, fail, load, parse_pairs
 
 __all__ = ["grpc_address", "main", "tls_credentials"]
+
+PROG = "shimmy-extproc"
 
 SETTINGS = (
     "EXTPROC_HOST",
@@ -154,11 +160,7 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         templates.check_overrides(overrides)
     except ValueError as exc:
         raise ValueError(f"PROMPT_TEMPLATES: {exc}") from None
-    shimmy_url = settings.shimmy_url.strip() or f"http://127.0.0.1:{settings.shimmy_port}"
-    if not shimmy_url.startswith(("http://", "https://")):
-        raise ValueError(f"SHIMMY_URL={shimmy_url!r}: expected an http:// or https:// URL")
-    if settings.extproc_shutdown_grace_s < 0:
-        raise ValueError("EXTPROC_SHUTDOWN_GRACE_S must not be negative")
+    shimmy_url = settings.shimmy_url.strip() or f"http://127.0.0.1:{settings.shimmy_port}"  # load() checked it
     monitor = ShimmyMonitor(
         shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup")
     )
@@ -182,20 +184,20 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load(SETTINGS, argv, prog="shimmy-extproc", description=__doc__)
+    settings = load(SETTINGS, argv, prog=PROG, description=__doc__)
     logging.basicConfig(
         level=settings.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         ctx, server = build(settings)
     except ValueError as exc:
-        raise SystemExit(f"shimmy-extproc: {exc}") from None
+        fail(PROG, str(exc))
     grace = settings.extproc_shutdown_grace_s
     try:
         # asyncio's own loop: gRPC does its I/O in its C core, and uvloop measured no faster here (bench steps).
         asyncio.run(_run(ctx, server, grace))
-    except OSError as exc:  # the address cannot be bound
-        raise SystemExit(f"shimmy-extproc: {exc}") from None
+    except OSError as exc:  # the address cannot be bound: a setting to change (EXTPROC_PORT, EXTPROC_HOST)
+        fail(PROG, f"{exc}; change EXTPROC_PORT (or EXTPROC_HOST)")
     return 0
 
 

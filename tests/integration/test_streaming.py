@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 
 import httpx
@@ -145,11 +146,17 @@ def test_error_before_the_first_byte_keeps_its_status(stack: Stack) -> None:
 
 
 def test_drop_before_the_first_token_reaches_the_client_is_still_a_json_error(stack: Stack) -> None:
-    stack.configure(reply=REPLY, drop_after=1)  # unpaced: Shimmy is gone before the processor let headers out
+    """Shimmy's connection closes before its response starts: the streaming client gets a JSON error, not a 200.
+
+    Not `drop_after=1`, which failed 2 runs in 15: once Shimmy's 200 and first token are on the wire, whether Envoy
+    has let the client's headers out when the reset arrives is a race between the processor's answer to the
+    response headers and the reset, so the client sees either a 502 or a 200 cut short. Neither is a success;
+    test_dropped_upstream_connection_ends_the_response_without_a_hang covers the second."""
+    stack.configure(reply=REPLY, drop_after=0)
     resp, lines = stream_lines(stack, CHAT)
-    assert resp.status_code == 502
+    assert resp.status_code == 503
     assert resp.headers["content-type"] == "application/json"
-    assert '"upstream_error"' in "".join(lines)
+    assert json.loads("".join(lines))["error"]["code"] == "backend_unavailable"  # Envoy's flag UC: no response
 
 
 def _ext_proc_open_streams(stack: Stack) -> int:
