@@ -158,6 +158,11 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     in_flight = settings.max_connections * hcm["http2_protocol_options"]["max_concurrent_streams"]
     [breaker] = extproc["circuit_breakers"]["thresholds"]
     breaker["max_requests"] = breaker["max_pending_requests"] = in_flight + 100  # + the metrics listener's few
+    streams = extproc["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
+        "explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"]
+    chats = settings.max_active_requests + settings.max_queued_requests  # each holds a stream for its whole life
+    per_pool = 1 + -(-chats // streams)  # ceil, + one connection's worth for health, models and metrics
+    breaker["max_connections"] = per_pool * settings.envoy_workers * settings.extproc_workers
     extproc["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
         {"endpoint": {"address": address}} for address in extproc_addresses(settings)
     ]
