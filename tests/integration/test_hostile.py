@@ -155,7 +155,7 @@ def test_a_burst_past_1024_requests_gets_no_500_and_every_refusal_has_retry_afte
     statuses = sorted({a.status for a in health}) + sorted({getattr(r, "status_code", 0) for r in chats})
     assert 500 not in statuses, statuses
     for answer in health:
-        assert answer.status == 200 or (answer.status == 503 and "retry-after" in answer.headers), (answer, [(a.status, a.body) for a in health if a.status != 200][:3])
+        assert answer.status == 200 or (answer.status == 503 and "retry-after" in answer.headers), answer
     served = 0
     for resp in chats:
         assert isinstance(resp, httpx.Response), resp
@@ -252,6 +252,10 @@ def _served(conn: socket.socket) -> bool:
 
 
 def test_connections_past_the_cap_are_closed_and_the_gateway_recovers(hostile: Stack) -> None:
+    deadline = time.monotonic() + 10  # earlier tests' connections are closed, and Envoy has counted them out
+    while hostile.envoy_stats("http.gateway.downstream_cx_active").get("http.gateway.downstream_cx_active", 0):
+        assert time.monotonic() < deadline, "connections from earlier tests still open"
+        time.sleep(0.05)
     held: list[socket.socket] = []
     try:
         refused = None
@@ -263,8 +267,8 @@ def test_connections_past_the_cap_are_closed_and_the_gateway_recovers(hostile: S
             held.append(conn)
         assert refused is not None, "no connection was refused past the cap"
         refused.close()
-        # Another process's probe may hold one of the slots meanwhile.
-        assert MAX_CONNECTIONS - 3 <= len(held) <= MAX_CONNECTIONS
+        # The supervisor's readiness probe may hold a slot meanwhile.
+        assert MAX_CONNECTIONS - 2 <= len(held) <= MAX_CONNECTIONS
     finally:
         for conn in held:
             conn.close()
