@@ -231,6 +231,20 @@ def test_connect_and_unknown_methods_are_an_immediate_405(hostile: Stack, reques
     assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
 
 
+def test_an_http2_connect_is_an_immediate_405(hostile: Stack) -> None:
+    client = H2Client(hostile.gateway_port)
+    try:
+        stream = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream, [(":method", "CONNECT"), (":authority", "127.0.0.1:22")])
+        client.answers[stream] = H2Answer()
+        client.flush()
+        answer = client.collect([stream], time.monotonic() + 2)[stream]
+    finally:
+        client.close()
+    assert answer.status == 405, answer
+    assert assert_openai_error(405, answer.headers, answer.body)["code"] == "method_not_allowed"
+
+
 @pytest.mark.parametrize("encoding", [b"gzip", b"chunked, chunked", b"identity", b"chunked\r\nTransfer-Encoding: x"])
 def test_invalid_transfer_encoding_is_a_400_in_openai_shape(hostile: Stack, encoding: bytes) -> None:
     answer = raw_request(hostile, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
