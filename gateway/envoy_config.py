@@ -2,8 +2,9 @@
 
 The shipped file is a complete, valid config with the default settings; rendering changes only the fields
 found here by name (listener `gateway`, routes `chat` and `metrics`, the ext_proc and buffer filters, clusters
-`shimmy`, `extproc` and `envoy_admin`), so the YAML stays the one place where routing, health checks and
-replies are declared.
+`shimmy`, `extproc` and `envoy_admin`, the overload manager's connection cap), so the YAML stays the one place
+where routing, health checks and replies are declared. With keys it adds the api_key_auth filter and a route
+requiring the bearer scheme; with METRICS_PORT, a loopback copy of the listener serving only the metrics.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _seconds(value: float) -> str:
 
 
 def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_keys: str) -> None:
-    """Put Envoy's api_key_auth filter first; health stays open, because probes carry no key."""
+    """Put Envoy's api_key_auth filter first (after the access log's path); health stays open, because probes
+    carry no key."""
     keys = [k.strip() for k in raw_keys.split(",") if k.strip()]
     filters = hcm["http_filters"]
     filters.insert(
@@ -157,7 +159,7 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     # One ext_proc stream per request in flight; never the first limit a burst meets (envoy/gateway.yaml).
     in_flight = settings.max_connections * hcm["http2_protocol_options"]["max_concurrent_streams"]
     [breaker] = extproc["circuit_breakers"]["thresholds"]
-    breaker["max_requests"] = breaker["max_pending_requests"] = in_flight + 100  # + the metrics listener's few
+    breaker["max_requests"] = breaker["max_pending_requests"] = in_flight + 100  # + headroom
     streams = extproc["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
         "explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"]
     chats = settings.max_active_requests + settings.max_queued_requests  # each holds a stream for its whole life
