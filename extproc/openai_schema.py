@@ -17,6 +17,8 @@ from extproc.errors import InvalidRequest
 __all__ = ["ChatRequest", "Message", "StreamOptions", "TextPart", "parse_chat_request"]
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's own limit
+MAX_STOP_LENGTH = 256  # characters per stop sequence: ours (OpenAI documents none); the matcher's cost does not grow
+# with it, but its automaton is built per request, and no real end-of-answer marker is this long
 MAX_TOKENS_LIMIT = 131072  # Shimmy 2.x rejects more; no GGUF we serve has a longer context
 I32_MAX = 2**31 - 1  # Shimmy reads top_k as i32 and answers 422 beyond it
 
@@ -44,7 +46,8 @@ class StreamOptions(msgspec.Struct):
 
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS_LIMIT)]
-StopList = Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)]
+StopText = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_LENGTH)]
+StopList = Annotated[list[StopText], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)]
 
 
 class ChatRequest(msgspec.Struct):
@@ -57,7 +60,7 @@ class ChatRequest(msgspec.Struct):
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_k: Annotated[int, msgspec.Meta(ge=1, le=I32_MAX)] | None = None  # not OpenAI's; llama.cpp users send it
-    stop: Annotated[str, msgspec.Meta(min_length=1)] | StopList | None = None
+    stop: StopText | StopList | None = None
     n: Annotated[int, msgspec.Meta(ge=1)] | None = None
     # Accepted and ignored: Shimmy's /api/generate has no such knobs (README lists what is honoured).
     seed: int | None = None

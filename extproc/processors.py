@@ -6,7 +6,7 @@ processor needs:
 
     route    phases Envoy sends                          messages per request
     health   request headers                             1 (answered at once)
-    metrics  response body (BUFFERED)                    1 (Envoy's /stats/prometheus, ours appended)
+    metrics  response headers, response body (BUFFERED)  2 (Envoy's /stats/prometheus, ours appended)
     models   response headers, response body (BUFFERED)  2
     chat     request body (BUFFERED), response headers,  3 non-stream; 2 + one per Shimmy chunk when streaming
     (every   response body (BUFFERED, or FULL_DUPLEX_STREAMED by mode_override for stream=true)
@@ -148,9 +148,21 @@ class ModelsProcessor(Processor):
 
 
 class MetricsProcessor(Processor):
-    """Envoy's `/stats/prometheus` (Envoy rewrote the path to its admin) with the processor's metrics appended."""
+    """Envoy's `/stats/prometheus` (Envoy rewrote the path to its admin) with the processor's metrics appended.
+
+    Only to admin's 200: any other answer on this route (the API key filter's 401, admin unreachable) is Envoy's
+    own reply and passes through untouched, so the metrics never leak past the key.
+    """
+
+    passthrough = True  # until the response headers say admin answered 200
+
+    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        self.passthrough = _status(msg) != 200
+        return mutations.continue_response_headers()
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        if self.passthrough:
+            return mutations.continue_response_body()
         return mutations.response_body(msg.body + metrics.exposition())
 
 

@@ -197,6 +197,7 @@ def children(
             ports=(
                 Port("GATEWAY_PORT", "0.0.0.0", settings.gateway_port),
                 Port("ENVOY_ADMIN_PORT", "127.0.0.1", settings.envoy_admin_port),
+                *([Port("METRICS_PORT", "127.0.0.1", settings.metrics_port)] if settings.metrics_port else []),
             ),
         ),
     ]
@@ -209,6 +210,8 @@ def check(settings: Settings) -> None:
         "ENVOY_ADMIN_PORT": settings.envoy_admin_port,
         "SHIMMY_PORT": settings.shimmy_port,  # an external Shimmy listens there too
     }
+    if settings.metrics_port:
+        ports["METRICS_PORT"] = settings.metrics_port
     extproc = str(settings.extproc_port)
     if extproc.startswith("unix:"):
         if settings.extproc_workers != 1:

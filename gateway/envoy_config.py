@@ -2,12 +2,14 @@
 
 The shipped file is a complete, valid config with the default settings; rendering changes only the fields
 found here by name (listener `gateway`, routes `chat` and `metrics`, the ext_proc and buffer filters, clusters
-`shimmy`, `extproc` and `envoy_admin`), so the YAML stays the one place where routing, health checks and
-replies are declared.
+`shimmy`, `extproc` and `envoy_admin`, the overload manager's connection cap), so the YAML stays the one place
+where routing, health checks and replies are declared. With keys it adds the api_key_auth filter and a route
+requiring the bearer scheme; with METRICS_PORT, a loopback copy of the listener serving only the metrics.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,10 +45,12 @@ def _seconds(value: float) -> str:
 
 
 def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_keys: str) -> None:
-    """Put Envoy's api_key_auth filter first; health stays open, because probes carry no key."""
+    """Put Envoy's api_key_auth filter first (after the access log's path); health stays open, because probes
+    carry no key."""
     keys = [k.strip() for k in raw_keys.split(",") if k.strip()]
-    hcm["http_filters"].insert(
-        0,
+    filters = hcm["http_filters"]
+    filters.insert(
+        filters.index(_named(filters, "envoy.filters.http.set_filter_state")) + 1,  # after the access log's path
         {
             "name": "envoy.filters.http.api_key_auth",
             "typed_config": {
@@ -61,6 +65,34 @@ def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_key
         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
         "disabled": True,
     }
+    # Envoy's filter also takes a bare `Authorization: <key>`; the bearer scheme is required, as documented.
+    routes.insert(
+        routes.index(_named(routes, "health")) + 1,
+        {
+            "name": "bearer_scheme_required",
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": "authorization", "string_match": {"prefix": "Bearer "}, "invert_match": True}],
+            },
+            "direct_response": {"status": 401},  # the local-reply mapper writes the body and WWW-Authenticate
+            "typed_per_filter_config": _named(routes, "not_found")["typed_per_filter_config"],
+        },
+    )
+
+
+def _metrics_listener(gateway: dict[str, Any], port: int) -> dict[str, Any]:
+    """A copy of the public listener on 127.0.0.1 that serves only the metrics routes, with no key required."""
+    listener = copy.deepcopy(gateway)
+    listener["name"] = "metrics"
+    listener["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stat_prefix"] = "metrics"
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.api_key_auth"]
+    vhost = hcm["route_config"]["virtual_hosts"][0]
+    vhost.pop("virtual_clusters", None)
+    kept = ("metrics", "metrics_method_not_allowed", "not_found")
+    vhost["routes"] = [r for r in vhost["routes"] if r["name"] in kept]
+    return listener
 
 
 def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
@@ -74,6 +106,11 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     listener["per_connection_buffer_limit_bytes"] = settings.max_request_bytes
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["stream_idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
+    hcm["request_headers_timeout"] = _seconds(settings.request_headers_timeout_s)
+    [connections] = config["overload_manager"]["resource_monitors"]
+    connections["typed_config"]["max_active_downstream_connections"] = settings.max_connections
+    if settings.metrics_port:
+        metrics_listener = _metrics_listener(listener, settings.metrics_port)  # before keys or PUBLIC_METRICS apply
 
     # Envoy's deadline is a backstop one second behind the processor's, so a stream still flowing at the
     # deadline ends with the processor's in-band error rather than a reset.
@@ -96,6 +133,8 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     ext_proc["grpc_service"]["timeout"] = _seconds(route_timeout)
     if settings.gateway_api_keys.strip():
         _require_api_keys(hcm, routes, settings.gateway_api_keys)
+    if settings.metrics_port:
+        resources["listeners"].append(metrics_listener)
 
     shimmy = _named(resources["clusters"], "shimmy")
     _endpoint(shimmy)["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": settings.shimmy_port}}
@@ -117,6 +156,15 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     # One endpoint per processor worker; Envoy's round robin spreads the streams (SO_REUSEPORT on one port does
     # not: Envoy keeps a couple of long-lived HTTP/2 connections, and the kernel often puts them on one process).
     extproc = _named(resources["clusters"], "extproc")
+    # One ext_proc stream per request in flight; never the first limit a burst meets (envoy/gateway.yaml).
+    in_flight = settings.max_connections * hcm["http2_protocol_options"]["max_concurrent_streams"]
+    [breaker] = extproc["circuit_breakers"]["thresholds"]
+    breaker["max_requests"] = breaker["max_pending_requests"] = in_flight + 100  # + headroom
+    streams = extproc["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
+        "explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"]
+    chats = settings.max_active_requests + settings.max_queued_requests  # each holds a stream for its whole life
+    per_pool = 1 + -(-chats // streams)  # ceil, + one connection's worth for health, models and metrics
+    breaker["max_connections"] = per_pool * settings.envoy_workers * settings.extproc_workers
     extproc["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
         {"endpoint": {"address": address}} for address in extproc_addresses(settings)
     ]
