@@ -18,8 +18,8 @@ import aiohttp
 
 from gateway import probes
 from gateway.envoy_config import extproc_addresses, render
-from settings import Settings, load, parse_pairs
 from gateway.supervisor import Child, supervise
+from settings import Settings, load, parse_pairs
 from shimmy import binary
 from shimmy.llama_engine import EngineChoice, choose_engine, llama_importable
 
@@ -90,7 +90,11 @@ def backend_child(settings: Settings, backend: str, env: dict[str, str]) -> list
     else:
         argv = [sys.executable, "-m", "shimmy"]
     ready = partial(probes.http_ok, f"http://127.0.0.1:{settings.shimmy_port}/health")
-    return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0)]
+    # A Shimmy that dies after it was ready (1.x OOM-killed by the kernel, a crash) is restarted here with backoff
+    # rather than taking the pod down: Envoy and the processor stay up, so clients get a quick 503
+    # backend_unavailable with Retry-After instead of refused connections, and recovery skips the kubelet's
+    # CrashLoopBackOff. A Shimmy that keeps dying fails /v1/health/live (its port stays closed), which restarts the pod.
+    return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0, restart=True)]
 
 
 def extproc_children(settings: Settings, env: dict[str, str]) -> list[Child]:

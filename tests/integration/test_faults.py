@@ -76,9 +76,11 @@ def faulty() -> Iterator[tuple[Stack, Emulator]]:
 
 
 @pytest.fixture(autouse=True)
-def _reset(faulty: tuple[Stack, Emulator]) -> Iterator[None]:
+def _reset(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    emulator = faulty[1]
+    if "faulty" not in request.fixturenames:
+        return
+    emulator = request.getfixturevalue("faulty")[1]
     if emulator.proc is not None and emulator.proc.poll() is None:
         httpx.post(f"http://127.0.0.1:{emulator.port}/_emulator/reset").raise_for_status()
 
@@ -221,14 +223,22 @@ def test_client_that_gives_up_on_a_non_stream_request(faulty: tuple[Stack, Emula
     wait_for(lambda: chat_ok(stack))
 
 
-def _extproc_pid(stack: Stack) -> int:
+def child_pid(stack: Stack, marker: bytes) -> int:
+    """The pid of the supervisor's child whose command line holds `marker`."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             cmdline = (stat.parent / "cmdline").read_bytes()
-            if int(fields[1]) == stack.proc.pid and b"extproc.cli" in cmdline:
+            if int(fields[1]) == stack.proc.pid and marker in cmdline:
                 return int(stat.parent.name)
-    raise AssertionError("no extproc child")
+    raise AssertionError(f"no child with {marker!r}")
+
+
+def _extproc_pid(stack: Stack) -> int:
+    return child_pid(stack, b"extproc.cli")
+
+
+EMULATOR = b"-m\x00shimmy\x00"  # the supervisor's Shimmy child: `python -m shimmy`
 
 
 def test_processor_killed_mid_request_is_restarted(faulty: tuple[Stack, Emulator]) -> None:
@@ -283,3 +293,109 @@ def test_sigterm_lets_in_flight_requests_finish() -> None:
         assert "[supervisor] draining envoy" in stack.output()
     finally:
         stop_stack(stack)
+
+
+# ---- Issue 13: a hung or dead Shimmy under the supervisor, liveness apart from readiness ------------------------
+
+HEALTH_INTERVAL_S = 0.5  # Envoy's active check: every 0.5 s, 1 s timeout, unhealthy after 2 failures
+
+
+@pytest.fixture(scope="module")
+def supervised() -> Iterator[Stack]:
+    """A stack whose emulator is the supervisor's child, as in the image: the tests stop and kill that process."""
+    stack = start_stack({"HEALTH_INTERVAL_S": str(HEALTH_INTERVAL_S)})
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
+
+
+def answer(stack: Stack, timeout: float) -> tuple[httpx.Response, float]:
+    """A short chat request and how long its answer took."""
+    started = time.monotonic()
+    resp = httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=timeout)
+    return resp, time.monotonic() - started
+
+
+def test_hung_shimmy_gets_quick_503_then_recovers(supervised: Stack) -> None:
+    """A stopped process stands for a hung Shimmy, or a 1.x Shimmy whose workers are all busy (/health stalls too):
+    new requests get a quick 503, the generation already running is not cut, and liveness holds."""
+    stack = supervised
+    wait_for(lambda: chat_ok(stack))
+    stack.configure(token_delay_ms=100, repeat=True)
+    lines: list[str] = []
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions",
+                      json={**CHAT, "stream": True, "max_tokens": 10}, timeout=30) as running:
+        reader = threading.Thread(target=lambda: lines.extend(running.iter_lines()))
+        reader.start()
+        wait_for(lambda: len([line for line in lines if line]) >= 2)
+        pid = child_pid(stack, EMULATOR)
+        os.kill(pid, signal.SIGSTOP)  # hung: the port still accepts connections, nothing answers
+        try:
+            _while_hung(stack)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        recovered = time.monotonic()
+        reader.join()
+    stack.configure(token_delay_ms=0, repeat=False)
+    assert [line for line in lines if line][-1] == "data: [DONE]", "the running generation was not cut"
+    assert '"finish_reason":"length"' in "".join(lines)
+    wait_for(lambda: chat_ok(stack))
+    assert time.monotonic() - recovered < 2 * (HEALTH_INTERVAL_S + 1.0) + 3
+    assert healthy(stack)
+
+
+def _while_hung(stack: Stack) -> None:
+    stopped = time.monotonic()
+    # Two failed checks (each up to interval + 1 s timeout) take the host out; allow a little more.
+    wait_for(lambda: answer(stack, timeout=1.0)[0].status_code == 503, timeout=8)
+    assert time.monotonic() - stopped < 2 * (HEALTH_INTERVAL_S + 1.0) + 3
+    resp, took = answer(stack, timeout=5.0)
+    assert_openai_error(resp, 503, "backend_unavailable")
+    assert int(resp.headers["retry-after"]) > 0
+    assert took < 1.0, "answered at once, not after waiting on the hung process"
+    stream = httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=5)
+    assert_openai_error(stream, 503, "backend_unavailable")
+    # The processor's own monitor agrees: readiness says Shimmy cannot serve.
+    wait_for(lambda: httpx.get(f"{stack.url}/v1/health", timeout=5).status_code == 503)
+    ready = httpx.get(f"{stack.url}/v1/health/ready", timeout=5)
+    assert ready.status_code == 503 and ready.json()["shimmy_status"] == "unhealthy"
+    # Liveness: the process exists and its port accepts connections, so the pod is not restarted for it.
+    live = httpx.get(f"{stack.url}/v1/health/live", timeout=5)
+    assert live.status_code == 200, live.text
+    assert live.json()["shimmy_process"] == "up"
+
+
+def test_dead_shimmy_is_restarted_and_clients_get_503_meanwhile(supervised: Stack) -> None:
+    stack = supervised
+    wait_for(lambda: chat_ok(stack))
+    pid = child_pid(stack, EMULATOR)
+    os.kill(pid, signal.SIGKILL)
+    statuses: list[int] = []
+    while True:  # every answer is quick: a 503 while Shimmy is down, 200 once it is back
+        resp, took = answer(stack, timeout=5.0)
+        assert took < 2.0, f"waited {took:.1f} s for {resp.status_code}"
+        statuses.append(resp.status_code)
+        if resp.status_code == 200:
+            break
+        assert_openai_error(resp, 503, "backend_unavailable")
+        assert int(resp.headers["retry-after"]) > 0
+        live = httpx.get(f"{stack.url}/v1/health/live", timeout=5)
+        if live.status_code == 503:  # the port was seen closed: the process is gone, for now
+            assert live.json()["shimmy_process"] == "down"
+    assert 503 in statuses
+    assert "[supervisor] restarting shimmy" in stack.output()
+    assert child_pid(stack, EMULATOR) != pid
+    wait_for(lambda: healthy(stack))
+
+
+def test_liveness_and_readiness_paths(supervised: Stack) -> None:
+    stack = supervised
+    wait_for(lambda: healthy(stack))
+    for path in ("/v1/health", "/health", "/v1/health/ready"):
+        resp = httpx.get(stack.url + path)
+        assert resp.status_code == 200 and resp.json()["status"] == "healthy", (path, resp.text)
+    live = httpx.get(f"{stack.url}/v1/health/live")
+    assert live.status_code == 200
+    assert live.json() == {"status": "alive", "shimmy_process": "up", "extproc_status": "healthy"}
+    assert httpx.post(f"{stack.url}/v1/health/live").status_code == 405
