@@ -72,6 +72,8 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     listener = _named(resources["listeners"], "gateway")
     listener["address"]["socket_address"]["port_value"] = settings.gateway_port
     listener["per_connection_buffer_limit_bytes"] = settings.max_request_bytes
+    [stall] = listener["socket_options"]  # TCP_USER_TIMEOUT: a client that reads nothing is cut
+    stall["int_value"] = settings.client_stall_timeout_s * 1000
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["stream_idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
 

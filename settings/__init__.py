@@ -54,6 +54,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("GENERATION_TIMEOUT_S", "600", "Deadline of one chat completion (504, or in-band once streaming).", int),
     Setting("STREAM_IDLE_TIMEOUT_S", "300", "Longest silence on a request or response before Envoy resets it.", int),
+    Setting(
+        "CLIENT_STALL_TIMEOUT_S",
+        "30",
+        "Longest a client may read nothing of its response before its connection is cut.",
+        int,
+    ),
     Setting("EXTPROC_MESSAGE_TIMEOUT_MS", "5000", "Envoy's limit on the processor's answer to one message.", int),
     Setting("PUBLIC_METRICS", "true", "Serve Prometheus metrics on `/metrics` and `/v1/metrics` of the public port."),
     Setting("MAX_REQUEST_BYTES", "1048576", "Largest request body accepted (413 beyond it).", int),

@@ -7,8 +7,10 @@ late, kill it mid-request and bring it back, as a crashed or restarted sidecar w
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -298,12 +300,17 @@ def test_sigterm_lets_in_flight_requests_finish() -> None:
 # ---- Issue 13: a hung or dead Shimmy under the supervisor, liveness apart from readiness ------------------------
 
 HEALTH_INTERVAL_S = 0.5  # Envoy's active check: every 0.5 s, 1 s timeout, unhealthy after 2 failures
+CLIENT_STALL_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
 def supervised() -> Iterator[Stack]:
     """A stack whose emulator is the supervisor's child, as in the image: the tests stop and kill that process."""
-    stack = start_stack({"HEALTH_INTERVAL_S": str(HEALTH_INTERVAL_S)})
+    stack = start_stack({
+        "HEALTH_INTERVAL_S": str(HEALTH_INTERVAL_S),
+        "MAX_ACTIVE_REQUESTS": "2",
+        "CLIENT_STALL_TIMEOUT_S": str(CLIENT_STALL_TIMEOUT_S),
+    })
     try:
         yield stack
     finally:
@@ -399,3 +406,48 @@ def test_liveness_and_readiness_paths(supervised: Stack) -> None:
     assert live.status_code == 200
     assert live.json() == {"status": "alive", "shimmy_process": "up", "extproc_status": "healthy"}
     assert httpx.post(f"{stack.url}/v1/health/live").status_code == 405
+
+
+def stalled_client(stack: Stack) -> socket.socket:
+    """A stream of a long, fast answer whose client never reads: a small receive buffer, soon a zero TCP window."""
+    body = json.dumps({**CHAT, "stream": True, "max_tokens": 131072}).encode()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", stack.gateway_port))
+    head = "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+    client.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+    return client
+
+
+def test_stalled_clients_leave_other_users_served(supervised: Stack) -> None:
+    """Issue 13.5: two clients that read nothing hold both of Shimmy's slots (flow control pauses Shimmy's
+    connections behind them) until CLIENT_STALL_TIMEOUT_S cuts them; then the next user is served."""
+    stack = supervised
+    wait_for(lambda: chat_ok(stack))
+    stack.configure(repeat=True, token_delay_ms=0)
+    stalled = [stalled_client(stack) for _ in range(2)]
+    try:
+        active = "http.gateway.downstream_rq_active"
+        wait_for(lambda: stack.envoy_stats(active)[active] == 2)
+        resp, took = answer(stack, timeout=CLIENT_STALL_TIMEOUT_S + 15)
+        assert resp.status_code == 200, resp.text
+        assert took < CLIENT_STALL_TIMEOUT_S + 8, f"served after {took:.1f} s"
+        for client in stalled:  # cut: the kernel aborted the connection, so reading ends in a reset
+            client.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                while client.recv(1 << 16):
+                    pass
+    finally:
+        for client in stalled:
+            client.close()
+        stack.configure(repeat=False)
+    wait_for(lambda: ext_proc_streams_settled(stack))
+    cx = "cluster.shimmy.upstream_rq_active"
+    wait_for(lambda: stack.envoy_stats(cx)[cx] == 0)
+
+
+def ext_proc_streams_settled(stack: Stack) -> bool:
+    """Every ext_proc stream Envoy started has ended, normally or with an error: none leaked."""
+    prefix = "http.gateway.ext_proc.shimmy."
+    stats = stack.envoy_stats(prefix)
+    return stats[prefix + "streams_started"] == stats[prefix + "streams_closed"] + stats[prefix + "streams_failed"]
