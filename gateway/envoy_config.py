@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from settings import Settings
+from settings import ENVOY_MARGIN_S, PROCESSOR_MARGIN_S, Settings
 
 __all__ = ["config_path", "extproc_addresses", "render"]
 
@@ -77,9 +77,12 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["stream_idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
 
-    # Envoy's deadline is a backstop one second behind the processor's, so a stream still flowing at the
-    # deadline ends with the processor's in-band error rather than a reset.
-    route_timeout = settings.generation_timeout_s + 1
+    # Deadlines nest inside GENERATION_TIMEOUT_S, the outer proxy's limit (settings.PROCESSOR_MARGIN_S): Envoy's
+    # route timeout is a backstop between the processor's deadline and it, so a stream still flowing at the
+    # deadline ends with the processor's in-band error, and a silent Shimmy gets Envoy's 504 before the outer cut.
+    if settings.generation_timeout_s <= PROCESSOR_MARGIN_S:
+        raise SystemExit(f"GENERATION_TIMEOUT_S must be more than {PROCESSOR_MARGIN_S} s")
+    route_timeout = settings.generation_timeout_s - ENVOY_MARGIN_S
     vhost = hcm["route_config"]["virtual_hosts"][0]
     routes = vhost["routes"]
     if not settings.flag("public_metrics"):

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SETTINGS", "Setting", "Settings", "load", "parse_pairs"]
+__all__ = ["ENVOY_MARGIN_S", "PROCESSOR_MARGIN_S", "SETTINGS", "Setting", "Settings", "load", "parse_pairs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +52,12 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Template per model, `model=template,...` (phi3, chatml, llama3, gemma).",
     ),
-    Setting("GENERATION_TIMEOUT_S", "600", "Deadline of one chat completion (504, or in-band once streaming).", int),
+    Setting(
+        "GENERATION_TIMEOUT_S",
+        "600",
+        "Outer limit of one chat completion (KServe's `timeout`); the gateway answers an OpenAI error 2 s before it.",
+        int,
+    ),
     Setting("STREAM_IDLE_TIMEOUT_S", "300", "Longest silence on a request or response before Envoy resets it.", int),
     Setting(
         "CLIENT_STALL_TIMEOUT_S",
@@ -97,6 +102,12 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
+
+# The deadlines nest inside GENERATION_TIMEOUT_S, the outermost limit (on AI Core, KServe's `timeout`, whose clock
+# starts first), so the client always gets an OpenAI error before an outer layer cuts the connection: the processor
+# ends a chat this much earlier (in-band once streaming), Envoy's route timeout, its backstop, ENVOY_MARGIN_S earlier.
+PROCESSOR_MARGIN_S = 2
+ENVOY_MARGIN_S = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ import pytest
 from tests.integration.conftest import Stack, free_port, start_stack, stop_stack
 
 CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}]}
-GENERATION_TIMEOUT_S = 3
+GENERATION_TIMEOUT_S = 4  # the outer limit: the processor's deadline is 2 s, Envoy's backstop 3 s
 
 
 class Emulator:
@@ -161,7 +161,8 @@ def test_shimmy_that_never_answers_gets_504(faulty: tuple[Stack, Emulator]) -> N
         started = time.monotonic()
         resp = httpx.post(f"{stack.url}/v1/chat/completions", json=payload, timeout=20)
         assert_openai_error(resp, 504, "timeout")
-        assert GENERATION_TIMEOUT_S <= time.monotonic() - started < GENERATION_TIMEOUT_S + 5
+        # Envoy's backstop answers before the outer proxy (KServe, at GENERATION_TIMEOUT_S) would cut.
+        assert GENERATION_TIMEOUT_S - 1 <= time.monotonic() - started < GENERATION_TIMEOUT_S
     emulator.configure(hang=False)
     wait_for(lambda: chat_ok(stack))
 
@@ -176,6 +177,56 @@ def test_stream_past_the_generation_deadline_ends_in_band(faulty: tuple[Stack, E
     assert lines[-1] == "data: [DONE]"
     assert '"code":"timeout"' in lines[-2]
     emulator.configure(token_delay_ms=0, repeat=False)
+
+
+def test_deadlines_nest_inside_the_outer_limit(faulty: tuple[Stack, Emulator]) -> None:
+    """Issue 13.4: a generation that outlives the deadline gets an OpenAI error before GENERATION_TIMEOUT_S, the
+    outer proxy's limit (KServe `timeout`), both streamed (in-band) and not (Envoy's backstop or the processor)."""
+    stack, emulator = faulty
+    if emulator.proc is None or emulator.proc.poll() is not None:
+        emulator.start()
+    wait_for(lambda: chat_ok(stack))
+    emulator.configure(token_delay_ms=250, repeat=True)
+    started = time.monotonic()
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions",
+                      json={**CHAT, "stream": True, "max_tokens": 100}, timeout=20) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    took = time.monotonic() - started
+    assert resp.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "timeout"
+    assert GENERATION_TIMEOUT_S - 2 <= took < GENERATION_TIMEOUT_S, f"in-band error after {took:.1f} s"
+    started = time.monotonic()
+    resp = httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 100}, timeout=20)
+    took = time.monotonic() - started
+    assert_openai_error(resp, 504, "timeout")
+    assert took < GENERATION_TIMEOUT_S, f"504 after {took:.1f} s"
+    emulator.configure(token_delay_ms=0, repeat=False)
+
+
+@pytest.mark.xfail(strict=True, reason="the processor's deadline starts when the body is read; the lead moves it "
+                   "to the request's arrival (Envoy's request.time attribute), then this passes: remove the mark")
+def test_deadline_counts_from_the_requests_arrival(faulty: tuple[Stack, Emulator]) -> None:
+    """A body that takes 2.5 s to arrive leaves 1.5 s of the outer limit: the stream must end in-band before it."""
+    stack, emulator = faulty
+    if emulator.proc is None or emulator.proc.poll() is not None:
+        emulator.start()
+    wait_for(lambda: chat_ok(stack))
+    emulator.configure(token_delay_ms=250, repeat=True)
+    body = json.dumps({**CHAT, "stream": True, "max_tokens": 100}).encode()
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", stack.gateway_port)) as client:
+        head = "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+        client.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body[:-1])
+        time.sleep(2.5)  # the client's slow upload, not synchronisation: Envoy waits for the last byte
+        client.sendall(body[-1:])
+        client.settimeout(10)
+        received = b""
+        while b"data: [DONE]" not in received and (chunk := client.recv(1 << 16)):
+            received += chunk
+    took = time.monotonic() - started
+    emulator.configure(token_delay_ms=0, repeat=False)
+    assert b'"code":"timeout"' in received
+    assert took < GENERATION_TIMEOUT_S, f"in-band error {took:.1f} s after the request arrived"
 
 
 def test_full_queue_answers_429_with_retry_after(faulty: tuple[Stack, Emulator]) -> None:
@@ -432,11 +483,13 @@ def test_stalled_clients_leave_other_users_served(supervised: Stack) -> None:
         resp, took = answer(stack, timeout=CLIENT_STALL_TIMEOUT_S + 15)
         assert resp.status_code == 200, resp.text
         assert took < CLIENT_STALL_TIMEOUT_S + 8, f"served after {took:.1f} s"
-        for client in stalled:  # cut: the kernel aborted the connection, so reading ends in a reset
+        for client in stalled:  # cut, not finished: reading what was buffered ends in a reset (or an early EOF)
             client.settimeout(5)
-            with pytest.raises(ConnectionResetError):
-                while client.recv(1 << 16):
-                    pass
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := client.recv(1 << 16):
+                    received += chunk
+            assert b"data: [DONE]" not in received
     finally:
         for client in stalled:
             client.close()
