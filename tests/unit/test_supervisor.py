@@ -22,8 +22,8 @@ from grpc_health.v1.health import aio as health_aio
 
 from gateway import cli
 from gateway.probes import envoy_ready, grpc_serving, http_ok
-from settings import load
 from gateway.supervisor import Backoff, Child, format_line, supervise
+from settings import load
 
 ROOT = Path(__file__).resolve().parents[2]
 
