@@ -478,13 +478,13 @@ def test_stalled_clients_leave_other_users_served(supervised: Stack) -> None:
     stack.configure(repeat=True, token_delay_ms=0)
     stalled = [stalled_client(stack) for _ in range(2)]
     try:
-        active = "http.gateway.downstream_rq_active"
+        active = "cluster.shimmy.upstream_rq_active"  # both streams hold a slot, none is queued
         wait_for(lambda: stack.envoy_stats(active)[active] == 2)
         resp, took = answer(stack, timeout=CLIENT_STALL_TIMEOUT_S + 15)
         assert resp.status_code == 200, resp.text
         assert took < CLIENT_STALL_TIMEOUT_S + 8, f"served after {took:.1f} s"
         for client in stalled:  # cut, not finished: reading what was buffered ends in a reset (or an early EOF)
-            client.settimeout(5)
+            client.settimeout(CLIENT_STALL_TIMEOUT_S + 5)
             received = b""
             with contextlib.suppress(ConnectionResetError):
                 while chunk := client.recv(1 << 16):
