@@ -26,7 +26,7 @@ from extproc import templates, tokens
 from extproc.health import ShimmyMonitor
 from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
-from settings import Settings, fail, load, parse_pairs
+from settings import PROCESSOR_MARGIN_S, Settings, fail, load, parse_pairs
 
 __all__ = ["grpc_address", "main", "tls_credentials"]
 
@@ -167,7 +167,7 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
     ctx = Context(
         templates=overrides,
         monitor=monitor,
-        generation_timeout=settings.generation_timeout_s,
+        generation_timeout=settings.generation_timeout_s - PROCESSOR_MARGIN_S,
         aliases=parse_pairs(settings.model_aliases, "MODEL_ALIASES"),
         prompt_counter=tokens.counter(settings.tokenizer_gguf, models={settings.model_name}),
     )

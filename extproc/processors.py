@@ -110,8 +110,13 @@ class Processor:
 
 
 class HealthProcessor(Processor):
+    """Liveness (`/v1/health/live`) and readiness (`/v1/health/ready`, `/v1/health`, `/health`), from the monitor's
+    last probe: answered at once, so a probe never waits on a busy Shimmy."""
+
     def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
-        status, body = self.ctx.monitor.answer()
+        monitor = self.ctx.monitor
+        live = _header(msg, ":path").partition("?")[0].endswith("/live")
+        status, body = monitor.liveness() if live else monitor.answer()
         return mutations.immediate(status, body)
 
 

@@ -101,8 +101,12 @@ def backend_child(settings: Settings, backend: str, env: dict[str, str]) -> list
     else:
         argv = [sys.executable, "-m", "shimmy"]
     ready = partial(probes.http_ok, f"http://127.0.0.1:{settings.shimmy_port}/health")
+    # A Shimmy that dies after it was ready (1.x OOM-killed by the kernel, a crash) is restarted here with backoff
+    # rather than taking the pod down: Envoy and the processor stay up, so clients get a quick 503
+    # backend_unavailable with Retry-After instead of refused connections, and recovery skips the kubelet's
+    # CrashLoopBackOff. A Shimmy that keeps dying fails /v1/health/live (its port stays closed), which restarts the pod.
     port = Port("SHIMMY_PORT", "127.0.0.1", settings.shimmy_port)
-    return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0, ports=(port,))]
+    return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0, ports=(port,), restart=True)]
 
 
 def extproc_children(settings: Settings, env: dict[str, str]) -> list[Child]:

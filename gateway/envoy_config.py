@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from settings import Settings
+from settings import ENVOY_MARGIN_S, Settings
 
 __all__ = ["config_path", "extproc_addresses", "render"]
 
@@ -104,6 +104,8 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     listener = _named(resources["listeners"], "gateway")
     listener["address"]["socket_address"]["port_value"] = settings.gateway_port
     listener["per_connection_buffer_limit_bytes"] = settings.max_request_bytes
+    [stall] = listener["socket_options"]  # TCP_USER_TIMEOUT: a client that reads nothing is cut
+    stall["int_value"] = settings.client_stall_timeout_s * 1000
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["stream_idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
     hcm["request_headers_timeout"] = _seconds(settings.request_headers_timeout_s)
@@ -112,9 +114,10 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     if settings.metrics_port:
         metrics_listener = _metrics_listener(listener, settings.metrics_port)  # before keys or PUBLIC_METRICS apply
 
-    # Envoy's deadline is a backstop one second behind the processor's, so a stream still flowing at the
-    # deadline ends with the processor's in-band error rather than a reset.
-    route_timeout = settings.generation_timeout_s + 1
+    # Deadlines nest inside GENERATION_TIMEOUT_S, the outer proxy's limit (settings.PROCESSOR_MARGIN_S): Envoy's
+    # route timeout is a backstop between the processor's deadline and it, so a stream still flowing at the
+    # deadline ends with the processor's in-band error, and a silent Shimmy gets Envoy's 504 before the outer cut.
+    route_timeout = settings.generation_timeout_s - ENVOY_MARGIN_S
     vhost = hcm["route_config"]["virtual_hosts"][0]
     routes = vhost["routes"]
     if not settings.flag("public_metrics"):

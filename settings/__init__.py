@@ -21,7 +21,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, NoReturn
 
-__all__ = ["SETTINGS", "Parser", "Setting", "SettingError", "Settings", "fail", "load", "parse_bool", "parse_pairs"]
+__all__ = [
+    "ENVOY_MARGIN_S",
+    "PROCESSOR_MARGIN_S",
+    "SETTINGS",
+    "Parser", "Setting", "SettingError", "Settings", "fail", "load", "parse_bool",
+    "parse_pairs",
+]
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -69,6 +75,12 @@ def _pairs(text: str) -> None:
         parse_pairs(text, "")
     except SettingError:
         raise ValueError("name=value pairs separated by commas") from None
+
+# The deadlines nest inside GENERATION_TIMEOUT_S, the outermost limit (on AI Core, KServe's `timeout`, whose clock
+# starts first), so the client always gets an OpenAI error before an outer layer cuts the connection: the processor
+# ends a chat this much earlier (in-band once streaming), Envoy's route timeout, its backstop, ENVOY_MARGIN_S earlier.
+PROCESSOR_MARGIN_S = 2
+ENVOY_MARGIN_S = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +181,17 @@ SETTINGS: tuple[Setting, ...] = (
         "Template per model, `model=template,...` (phi3, chatml, llama3, gemma).",
         check=_pairs,
     ),
-    Setting("GENERATION_TIMEOUT_S", "600", "Deadline of one chat completion (504, or in-band once streaming).", int,
-            low=1),
+    Setting(
+        "GENERATION_TIMEOUT_S",
+        "600",
+        "Outer limit of one chat completion (KServe's `timeout`); the gateway answers an OpenAI error 2 s before it.",
+        int,
+        low=PROCESSOR_MARGIN_S + 1,
+    ),
     Setting("STREAM_IDLE_TIMEOUT_S", "300", "Longest silence on a request or response before Envoy resets it.",
             int, low=1),
+    Setting("CLIENT_STALL_TIMEOUT_S", "30", "Longest a client may read nothing of its response before its connection"
+            " is cut.", int, low=1),
     Setting("EXTPROC_MESSAGE_TIMEOUT_MS", "5000", "Envoy's limit on the processor's answer to one message.", int,
             low=1, high=3_600_000),
     Setting("PUBLIC_METRICS", "true", "Serve Prometheus metrics on `/metrics` and `/v1/metrics` of the public port.",
