@@ -20,11 +20,13 @@ import grpc
 
 from extproc import templates, tokens
 from extproc.health import ShimmyMonitor
+from extproc.limits import ContextLimits, parse_context_tokens
 from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
 from settings import Settings, load, parse_pairs
+from shimmy.versions import BackendProfile, profile_for
 
-__all__ = ["grpc_address", "main", "tls_credentials"]
+__all__ = ["backend", "grpc_address", "main", "tls_credentials"]
 
 SETTINGS = (
     "EXTPROC_HOST",
@@ -39,6 +41,9 @@ SETTINGS = (
     "MODEL_NAME",
     "PROMPT_TEMPLATES",
     "TOKENIZER_GGUF",
+    "SHIMMY_VERSION",
+    "SHIMMY_MAX_CTX",
+    "MODEL_CONTEXT_TOKENS",
     "MODEL_ALIASES",
     "GENERATION_TIMEOUT_S",
     "HEALTH_INTERVAL_S",
@@ -147,6 +152,24 @@ async def _run(ctx: Context, server: GrpcServer, grace: float) -> None:
             loop.remove_signal_handler(sig)
 
 
+def backend(settings: Settings) -> tuple[BackendProfile, ContextLimits]:
+    """The profile of the Shimmy behind us (SHIMMY_VERSION, which `shimmy-gateway up` sets from the Shimmy it runs)
+    and each model's context limits: the release's, SHIMMY_MAX_CTX on 2.x, MODEL_CONTEXT_TOKENS per model."""
+    try:
+        profile = profile_for(settings.shimmy_version)
+    except ValueError as exc:
+        raise ValueError(f"SHIMMY_VERSION: {exc}") from None
+    max_ctx = settings.shimmy_max_ctx
+    if not 512 <= max_ctx <= 131072:  # Shimmy 2.x itself silently falls back to 2048 outside this range
+        raise ValueError(f"SHIMMY_MAX_CTX={max_ctx}: expected 512 to 131072 tokens, the range Shimmy accepts")
+    limits = ContextLimits(
+        context_tokens=profile.context_tokens or max_ctx,
+        prompt_batch_tokens=profile.prompt_batch_tokens,
+        per_model=parse_context_tokens(parse_pairs(settings.model_context_tokens, "MODEL_CONTEXT_TOKENS")),
+    )
+    return profile, limits
+
+
 def build(settings: Settings) -> tuple[Context, GrpcServer]:
     """The processor's context and server from its settings; a bad setting is a ValueError naming it."""
     overrides = parse_pairs(settings.prompt_templates, "PROMPT_TEMPLATES")
@@ -159,6 +182,7 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         raise ValueError(f"SHIMMY_URL={shimmy_url!r}: expected an http:// or https:// URL")
     if settings.extproc_shutdown_grace_s < 0:
         raise ValueError("EXTPROC_SHUTDOWN_GRACE_S must not be negative")
+    profile, limits = backend(settings)
     monitor = ShimmyMonitor(
         shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup")
     )
@@ -168,6 +192,8 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         generation_timeout=settings.generation_timeout_s,
         aliases=parse_pairs(settings.model_aliases, "MODEL_ALIASES"),
         prompt_counter=tokens.counter(settings.tokenizer_gguf, models={settings.model_name}),
+        profile=profile,
+        limits=limits,
     )
     credentials = tls_credentials(
         settings.extproc_tls_cert.strip(), settings.extproc_tls_key.strip(), settings.extproc_tls_client_ca.strip()
