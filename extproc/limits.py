@@ -41,18 +41,20 @@ class ContextLimits:
         return self.per_model.get(model, self.context_tokens)
 
     def prompt_limit(self, model: str) -> int:
-        """The most prompt tokens (BOS included) `model` takes: one token of the context stays for the answer."""
-        limit = self.context(model) - 1
-        return limit if self.prompt_batch_tokens is None else min(limit, self.prompt_batch_tokens)
+        """The most prompt tokens (BOS included) `model` takes: its context, or the release's prompt batch if smaller
+        (`BackendProfile.prompt_limit`). The error names this number as the model's maximum context length."""
+        context = self.context(model)
+        return context if self.prompt_batch_tokens is None else min(context, self.prompt_batch_tokens)
 
     def fit(self, model: str, prompt_tokens: int, kind: str, max_tokens: int, param: str) -> int:
-        """`max_tokens` clamped to what the context leaves; InvalidRequest when the prompt itself does not fit.
+        """`max_tokens` clamped to what the context leaves; InvalidRequest when the prompt does not fit, or fills the
+        context so that not one token could follow.
 
         `kind`: EXACT or ESTIMATED (then the margin applies). `param`: the request field that holds the prompt.
         """
         counted = math.ceil(prompt_tokens * ESTIMATE_MARGIN) if kind == ESTIMATED else prompt_tokens
         limit = self.prompt_limit(model)
-        if counted > limit:
+        if counted > limit or counted >= self.context(model):
             what = "messages" if param == "messages" else "prompt"
             raise InvalidRequest(
                 f"This model's maximum context length is {limit} tokens. However, your {what} resulted in "

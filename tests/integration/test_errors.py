@@ -64,7 +64,14 @@ def test_shimmy_load_failure_is_502(stack: Stack) -> None:
     assert_error(httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT), 502, "server_error", "upstream_error")
 
 
-def test_generation_error_in_a_non_stream_request_is_502(stack: Stack) -> None:
+def test_generation_error_in_a_non_stream_request_is_502(
+    versioned_stack: Stack, request: pytest.FixtureRequest
+) -> None:
+    """Version-dependent: 1.x swallows a stream's failure, so the gateway must ask 1.x for a non-stream answer."""
+    stack = versioned_stack
+    if httpx.get(f"{stack.emulator}/config").json()["version"].startswith("1."):
+        reason = "issue 12: on 1.x the processor still streams from Shimmy, which swallows the failure"
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     stack.configure(error_after=1)
     assert_error(httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT), 502, "server_error", "generation_failed")
 

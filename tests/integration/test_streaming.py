@@ -104,8 +104,11 @@ def test_a_stop_sequence_ends_the_http_response_while_shimmy_still_generates(sta
     assert stack.emulator_stats()["active_generations"] == 1  # Shimmy is still at it, unheard
 
 
-def test_upstream_error_event_becomes_in_band_error_then_done(stack: Stack) -> None:
-    stack.configure(reply=REPLY, version="2.5.0", error_after=2)
+def test_upstream_error_event_becomes_in_band_error_then_done(versioned_stack: Stack) -> None:
+    stack = versioned_stack
+    if stack.shimmy_version().startswith("1."):
+        pytest.skip("1.x sends no error event: test_shimmy_1x_swallows_errors_so_the_stream_just_ends")
+    stack.configure(reply=REPLY, error_after=2)
     resp, lines = stream_lines(stack, CHAT)
     assert resp.status_code == 200
     events = sse_events(lines)
@@ -121,8 +124,12 @@ def test_upstream_error_event_becomes_in_band_error_then_done(stack: Stack) -> N
     client.close()
 
 
-def test_shimmy_1x_swallows_errors_so_the_stream_just_ends(stack: Stack) -> None:
-    stack.configure(reply=REPLY, version="1.7.2", error_after=2)
+def test_shimmy_1x_swallows_errors_so_the_stream_just_ends(versioned_stack: Stack) -> None:
+    """What the gateway cannot fix: a 1.x stream failure looks like a normal end (docs/shimmy-versions.md)."""
+    stack = versioned_stack
+    if not stack.shimmy_version().startswith("1."):
+        pytest.skip("2.x reports the failure: test_upstream_error_event_becomes_in_band_error_then_done")
+    stack.configure(reply=REPLY, error_after=2)
     events = sse_events(stream_lines(stack, CHAT)[1])
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "stop"

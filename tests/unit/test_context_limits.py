@@ -84,8 +84,9 @@ def test_clamped_limit_reached_is_finish_reason_length() -> None:
 
 
 def test_no_room_for_one_token_is_refused() -> None:
-    with pytest.raises(InvalidRequest, match="maximum context length is 63 tokens"):
+    with pytest.raises(InvalidRequest) as err:
         chat(ContextLimits(64), Fixed(64))
+    assert "maximum context length is 64 tokens. However, your messages resulted in 64 tokens" in err.value.message
 
 
 def test_per_model_context_overrides_the_release() -> None:

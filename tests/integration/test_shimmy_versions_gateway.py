@@ -1,7 +1,7 @@
 """Issue 12 through the running stack, on a 1.x profile (the release the image ships) and on 2.x.
 
-The stack is started with `EMULATOR_VERSION`, which `shimmy-gateway up` also hands the processor as the Shimmy
-version it follows, so the emulator and the processor agree on the release, as they do with a real binary.
+Each stack (conftest's `versioned_stack`) starts with `EMULATOR_VERSION`, which `shimmy-gateway up` also hands
+the processor as the Shimmy version it follows, so the two agree on the release, as they do with a real binary.
 
 1. A failed generation is never a 200 for a non-stream client (1.x swallows a stream's failure, so the processor
    asks 1.x for one piece, whose failure is a 502).
@@ -13,7 +13,6 @@ version it follows, so the emulator and the processor agree on the release, as t
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -25,23 +24,15 @@ REPLY = "Hello there, I am the emulator speaking"  # 8 emulator tokens; 39 bytes
 CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "Hi"}]}
 
 
-@pytest.fixture(scope="module", params=[PINNED, "2.5.0"], ids=lambda v: f"shimmy-{v}")
-def _stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    stack = start_stack({"EMULATOR_VERSION": request.param, "EMULATOR_REPLY": REPLY})
-    yield stack
-    stop_stack(stack)
-    stack.log.unlink(missing_ok=True)
-
-
 @pytest.fixture
-def versioned(_stack: Stack) -> Iterator[Stack]:
-    """The stack of one version, its emulator reset after each test."""
-    yield _stack
-    httpx.post(f"{_stack.emulator}/reset").raise_for_status()
+def versioned(versioned_stack: Stack) -> Stack:
+    """conftest's stack per Shimmy version (reset after each test), replying REPLY."""
+    versioned_stack.configure(reply=REPLY)
+    return versioned_stack
 
 
 def one_x(stack: Stack) -> bool:
-    return httpx.get(f"{stack.emulator}/config").json()["version"].startswith("1.")
+    return stack.shimmy_version().startswith("1.")
 
 
 def post(stack: Stack, body: dict) -> httpx.Response:
