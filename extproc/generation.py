@@ -161,9 +161,7 @@ class Generation:
         if count is None:
             count, kind = estimate_tokens(generated), ESTIMATED
         self.completion_tokens, self.completion_tokens_kind = min(count, self.max_tokens), kind
-        self.upstream_done = True
-        if text:
-            self.first_content_at = time.monotonic()
+        self.upstream_done = True  # no first_content_at: a whole answer has no time to first token
         return text
 
 
