@@ -24,11 +24,13 @@ import grpc
 
 from extproc import templates, tokens
 from extproc.health import ShimmyMonitor
+from extproc.limits import ContextLimits, parse_context_tokens
 from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
 from settings import PROCESSOR_MARGIN_S, Settings, fail, load, parse_pairs
+from shimmy.versions import BackendProfile, profile_for
 
-__all__ = ["grpc_address", "main", "tls_credentials"]
+__all__ = ["backend", "grpc_address", "main", "tls_credentials"]
 
 PROG = "shimmy-extproc"
 
@@ -45,6 +47,9 @@ SETTINGS = (
     "MODEL_NAME",
     "PROMPT_TEMPLATES",
     "TOKENIZER_GGUF",
+    "SHIMMY_VERSION",
+    "SHIMMY_MAX_CTX",
+    "MODEL_CONTEXT_TOKENS",
     "MODEL_ALIASES",
     "GENERATION_TIMEOUT_S",
     "HEALTH_INTERVAL_S",
@@ -153,6 +158,21 @@ async def _run(ctx: Context, server: GrpcServer, grace: float) -> None:
             loop.remove_signal_handler(sig)
 
 
+def backend(settings: Settings) -> tuple[BackendProfile, ContextLimits]:
+    """The profile of the Shimmy behind us (SHIMMY_VERSION, which `shimmy-gateway up` sets from the Shimmy it runs)
+    and each model's context limits: the release's, SHIMMY_MAX_CTX on 2.x, MODEL_CONTEXT_TOKENS per model."""
+    try:
+        profile = profile_for(settings.shimmy_version)
+    except ValueError as exc:
+        raise ValueError(f"SHIMMY_VERSION: {exc}") from None
+    limits = ContextLimits(  # SHIMMY_MAX_CTX is within 512 to 131072, the range Shimmy 2.x accepts (settings)
+        context_tokens=profile.context_tokens or settings.shimmy_max_ctx,
+        prompt_batch_tokens=profile.prompt_batch_tokens,
+        per_model=parse_context_tokens(parse_pairs(settings.model_context_tokens, "MODEL_CONTEXT_TOKENS")),
+    )
+    return profile, limits
+
+
 def build(settings: Settings) -> tuple[Context, GrpcServer]:
     """The processor's context and server from its settings; a bad setting is a ValueError naming it."""
     overrides = parse_pairs(settings.prompt_templates, "PROMPT_TEMPLATES")
@@ -161,6 +181,7 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
     except ValueError as exc:
         raise ValueError(f"PROMPT_TEMPLATES: {exc}") from None
     shimmy_url = settings.shimmy_url.strip() or f"http://127.0.0.1:{settings.shimmy_port}"  # load() checked it
+    profile, limits = backend(settings)
     monitor = ShimmyMonitor(
         shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup")
     )
@@ -170,6 +191,8 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         generation_timeout=settings.generation_timeout_s - PROCESSOR_MARGIN_S,
         aliases=parse_pairs(settings.model_aliases, "MODEL_ALIASES"),
         prompt_counter=tokens.counter(settings.tokenizer_gguf, models={settings.model_name}),
+        profile=profile,
+        limits=limits,
     )
     credentials = tls_credentials(
         settings.extproc_tls_cert.strip(), settings.extproc_tls_key.strip(), settings.extproc_tls_client_ca.strip()

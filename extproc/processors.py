@@ -28,11 +28,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import metrics, mutations
 from extproc.apis import APIS
-from extproc.errors import GatewayError, InvalidRequest
+from extproc.errors import GatewayError, InvalidRequest, UpstreamError
 from extproc.generation import Api, Exchange, start
 from extproc.health import ShimmyMonitor
+from extproc.limits import ContextLimits
 from extproc.shimmy_protocol import GENERATE_PATH, model_names, upstream_error
 from extproc.tokens import ESTIMATE, PromptCounter
+from shimmy.versions import BackendProfile
 
 __all__ = [
     "ROUTES",
@@ -56,6 +58,8 @@ class Context:
     generation_timeout: float  # seconds; a stream still running then ends with an in-band error
     aliases: Mapping[str, str] = field(default_factory=dict)  # client-facing name -> Shimmy's model
     prompt_counter: PromptCounter = ESTIMATE  # exact with TOKENIZER_GGUF, else the estimate
+    profile: BackendProfile | None = None  # the Shimmy behind us (cli.build: SHIMMY_VERSION's); None: always stream
+    limits: ContextLimits | None = None  # each model's context (cli.build sets it from the profile); None: unchecked
 
     @property
     def known_models(self) -> Collection[str] | None:
@@ -208,6 +212,8 @@ class GenerationProcessor(Processor):
                 ctx.generation_timeout,
                 ctx.aliases,
                 counter=ctx.prompt_counter,
+                profile=ctx.profile,
+                limits=ctx.limits,
             )
         except GatewayError as exc:
             return self._failed(exc)
@@ -228,9 +234,15 @@ class GenerationProcessor(Processor):
             response = mutations.continue_response_headers()
             return response if exchange is None else self._record(response, "error", f"http_{status}")
         gen = exchange.gen
+        if status == 502 and not gen.upstream_stream:  # 1.x one-piece answer: its only way to say it failed
+            message = "Shimmy failed to generate the answer (502: the generation failed, or the model's load did)"
+            return self._failed(UpstreamError(message, code="generation_failed"))
         if status != 200:
             return self._failed(upstream_error(status, b"", gen.model))
-        counted = (("x-gateway-prompt-tokens", gen.prompt_tokens_kind),)  # "exact" or "estimated"
+        counted = (  # "exact" or "estimated"
+            ("x-gateway-prompt-tokens", gen.prompt_tokens_kind),
+            ("x-gateway-completion-tokens", gen.completion_tokens_kind),
+        )
         if gen.stream:
             return mutations.response_headers(_STREAM_HEADERS + counted, ["content-length"], mutations.DUPLEX_RESPONSE)
         return mutations.response_headers(_JSON_HEADERS + counted, ["content-length"])

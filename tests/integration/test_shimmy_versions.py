@@ -1,8 +1,7 @@
 """Issue 12 through the running stack, on the Shimmy the image pins (1.x): what its engine does to a long prompt.
 
 The emulator's 1.x profile dies as the real one does when a prompt exceeds llama.cpp's batch (SIGABRT), so each
-test here has a stack of its own. Strict xfail until the processor enforces the context (the lead's part): the
-marker then fails and goes.
+test here has a stack of its own: before the processor enforced the context, this one took the whole stack down.
 """
 
 from __future__ import annotations
@@ -26,13 +25,12 @@ def own_stack() -> Iterator[Stack]:
     started.log.unlink(missing_ok=True)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: the processor does not yet refuse a prompt past the context")
 def test_a_prompt_past_the_context_is_refused_and_shimmy_lives(own_stack: Stack) -> None:
     text = " ".join(["word"] * (2 * LIMIT))  # twice the context by any count
     body = {"model": "phi3-lora", "messages": [{"role": "user", "content": text}], "max_tokens": 16}
     try:
         reply = httpx.post(f"{own_stack.url}/v1/chat/completions", json=body, timeout=30)
-    except httpx.TransportError as exc:  # today: Shimmy aborts (SIGABRT) and the supervisor stops the stack
+    except httpx.TransportError as exc:  # Shimmy aborted (SIGABRT) and took the stack down
         pytest.fail(f"the stack went down with Shimmy ({exc!r}):\n{own_stack.output()[-1500:]}")
     shimmy_alive = own_stack.proc.poll() is None and own_stack.emulator_stats()["generate_requests"] == 0
     assert (reply.status_code, shimmy_alive) == (400, True), reply.text
