@@ -378,7 +378,8 @@ def test_envoy_example_with_the_processor_over_mtls(pki: Pki, emulator: Emulator
         health = httpx.get(f"{envoy.url}/health")
         assert health.json() == {"status": "healthy", "shimmy_status": "healthy"}
         metrics = httpx.get(f"{envoy.url}/v1/metrics").text
-        assert 'gen_ai_usage_tokens_total{gen_ai_request_model="phi3-lora",gen_ai_token_type="output"}' in metrics
+        output = 'gen_ai_usage_tokens_total{gen_ai_request_model="phi3-lora",gen_ai_token_type="output",api="chat"}'
+        assert output in metrics
         assert "envoy_http_downstream_rq_total" in metrics
     finally:
         envoy.stop()
