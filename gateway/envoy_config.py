@@ -1,9 +1,10 @@
 """Render envoy/gateway.yaml with the configured ports, timeouts and limits.
 
 The shipped file is a complete, valid config with the default settings; rendering changes only the fields
-found here by name (listener `gateway`, routes `chat` and `metrics`, the ext_proc and buffer filters, clusters
-`shimmy`, `extproc` and `envoy_admin`), so the YAML stays the one place where routing, health checks and
-replies are declared.
+found here by name (listener `gateway`, route `metrics`, the generation routes (marked `generation` in their
+metadata: chat, messages, responses, completions), the ext_proc and buffer filters, clusters `shimmy`, `extproc`
+and `envoy_admin`), and adds the API-key and CORS filters when they are configured, so the YAML stays the one
+place where routing, health checks and replies are declared.
 """
 
 from __future__ import annotations
@@ -42,9 +43,21 @@ def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
-def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_keys: str) -> None:
-    """Put Envoy's api_key_auth filter first; health stays open, because probes carry no key."""
+def _generation_routes(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The routes that run a generation (one per client API), marked in the YAML's route metadata."""
+    marked = (r.get("metadata", {}).get("filter_metadata", {}).get("shimmy_gateway", {}) for r in routes)
+    return [r for r, meta in zip(routes, marked, strict=True) if meta.get("generation")]
+
+
+def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_keys: str, header: str) -> None:
+    """Put Envoy's api_key_auth filter first; health stays open, because probes carry no key.
+
+    The key is read from `header` (Authorization by default; behind SAP AI Core that one carries AI Core's own
+    token, so another is configured) and from `x-api-key`, where Anthropic's clients send it.
+    """
     keys = [k.strip() for k in raw_keys.split(",") if k.strip()]
+    header = header.strip().lower() or "authorization"
+    sources = [{"header": h} for h in dict.fromkeys((header, "x-api-key"))]
     hcm["http_filters"].insert(
         0,
         {
@@ -52,7 +65,7 @@ def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_key
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
                 "credentials": [{"key": key, "client": f"key-{i}"} for i, key in enumerate(keys)],
-                "key_sources": [{"header": "authorization"}],
+                "key_sources": sources,
                 "forwarding": {"hide_credentials": True},  # Shimmy never sees a client's key
             },
         },
@@ -60,6 +73,32 @@ def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_key
     _named(routes, "health").setdefault("typed_per_filter_config", {})["envoy.filters.http.api_key_auth"] = {
         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
         "disabled": True,
+    }
+    if header != "authorization":
+        for mapper in hcm["local_reply_config"]["mappers"]:
+            if mapper.get("headers_to_add", [{}])[0].get("header", {}).get("key") == "www-authenticate":
+                error = mapper["body_format_override"]["json_format"]["error"]
+                error["message"] = f"Missing or invalid API key: send {header}: <key>"
+                del mapper["headers_to_add"]  # not a Bearer challenge any more
+
+
+def _allow_cors(hcm: dict[str, Any], vhost: dict[str, Any], raw_origins: str) -> None:
+    """Envoy's CORS filter first (a preflight carries no key), with the listed origins allowed on every route."""
+    origins = [o.strip() for o in raw_origins.split(",") if o.strip()]
+    hcm["http_filters"].insert(
+        0,
+        {
+            "name": "envoy.filters.http.cors",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+        },
+    )
+    vhost.setdefault("typed_per_filter_config", {})["envoy.filters.http.cors"] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [{"exact": origin} for origin in origins],
+        "allow_methods": "GET, POST, OPTIONS",
+        "allow_headers": "authorization, content-type, x-api-key, anthropic-version, anthropic-beta, x-request-id",
+        "expose_headers": "x-request-id, x-gateway-prompt-tokens, retry-after",
+        "max_age": "600",
     }
 
 
@@ -84,9 +123,9 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
         routes.remove(_named(routes, "metrics"))
         routes.remove(_named(routes, "metrics_method_not_allowed"))
         vhost["virtual_clusters"].remove(_named(vhost["virtual_clusters"], "metrics"))
-    chat = _named(routes, "chat")["route"]
-    chat["timeout"] = _seconds(route_timeout)
-    chat["idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
+    for generation in _generation_routes(routes):
+        generation["route"]["timeout"] = _seconds(route_timeout)
+        generation["route"]["idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
 
     _named(hcm["http_filters"], "envoy.filters.http.buffer")["typed_config"]["max_request_bytes"] = (
         settings.max_request_bytes
@@ -95,7 +134,9 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     ext_proc["message_timeout"] = _seconds(settings.extproc_message_timeout_ms / 1000)
     ext_proc["grpc_service"]["timeout"] = _seconds(route_timeout)
     if settings.gateway_api_keys.strip():
-        _require_api_keys(hcm, routes, settings.gateway_api_keys)
+        _require_api_keys(hcm, routes, settings.gateway_api_keys, settings.gateway_api_key_header)
+    if settings.cors_allowed_origins.strip():
+        _allow_cors(hcm, vhost, settings.cors_allowed_origins)
 
     shimmy = _named(resources["clusters"], "shimmy")
     _endpoint(shimmy)["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": settings.shimmy_port}}

@@ -60,6 +60,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_ACTIVE_REQUESTS", "2", "Chat requests Envoy lets into Shimmy at once.", int),
     Setting("MAX_QUEUED_REQUESTS", "16", "Chat requests queued in Envoy for Shimmy (429 beyond).", int),
     Setting("GATEWAY_API_KEYS", "", "Comma-separated bearer keys; empty turns the check off."),
+    Setting(
+        "GATEWAY_API_KEY_HEADER",
+        "authorization",
+        "Header the key is read from (`Bearer <key>` in `authorization`); `x-api-key` is always read too.",
+    ),
+    Setting("CORS_ALLOWED_ORIGINS", "", "Comma-separated browser origins allowed by CORS; empty turns CORS off."),
     Setting("HEALTH_INTERVAL_S", "2", "How often the processor and Envoy probe Shimmy's `/health`.", float),
     Setting("WARMUP", "false", "Keep `/health` at 503 until Shimmy has answered one tiny generation."),
     Setting("DRAIN_TIMEOUT_S", "20", "On SIGTERM, how long in-flight requests may finish before the stop.", float),
