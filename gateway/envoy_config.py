@@ -83,7 +83,12 @@ def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_key
 
 
 def _allow_cors(hcm: dict[str, Any], vhost: dict[str, Any], raw_origins: str) -> None:
-    """Envoy's CORS filter first (a preflight carries no key), with the listed origins allowed on every route."""
+    """Envoy's CORS filter first (a preflight carries no key), with the listed origins allowed on every route.
+
+    The filter only acts on routes that forward (not on `direct_response` ones, where every OPTIONS would land),
+    so preflights get a route of their own; the filter answers every one of them itself, allowed or not
+    (`forward_not_matching_preflights: false`), and nothing reaches Shimmy.
+    """
     origins = [o.strip() for o in raw_origins.split(",") if o.strip()]
     hcm["http_filters"].insert(
         0,
@@ -99,7 +104,22 @@ def _allow_cors(hcm: dict[str, Any], vhost: dict[str, Any], raw_origins: str) ->
         "allow_headers": "authorization, content-type, x-api-key, anthropic-version, anthropic-beta, x-request-id",
         "expose_headers": "x-request-id, x-gateway-prompt-tokens, retry-after",
         "max_age": "600",
+        "forward_not_matching_preflights": False,
     }
+    preflight = {
+        "name": "cors_preflight",
+        "match": {
+            "prefix": "/",
+            "headers": [
+                {"name": ":method", "string_match": {"exact": "OPTIONS"}},
+                {"name": "origin", "present_match": True},
+                {"name": "access-control-request-method", "present_match": True},
+            ],
+        },
+        "route": {"cluster": "shimmy", "timeout": "5s"},
+        "typed_per_filter_config": _named(vhost["routes"], "not_found")["typed_per_filter_config"],
+    }
+    vhost["routes"].insert(0, preflight)
 
 
 def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:

@@ -67,6 +67,7 @@ class _Prompt(msgspec.Struct, kw_only=True):
     tool_choice: Any = None
     thinking: dict[str, Any] | None = None
     mcp_servers: list[Any] | None = None
+    output_config: dict[str, Any] | None = None  # `effort` accepted without effect; `format` refused
 
     def prompt(self) -> list[tuple[str, str]]:
         system = self.system if isinstance(self.system, str | None) else "".join(b.text for b in self.system)
@@ -82,6 +83,8 @@ class _Prompt(msgspec.Struct, kw_only=True):
                 ("tool_choice", no_tools, "Tool use is not supported"),
                 ("thinking", thinking, "Extended thinking is not supported"),
                 ("mcp_servers", bool(self.mcp_servers), "MCP servers are not supported"),
+                ("output_config.format", bool(self.output_config and self.output_config.get("format")),
+                 "Structured outputs are not supported"),
             )
         )
 
@@ -94,8 +97,8 @@ class MessagesRequest(_Prompt, kw_only=True):
     ) = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=1, le=I32_MAX)] | None = None
-    stream: bool | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=I32_MAX)] | None = None  # sampling: honoured when sent (SDK 2.x
+    stream: bool | None = None  # no longer has arguments for them; raw HTTP, older SDKs and extra_body do)
     # Accepted without effect.
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
