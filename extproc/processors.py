@@ -303,7 +303,7 @@ class GenerationProcessor(Processor):
             metrics.TOKENS.labels(model, "input", api).inc(gen.prompt_tokens)
             metrics.TOKENS.labels(model, "output", api).inc(gen.completion_tokens)
             fields.update(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
-            if gen.first_content_at is not None:
+            if gen.stream and gen.first_content_at is not None:  # a buffered answer has no first token to time
                 ttft = gen.first_content_at - self.started
                 metrics.TIME_TO_FIRST_TOKEN.labels(model, api).observe(ttft)
                 fields["ttft_ms"] = round(ttft * 1000, 1)

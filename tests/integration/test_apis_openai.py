@@ -271,3 +271,31 @@ def test_the_key_header_is_configurable(configured: Stack) -> None:
     refused = httpx.post(url, json=payload, headers={"authorization": "Bearer k-one"})
     assert refused.status_code == 401 and "x-gateway-key" in refused.json()["error"]["message"]
     assert httpx.post(url, json=payload, headers={"x-api-key": "k-one"}).status_code == 200
+
+
+# -- the same guarantees, labelled with the API -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("api", "path", "payload"),
+    [
+        ("messages", "/v1/messages", {"model": "phi3-lora", "max_tokens": 3, "messages": CHAT["messages"]}),
+        ("responses", "/v1/responses", {"model": "phi3-lora", "input": "x", "max_output_tokens": 3}),
+        ("completions", "/v1/completions", {"model": "phi3-lora", "prompt": "x", "max_tokens": 3}),
+        ("chat", "/v1/chat/completions", {**CHAT, "max_tokens": 3}),
+    ],
+)
+def test_metrics_and_access_log_lines_carry_the_api(stack: Stack, api: str, path: str, payload: dict) -> None:
+    from tests.integration.test_observability import access_log, metric, quiet_metrics
+
+    ok = {"api": api, "outcome": "ok"}
+    output = {"api": api, "gen_ai_token_type": "output"}
+    before = quiet_metrics(stack)
+    resp = httpx.post(f"{stack.url}{path}", json=payload, headers={"x-request-id": f"api-{api}"})
+    assert resp.status_code == 200, resp.text
+    after = httpx.get(f"{stack.url}/metrics").text
+    assert metric(after, "gen_ai_requests_total", **ok) - metric(before, "gen_ai_requests_total", **ok) == 1
+    assert metric(after, "gen_ai_usage_tokens_total", **output) - metric(before, "gen_ai_usage_tokens_total",
+                                                                         **output) == 3
+    entry = access_log(stack, f"api-{api}")
+    assert (entry["api"], entry["outcome"], entry["completion_tokens"]) == (api, "ok", 3)
