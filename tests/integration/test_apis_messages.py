@@ -105,7 +105,7 @@ def test_a_failure_mid_stream_is_an_error_event(stack: Stack) -> None:
     assert resp.status_code == 200
     assert [name for name, _ in sent][-3:] == ["content_block_delta", "content_block_delta", "error"]
     assert sent[-1][1]["error"]["type"] == "api_error"
-    with pytest.raises(anthropic.APIStatusError), client(stack).messages.stream(**MESSAGE) as stream:
+    with client(stack) as claude, pytest.raises(anthropic.APIStatusError), claude.messages.stream(**MESSAGE) as stream:
         list(stream.text_stream)
 
 
@@ -116,21 +116,22 @@ def test_sdk_count_tokens_counts_the_rendered_prompt_without_generating(stack: S
     before = stack.emulator_stats()["generate_requests"]
     client(stack).messages.count_tokens(model="phi3-lora", messages=ASK)
     assert stack.emulator_stats()["generate_requests"] == before
-    with pytest.raises(anthropic.NotFoundError):
-        client(stack).messages.count_tokens(model="no-such-model", messages=ASK)
+    with client(stack) as claude, pytest.raises(anthropic.NotFoundError):
+        claude.messages.count_tokens(model="no-such-model", messages=ASK)
 
 
 def test_sdk_error_classes(stack: Stack) -> None:
-    with pytest.raises(anthropic.NotFoundError) as missing:
-        client(stack).messages.create(model="no-such-model", max_tokens=8, messages=ASK)
-    assert missing.value.body["error"]["type"] == "not_found_error"
-    with pytest.raises(anthropic.BadRequestError) as bad:
-        client(stack).messages.create(model="phi3-lora", max_tokens=8, messages=ASK, extra_body={"temperature": 1.5})
-    assert "temperature" in bad.value.message
-    with pytest.raises(anthropic.BadRequestError) as tools:
-        client(stack).messages.create(model="phi3-lora", max_tokens=8, messages=ASK,
-                                      tools=[{"name": "t", "input_schema": {"type": "object"}}])
-    assert "tools" in tools.value.message
+    with client(stack) as claude:  # closed here: an exception's traceback would keep its connection alive
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            claude.messages.create(model="no-such-model", max_tokens=8, messages=ASK)
+        assert missing.value.body["error"]["type"] == "not_found_error"
+        with pytest.raises(anthropic.BadRequestError) as bad:
+            claude.messages.create(model="phi3-lora", max_tokens=8, messages=ASK, extra_body={"temperature": 1.5})
+        assert "temperature" in bad.value.message
+        with pytest.raises(anthropic.BadRequestError) as tools:
+            claude.messages.create(model="phi3-lora", max_tokens=8, messages=ASK,
+                                   tools=[{"name": "t", "input_schema": {"type": "object"}}])
+        assert "tools" in tools.value.message
 
 
 @pytest.mark.parametrize(
@@ -194,8 +195,8 @@ def edge() -> Iterator[Stack]:
 
 
 def test_x_api_key_is_checked_like_the_bearer_key(edge: Stack) -> None:
-    with pytest.raises(anthropic.AuthenticationError) as refused:
-        client(edge, "wrong").messages.create(**MESSAGE)
+    with client(edge, "wrong") as claude, pytest.raises(anthropic.AuthenticationError) as refused:
+        claude.messages.create(**MESSAGE)
     assert refused.value.body["error"]["type"] == "authentication_error"
     assert client(edge, "k-one").messages.create(**{**MESSAGE, "max_tokens": 2}).usage.output_tokens == 2
     assert_anthropic_error(httpx.post(f"{edge.url}/v1/messages", json=MESSAGE), 401, "authentication_error")

@@ -105,11 +105,12 @@ def test_responses_failure_mid_stream_is_response_failed(stack: Stack) -> None:
 
 
 def test_responses_are_not_stored_and_say_why(stack: Stack) -> None:
-    with pytest.raises(openai.BadRequestError) as chained:
-        sdk(stack).responses.create(model="phi3-lora", input="x", previous_response_id="resp_1")
+    with sdk(stack) as client:  # closed here: an exception's traceback would keep its connection alive
+        with pytest.raises(openai.BadRequestError) as chained:
+            client.responses.create(model="phi3-lora", input="x", previous_response_id="resp_1")
+        with pytest.raises(openai.NotFoundError) as fetched:
+            client.responses.retrieve("resp_1")
     assert chained.value.body["param"] == "previous_response_id" and "share no state" in chained.value.message
-    with pytest.raises(openai.NotFoundError) as fetched:
-        sdk(stack).responses.retrieve("resp_1")
     assert fetched.value.body["code"] == "not_stored" and "stateless" in fetched.value.message
     assert httpx.delete(f"{stack.url}/v1/responses/resp_1").json()["error"]["code"] == "not_stored"
     assert stack.emulator_stats()["generate_requests"] == 0
@@ -178,8 +179,8 @@ def test_raw_completions_stream_order(stack: Stack) -> None:
     ("field", "value"), [("echo", True), ("suffix", "end"), ("logprobs", 1), ("best_of", 2), ("n", 2)]
 )
 def test_completions_refuse_what_they_cannot_do_by_name(stack: Stack, field: str, value: object) -> None:
-    with pytest.raises(openai.BadRequestError) as refused:
-        sdk(stack).completions.create(model="phi3-lora", prompt="x", extra_body={field: value})
+    with sdk(stack) as client, pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="phi3-lora", prompt="x", extra_body={field: value})
     assert refused.value.body["param"] == field and refused.value.body["code"] == "unsupported_parameter"
     assert stack.emulator_stats()["generate_requests"] == 0
 
@@ -188,10 +189,11 @@ def test_completions_refuse_what_they_cannot_do_by_name(stack: Stack, field: str
 
 
 def test_sdk_models_retrieve_and_unknown_model(stack: Stack) -> None:
-    model = sdk(stack).models.retrieve("phi3-lora")
+    with sdk(stack) as client:
+        model = client.models.retrieve("phi3-lora")
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve("gpt-5")
     assert (model.id, model.object, model.owned_by) == ("phi3-lora", "model", "shimmy")
-    with pytest.raises(openai.NotFoundError) as missing:
-        sdk(stack).models.retrieve("gpt-5")
     assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
 
 
