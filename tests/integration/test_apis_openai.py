@@ -256,8 +256,12 @@ def test_cors_allowed_origins_get_preflights_and_headers(configured: Stack) -> N
     assert allowed.status_code == 200, allowed.text
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "POST" in allowed.headers["access-control-allow-methods"]
-    other = httpx.options(f"{configured.url}/v1/messages", headers={"origin": "https://evil.example", **ask})
-    assert "access-control-allow-origin" not in other.headers
+    other = httpx.options(f"{configured.url}/v1/messages",
+                          headers={"origin": "https://evil.example", "x-request-id": "preflight-evil", **ask})
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+    from tests.integration.test_observability import access_log
+
+    assert access_log(configured, "preflight-evil")["details"] == "cors_response"  # Envoy's answer, not Shimmy's
     answer = httpx.post(f"{configured.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1},
                         headers={"origin": "https://app.example", "x-gateway-key": "k-one"})
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example"
