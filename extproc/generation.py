@@ -34,7 +34,7 @@ from extproc.stops import StopMatcher
 from extproc.tokens import ESTIMATE, ESTIMATED, EXACT, PromptCounter, estimate_tokens
 from shimmy.versions import BackendProfile
 
-__all__ = ["Api", "Exchange", "Generation", "GenerationRequest", "StopReason", "start"]
+__all__ = ["Api", "Exchange", "Generation", "GenerationRequest", "StopReason", "count_prompt", "start"]
 
 StopReason = Literal["end", "length", "stop_sequence"]
 """How a generation ended: the model ended its turn, it reached `max_tokens`, or a client stop sequence matched."""
@@ -264,19 +264,8 @@ def start(
     non-stream answer reports them, a non-stream client's generation is asked for in one piece.
     `limits`: each model's context; a prompt over it is refused here, and `max_tokens` clamped to what fits.
     """
-    model = aliases.get(request.model, request.model) if aliases else request.model
-    if known_models is not None and model not in known_models:
-        raise ModelNotFound(request.model)
-    stops = request.stops
-    if request.prompt is not None:
-        prompt = request.prompt
-    else:
-        template = templates.template_for(model, template_overrides)
-        prompt = templates.render(template, request.messages)
-        stops += templates.STOP_MARKERS[template]
-    prompt_tokens, kind = counter.count(model, prompt), counter.kind
-    if prompt_tokens is None:
-        prompt_tokens, kind = estimate_tokens(prompt), ESTIMATED
+    model, prompt, stops = _prompt(request, template_overrides, known_models, aliases)
+    prompt_tokens, kind = _count(counter, model, prompt)
     max_tokens = request.max_tokens
     if limits is not None:
         param = "prompt" if request.prompt is not None else "messages"
@@ -293,7 +282,7 @@ def start(
         max_tokens=max_tokens,
         prompt_tokens=prompt_tokens,
         prompt_tokens_kind=kind,
-        stops=StopMatcher(stops),
+        stops=StopMatcher(request.stops + stops),
         client_stops=frozenset(request.stops),
         deadline=time.monotonic() + timeout,
         upstream_stream=upstream_stream,
@@ -302,3 +291,38 @@ def start(
         shimmy_model=model,
     )
     return body, Exchange(gen, api)
+
+
+def count_prompt(
+    request: GenerationRequest,
+    template_overrides: Mapping[str, str],
+    known_models: Collection[str] | None = None,
+    aliases: Mapping[str, str] | None = None,
+    *,
+    counter: PromptCounter = ESTIMATE,
+) -> int:
+    """The prompt tokens `start` would count for `request`, without a generation (Anthropic's count_tokens)."""
+    model, prompt, _ = _prompt(request, template_overrides, known_models, aliases)
+    return _count(counter, model, prompt)[0]
+
+
+def _prompt(
+    request: GenerationRequest,
+    template_overrides: Mapping[str, str],
+    known_models: Collection[str] | None,
+    aliases: Mapping[str, str] | None,
+) -> tuple[str, str, tuple[str, ...]]:
+    """(Shimmy's model name, the prompt it is sent, the template's end-of-turn markers to stop at)."""
+    model = aliases.get(request.model, request.model) if aliases else request.model
+    if known_models is not None and model not in known_models:
+        raise ModelNotFound(request.model)
+    if request.prompt is not None:
+        return model, request.prompt, ()
+    template = templates.template_for(model, template_overrides)
+    return model, templates.render(template, request.messages), templates.STOP_MARKERS[template]
+
+
+def _count(counter: PromptCounter, model: str, prompt: str) -> tuple[int, str]:
+    """(tokens, "exact" or "estimated"): the counter's, or the estimate where it has no vocabulary for `model`."""
+    tokens = counter.count(model, prompt)
+    return (tokens, counter.kind) if tokens is not None else (estimate_tokens(prompt), ESTIMATED)

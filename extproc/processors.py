@@ -8,9 +8,12 @@ processor needs:
     health   request headers                             1 (answered at once)
     metrics  response headers, response body (BUFFERED)  2 (Envoy's /stats/prometheus, ours appended)
     models   response headers, response body (BUFFERED)  2
+    model    request headers, response headers,          3 (GET /v1/models/{model})
+             response body (BUFFERED)
+    messages_count_tokens  request body (BUFFERED)       1 (answered at once: Shimmy is not asked)
     chat     request body (BUFFERED), response headers,  3 non-stream; 2 + one per Shimmy chunk when streaming
     (every   response body (BUFFERED, or FULL_DUPLEX_STREAMED by mode_override for stream=true)
-    API of extproc.apis alike)
+    API of extproc.apis alike: messages, responses, completions)
 
 A phase a processor does not override answers "continue unchanged" (the `Processor` base).
 """
@@ -22,14 +25,16 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
+from urllib.parse import unquote
 
 import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import metrics, mutations
 from extproc.apis import APIS
-from extproc.errors import GatewayError, InvalidRequest, UpstreamError
-from extproc.generation import Api, Exchange, start
+from extproc.apis.messages import MessagesCountTokens
+from extproc.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
+from extproc.generation import Api, Exchange, count_prompt, start
 from extproc.health import ShimmyMonitor
 from extproc.limits import ContextLimits
 from extproc.shimmy_protocol import GENERATE_PATH, model_names, upstream_error
@@ -42,8 +47,10 @@ __all__ = [
     "GenerationProcessor",
     "HealthProcessor",
     "MetricsProcessor",
+    "ModelProcessor",
     "ModelsProcessor",
     "Processor",
+    "TokenCountProcessor",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -144,16 +151,51 @@ class ModelsProcessor(Processor):
             names = model_names(msg.body)
         except GatewayError as exc:
             return _error(exc)
-        created = int(time.time())
         served = set(names)
         ids = sorted(served | {alias for alias, model in self.ctx.aliases.items() if model in served})
-        body = _encode(
-            {
-                "object": "list",
-                "data": [{"id": i, "object": "model", "created": created, "owned_by": "shimmy"} for i in ids],
-            }
-        )
+        try:
+            body = self.answer(ids, int(time.time()))
+        except GatewayError as exc:
+            return _error(exc)
         return mutations.response_body(body, [("content-type", "application/json"), ("content-length", str(len(body)))])
+
+    def answer(self, ids: list[str], created: int) -> bytes:
+        """The OpenAI list of the served models and their aliases."""
+        return _encode({"object": "list", "data": [_model(i, created) for i in ids]})
+
+
+def _model(model_id: str, created: int) -> dict[str, object]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "shimmy"}
+
+
+class ModelProcessor(ModelsProcessor):
+    """`GET /v1/models/{model}`: the one model from Shimmy's list (an alias counts), or 404 model_not_found."""
+
+    wanted = ""
+
+    def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        path = _header(msg, ":path").partition("?")[0]
+        self.wanted = unquote(path.rpartition("/")[2])
+        return super().request_headers(msg)
+
+    def answer(self, ids: list[str], created: int) -> bytes:
+        if self.wanted not in ids:
+            raise ModelNotFound(self.wanted)
+        return _encode(_model(self.wanted, created))
+
+
+class TokenCountProcessor(Processor):
+    """`POST /v1/messages/count_tokens`: the prompt is rendered and counted exactly as a generation would be
+    (`generation.count_prompt`), and the count is the answer; Shimmy is never asked."""
+
+    def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        ctx, api = self.ctx, MessagesCountTokens
+        try:
+            request = api.parse(msg.body)
+            tokens = count_prompt(request, ctx.templates, ctx.known_models, ctx.aliases, counter=ctx.prompt_counter)
+        except GatewayError as exc:
+            return mutations.immediate(exc.status, api.error_body(exc))
+        return mutations.immediate(200, api.render(tokens))
 
 
 class MetricsProcessor(Processor):
@@ -276,18 +318,23 @@ class GenerationProcessor(Processor):
         """Count the request's end once, and put its summary in Envoy's dynamic metadata for the access log."""
         self.outcome = outcome
         duration = time.monotonic() - self.started
-        exchange, model = self.exchange, self.model or "unknown"
-        metrics.REQUESTS.labels(model, outcome, error_type).inc()
-        fields: dict[str, object] = {"model": model, "outcome": outcome, "duration_ms": round(duration * 1000, 1)}
+        exchange, model, api = self.exchange, self.model or "unknown", self.api.route
+        metrics.REQUESTS.labels(model, outcome, error_type, api).inc()
+        fields: dict[str, object] = {
+            "api": api,
+            "model": model,
+            "outcome": outcome,
+            "duration_ms": round(duration * 1000, 1),
+        }
         if exchange is not None:
             gen = exchange.gen
-            metrics.REQUEST_DURATION.labels(model, "true" if gen.stream else "false").observe(duration)
-            metrics.TOKENS.labels(model, "input").inc(gen.prompt_tokens)
-            metrics.TOKENS.labels(model, "output").inc(gen.completion_tokens)
+            metrics.REQUEST_DURATION.labels(model, "true" if gen.stream else "false", api).observe(duration)
+            metrics.TOKENS.labels(model, "input", api).inc(gen.prompt_tokens)
+            metrics.TOKENS.labels(model, "output", api).inc(gen.completion_tokens)
             fields.update(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
-            if gen.first_content_at is not None:
+            if gen.stream and gen.first_content_at is not None:  # a buffered answer has no first token to time
                 ttft = gen.first_content_at - self.started
-                metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
+                metrics.TIME_TO_FIRST_TOKEN.labels(model, api).observe(ttft)
                 fields["ttft_ms"] = round(ttft * 1000, 1)
         if response is not None:
             mutations.set_metadata(response, fields)
@@ -300,6 +347,8 @@ ResponseT = TypeVar("ResponseT", ep.ProcessingResponse, None)
 ROUTES: dict[str, Callable[[Context], Processor]] = {
     **{route: partial(GenerationProcessor, api=api) for route, api in APIS.items()},
     "models": ModelsProcessor,
+    "model": ModelProcessor,
+    MessagesCountTokens.route: TokenCountProcessor,
     "health": HealthProcessor,
     "metrics": MetricsProcessor,
 }

@@ -1,10 +1,12 @@
 """Render envoy/gateway.yaml with the configured ports, timeouts and limits.
 
 The shipped file is a complete, valid config with the default settings; rendering changes only the fields
-found here by name (listener `gateway`, routes `chat` and `metrics`, the ext_proc and buffer filters, clusters
-`shimmy`, `extproc` and `envoy_admin`, the overload manager's connection cap), so the YAML stays the one place
-where routing, health checks and replies are declared. With keys it adds the api_key_auth filter and a route
-requiring the bearer scheme; with METRICS_PORT, a loopback copy of the listener serving only the metrics.
+found here by name (listener `gateway`, route `metrics`, the generation routes (marked `generation` in their
+metadata: chat, messages, responses, completions), the ext_proc and buffer filters, clusters `shimmy`, `extproc`
+and `envoy_admin`, the overload manager's connection cap), so the YAML stays the one place where routing, health
+checks and replies are declared. With keys it adds the api_key_auth filter (and, when the key is read from
+`Authorization`, a route requiring the bearer scheme); with CORS_ALLOWED_ORIGINS, the CORS filter; with
+METRICS_PORT, a loopback copy of the listener serving only the metrics.
 """
 
 from __future__ import annotations
@@ -44,10 +46,22 @@ def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
-def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_keys: str) -> None:
+def _generation_routes(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The routes that run a generation (one per client API), marked in the YAML's route metadata."""
+    marked = (r.get("metadata", {}).get("filter_metadata", {}).get("shimmy_gateway", {}) for r in routes)
+    return [r for r, meta in zip(routes, marked, strict=True) if meta.get("generation")]
+
+
+def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_keys: str, header: str) -> None:
     """Put Envoy's api_key_auth filter first (after the access log's path); health stays open, because probes
-    carry no key."""
+    carry no key.
+
+    The key is read from `header` (Authorization by default; behind SAP AI Core that one carries AI Core's own
+    token, so another is configured) and from `x-api-key`, where Anthropic's clients send it.
+    """
     keys = [k.strip() for k in raw_keys.split(",") if k.strip()]
+    header = header.strip().lower() or "authorization"
+    sources = [{"header": h} for h in dict.fromkeys((header, "x-api-key"))]
     filters = hcm["http_filters"]
     filters.insert(
         filters.index(_named(filters, "envoy.filters.http.set_filter_state")) + 1,  # after the access log's path
@@ -56,7 +70,7 @@ def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_key
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
                 "credentials": [{"key": key, "client": f"key-{i}"} for i, key in enumerate(keys)],
-                "key_sources": [{"header": "authorization"}],
+                "key_sources": sources,
                 "forwarding": {"hide_credentials": True},  # Shimmy never sees a client's key
             },
         },
@@ -65,7 +79,19 @@ def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_key
         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
         "disabled": True,
     }
-    # Envoy's filter also takes a bare `Authorization: <key>`; the bearer scheme is required, as documented.
+    if header == "authorization":
+        # Envoy's filter also takes a bare `Authorization: <key>`; the bearer scheme is required, as documented.
+        _require_bearer_scheme(routes)
+        return
+    for mapper in hcm["local_reply_config"]["mappers"]:
+        if mapper.get("headers_to_add", [{}])[0].get("header", {}).get("key") == "www-authenticate":
+            error = mapper["body_format_override"]["json_format"]["error"]
+            error["message"] = f"Missing or invalid API key: send {header}: <key>"
+            del mapper["headers_to_add"]  # not a Bearer challenge any more
+
+
+def _require_bearer_scheme(routes: list[dict[str, Any]]) -> None:
+    """A present `Authorization` without `Bearer ` is a 401, before the key filter could take it as a bare key."""
     routes.insert(
         routes.index(_named(routes, "health")) + 1,
         {
@@ -93,6 +119,48 @@ def _metrics_listener(gateway: dict[str, Any], port: int) -> dict[str, Any]:
     kept = ("metrics", "metrics_method_not_allowed", "not_found")
     vhost["routes"] = [r for r in vhost["routes"] if r["name"] in kept]
     return listener
+
+
+def _allow_cors(hcm: dict[str, Any], vhost: dict[str, Any], raw_origins: str) -> None:
+    """Envoy's CORS filter before the key check (a preflight carries no key), with the listed origins allowed on
+    every route.
+
+    The filter only acts on routes that forward (not on `direct_response` ones, where every OPTIONS would land),
+    so preflights get a route of their own; the filter answers every one of them itself, allowed or not
+    (`forward_not_matching_preflights: false`), and nothing reaches Shimmy.
+    """
+    origins = [o.strip() for o in raw_origins.split(",") if o.strip()]
+    filters = hcm["http_filters"]
+    filters.insert(
+        filters.index(_named(filters, "envoy.filters.http.set_filter_state")) + 1,  # the access log keeps the path
+        {
+            "name": "envoy.filters.http.cors",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+        },
+    )
+    vhost.setdefault("typed_per_filter_config", {})["envoy.filters.http.cors"] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": [{"exact": origin} for origin in origins],
+        "allow_methods": "GET, POST, OPTIONS",
+        "allow_headers": "authorization, content-type, x-api-key, anthropic-version, anthropic-beta, x-request-id",
+        "expose_headers": "x-request-id, x-gateway-prompt-tokens, retry-after",
+        "max_age": "600",
+        "forward_not_matching_preflights": False,
+    }
+    preflight = {
+        "name": "cors_preflight",
+        "match": {
+            "prefix": "/",
+            "headers": [
+                {"name": ":method", "string_match": {"exact": "OPTIONS"}},
+                {"name": "origin", "present_match": True},
+                {"name": "access-control-request-method", "present_match": True},
+            ],
+        },
+        "route": {"cluster": "shimmy", "timeout": "5s"},
+        "typed_per_filter_config": _named(vhost["routes"], "not_found")["typed_per_filter_config"],
+    }
+    vhost["routes"].insert(0, preflight)
 
 
 def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
@@ -124,9 +192,9 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
         routes.remove(_named(routes, "metrics"))
         routes.remove(_named(routes, "metrics_method_not_allowed"))
         vhost["virtual_clusters"].remove(_named(vhost["virtual_clusters"], "metrics"))
-    chat = _named(routes, "chat")["route"]
-    chat["timeout"] = _seconds(route_timeout)
-    chat["idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
+    for generation in _generation_routes(routes):
+        generation["route"]["timeout"] = _seconds(route_timeout)
+        generation["route"]["idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
 
     _named(hcm["http_filters"], "envoy.filters.http.buffer")["typed_config"]["max_request_bytes"] = (
         settings.max_request_bytes
@@ -135,7 +203,9 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     ext_proc["message_timeout"] = _seconds(settings.extproc_message_timeout_ms / 1000)
     ext_proc["grpc_service"]["timeout"] = _seconds(route_timeout)
     if settings.gateway_api_keys.strip():
-        _require_api_keys(hcm, routes, settings.gateway_api_keys)
+        _require_api_keys(hcm, routes, settings.gateway_api_keys, settings.gateway_api_key_header)
+    if settings.cors_allowed_origins.strip():
+        _allow_cors(hcm, vhost, settings.cors_allowed_origins)
     if settings.metrics_port:
         resources["listeners"].append(metrics_listener)
 

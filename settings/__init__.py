@@ -70,6 +70,11 @@ def _version(text: str) -> None:
         raise ValueError("a Shimmy version X.Y.Z, e.g. 1.7.2 or 2.5.0")
 
 
+def _header_name(text: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", text.strip()):
+        raise ValueError("an HTTP header name, e.g. authorization or x-gateway-key")
+
+
 def _pairs(text: str) -> None:
     try:
         parse_pairs(text, "")
@@ -206,6 +211,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REQUEST_HEADERS_TIMEOUT_S", "10", "Seconds a client may take to send a request's headers.", int, low=1),
     Setting("METRICS_PORT", "0", "Port on 127.0.0.1 serving `/metrics` keyless, for scrapers; 0: none.", int,
             low=0, high=65535),
+    Setting(
+        "GATEWAY_API_KEY_HEADER",
+        "authorization",
+        "Header the key is read from (`Bearer <key>` in `authorization`); `x-api-key` is always read too.",
+        check=_header_name,
+    ),
+    Setting("CORS_ALLOWED_ORIGINS", "", "Comma-separated browser origins allowed by CORS; empty turns CORS off."),
     Setting("HEALTH_INTERVAL_S", "2", "How often the processor and Envoy probe Shimmy's `/health`.", float,
             low=0.01),
     Setting("WARMUP", "false", "Keep `/health` at 503 until Shimmy has answered one tiny generation.", bool),

@@ -45,7 +45,7 @@ def test_json_subtypes_are_accepted(stack: Stack) -> None:
     assert resp.status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/", "/v1", "/v1/completions", "/v1/embeddings", "/api/generate", "/v2/models"])
+@pytest.mark.parametrize("path", ["/", "/v1", "/v1/embeddings", "/api/generate", "/v2/models"])
 def test_unknown_path(stack: Stack, path: str) -> None:
     assert_error(httpx.get(f"{stack.url}{path}"), 404, "invalid_request_error", "not_found")
 

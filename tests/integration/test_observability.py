@@ -57,13 +57,13 @@ def test_metrics_change_after_a_request(stack: Stack, path: str) -> None:
     resp = httpx.get(f"{stack.url}{path}")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     after = resp.text
-    model = {"gen_ai_request_model": "phi3-lora"}
+    model = {"gen_ai_request_model": "phi3-lora", "api": "chat"}  # other APIs' requests have series of their own
     tokens = "gen_ai_usage_tokens_total"
     output, prompt = {**model, "gen_ai_token_type": "output"}, {**model, "gen_ai_token_type": "input"}
     counted = first.json()["usage"]["completion_tokens"] + 2  # the non-stream answer's usage, and the stream's 2
     assert metric(after, tokens, **output) - metric(before, tokens, **output) == counted
     assert metric(after, tokens, **prompt) > metric(before, tokens, **prompt)
-    ok = {"gen_ai_request_model": "phi3-lora", "outcome": "ok"}
+    ok = {**model, "outcome": "ok"}
     assert metric(after, "gen_ai_requests_total", **ok) - metric(before, "gen_ai_requests_total", **ok) == 2
     ttft = "gen_ai_server_time_to_first_token_seconds_count"
     assert metric(after, ttft, **model) - metric(before, ttft, **model) == 1
@@ -81,7 +81,7 @@ def test_metrics_change_after_a_request(stack: Stack, path: str) -> None:
 
 
 def test_errors_are_counted_by_type(stack: Stack) -> None:
-    labels = {"outcome": "error", "error_type": "unsupported_parameter"}
+    labels = {"outcome": "error", "error_type": "unsupported_parameter", "api": "chat"}
     before = metric(quiet_metrics(stack), "gen_ai_requests_total", **labels)
     httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "n": 3})
     after = metric(httpx.get(f"{stack.url}/metrics").text, "gen_ai_requests_total", **labels)

@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gateway.cli import envoy_binary
 from tests.integration.conftest import free_port, sse_events, terminate
 from tests.integration.test_faults import Emulator
+from tests.integration.test_observability import metric
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "envoy" / "standalone.example.yaml"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -378,7 +379,8 @@ def test_envoy_example_with_the_processor_over_mtls(pki: Pki, emulator: Emulator
         health = httpx.get(f"{envoy.url}/health")
         assert health.json() == {"status": "healthy", "shimmy_status": "healthy"}
         metrics = httpx.get(f"{envoy.url}/v1/metrics").text
-        assert 'gen_ai_usage_tokens_total{gen_ai_request_model="phi3-lora",gen_ai_token_type="output"}' in metrics
+        output = {"gen_ai_request_model": "phi3-lora", "gen_ai_token_type": "output", "api": "chat"}
+        assert metric(metrics, "gen_ai_usage_tokens_total", **output) > 0
         assert "envoy_http_downstream_rq_total" in metrics
     finally:
         envoy.stop()

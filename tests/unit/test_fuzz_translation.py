@@ -171,8 +171,8 @@ def valid_requests(draw: st.DrawFn) -> dict[str, Any]:
             {"model": st.sampled_from(KNOWN_MODELS), "messages": valid_messages},
             optional={
                 "stream": st.booleans() | st.none(),
-                "max_tokens": st.integers(0, MAX_TOKENS_LIMIT),
-                "max_completion_tokens": st.integers(0, MAX_TOKENS_LIMIT),
+                "max_tokens": st.integers(1, MAX_TOKENS_LIMIT),
+                "max_completion_tokens": st.integers(1, MAX_TOKENS_LIMIT),
                 "temperature": st.floats(0, 2),
                 "top_p": st.floats(0, 1),
                 "top_k": st.integers(1, I32_MAX),
@@ -328,7 +328,7 @@ def check_shimmy_body(body: bytes) -> dict[str, Any]:
     assert sent["stream"] is True
     assert isinstance(sent["model"], str) and sent["model"]
     assert isinstance(sent["prompt"], str)
-    assert type(sent["max_tokens"]) is int and 0 <= sent["max_tokens"] <= MAX_TOKENS_LIMIT
+    assert type(sent["max_tokens"]) is int and 1 <= sent["max_tokens"] <= MAX_TOKENS_LIMIT
     for name, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
         if name in sent:
             assert type(sent[name]) in (int, float) and low <= sent[name] <= high, sent
