@@ -5,6 +5,10 @@ It serves Envoy's ext_proc API and the gRPC health service on `EXTPROC_HOST:EXTP
 (`EXTPROC_TLS_CLIENT_CA`), with gRPC reflection on request (`EXTPROC_REFLECTION`). SIGTERM or SIGINT: health
 turns NOT_SERVING, no new stream is accepted, live streams get `EXTPROC_SHUTDOWN_GRACE_S` to finish, exit 0; a
 second signal cuts the grace short. envoy/standalone.example.yaml plugs it into an Envoy of your own.
+
+It reads exactly the settings in `SETTINGS` below; the stack's EXTPROC_WORKERS and EXTPROC_MESSAGE_TIMEOUT_MS
+belong to `shimmy-gateway` (how many processors it starts, and Envoy's limit per message), so here they are refused
+as flags and ignored in the environment. A bad setting, or an address it cannot bind, is one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ import grpc
 
 from extproc import templates, tokens
 from extproc.health import ShimmyMonitor
+from extproc.limits import ContextLimits, parse_context_tokens
 from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
-from settings import Settings, load, parse_pairs
+from settings import PROCESSOR_MARGIN_S, Settings, fail, load, parse_pairs
+from shimmy.versions import BackendProfile, profile_for
 
-__all__ = ["grpc_address", "main", "tls_credentials"]
+__all__ = ["backend", "grpc_address", "main", "tls_credentials"]
+
+PROG = "shimmy-extproc"
 
 SETTINGS = (
     "EXTPROC_HOST",
@@ -39,6 +47,9 @@ SETTINGS = (
     "MODEL_NAME",
     "PROMPT_TEMPLATES",
     "TOKENIZER_GGUF",
+    "SHIMMY_VERSION",
+    "SHIMMY_MAX_CTX",
+    "MODEL_CONTEXT_TOKENS",
     "MODEL_ALIASES",
     "GENERATION_TIMEOUT_S",
     "HEALTH_INTERVAL_S",
@@ -147,6 +158,21 @@ async def _run(ctx: Context, server: GrpcServer, grace: float) -> None:
             loop.remove_signal_handler(sig)
 
 
+def backend(settings: Settings) -> tuple[BackendProfile, ContextLimits]:
+    """The profile of the Shimmy behind us (SHIMMY_VERSION, which `shimmy-gateway up` sets from the Shimmy it runs)
+    and each model's context limits: the release's, SHIMMY_MAX_CTX on 2.x, MODEL_CONTEXT_TOKENS per model."""
+    try:
+        profile = profile_for(settings.shimmy_version)
+    except ValueError as exc:
+        raise ValueError(f"SHIMMY_VERSION: {exc}") from None
+    limits = ContextLimits(  # SHIMMY_MAX_CTX is within 512 to 131072, the range Shimmy 2.x accepts (settings)
+        context_tokens=profile.context_tokens or settings.shimmy_max_ctx,
+        prompt_batch_tokens=profile.prompt_batch_tokens,
+        per_model=parse_context_tokens(parse_pairs(settings.model_context_tokens, "MODEL_CONTEXT_TOKENS")),
+    )
+    return profile, limits
+
+
 def build(settings: Settings) -> tuple[Context, GrpcServer]:
     """The processor's context and server from its settings; a bad setting is a ValueError naming it."""
     overrides = parse_pairs(settings.prompt_templates, "PROMPT_TEMPLATES")
@@ -154,20 +180,19 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         templates.check_overrides(overrides)
     except ValueError as exc:
         raise ValueError(f"PROMPT_TEMPLATES: {exc}") from None
-    shimmy_url = settings.shimmy_url.strip() or f"http://127.0.0.1:{settings.shimmy_port}"
-    if not shimmy_url.startswith(("http://", "https://")):
-        raise ValueError(f"SHIMMY_URL={shimmy_url!r}: expected an http:// or https:// URL")
-    if settings.extproc_shutdown_grace_s < 0:
-        raise ValueError("EXTPROC_SHUTDOWN_GRACE_S must not be negative")
+    shimmy_url = settings.shimmy_url.strip() or f"http://127.0.0.1:{settings.shimmy_port}"  # load() checked it
+    profile, limits = backend(settings)
     monitor = ShimmyMonitor(
         shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup")
     )
     ctx = Context(
         templates=overrides,
         monitor=monitor,
-        generation_timeout=settings.generation_timeout_s,
+        generation_timeout=settings.generation_timeout_s - PROCESSOR_MARGIN_S,
         aliases=parse_pairs(settings.model_aliases, "MODEL_ALIASES"),
         prompt_counter=tokens.counter(settings.tokenizer_gguf, models={settings.model_name}),
+        profile=profile,
+        limits=limits,
     )
     credentials = tls_credentials(
         settings.extproc_tls_cert.strip(), settings.extproc_tls_key.strip(), settings.extproc_tls_client_ca.strip()
@@ -182,20 +207,20 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load(SETTINGS, argv, prog="shimmy-extproc", description=__doc__)
+    settings = load(SETTINGS, argv, prog=PROG, description=__doc__)
     logging.basicConfig(
         level=settings.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         ctx, server = build(settings)
     except ValueError as exc:
-        raise SystemExit(f"shimmy-extproc: {exc}") from None
+        fail(PROG, str(exc))
     grace = settings.extproc_shutdown_grace_s
     try:
         # asyncio's own loop: gRPC does its I/O in its C core, and uvloop measured no faster here (bench steps).
         asyncio.run(_run(ctx, server, grace))
-    except OSError as exc:  # the address cannot be bound
-        raise SystemExit(f"shimmy-extproc: {exc}") from None
+    except OSError as exc:  # the address cannot be bound: a setting to change (EXTPROC_PORT, EXTPROC_HOST)
+        fail(PROG, f"{exc}; change EXTPROC_PORT (or EXTPROC_HOST)")
     return 0
 
 

@@ -1,14 +1,15 @@
-"""The OpenAI chat-completions request, decoded and validated in one msgspec pass.
+"""The OpenAI requests (chat completions, legacy completions, Responses), decoded and validated in one msgspec pass.
 
 msgspec checks types, ranges and the closed sets (roles, content-part types) in C while it decodes, and its
-error says where (`... - at $.messages[0].role`), which becomes the OpenAI `param`. What msgspec cannot
-express (parameters we accept but cannot honour) is checked after decoding, in `parse_chat_request`.
+error says where (`... - at $.messages[0].role`), which becomes the error's `param` (`decode`, which the
+Anthropic adapter uses too). What msgspec cannot express (parameters we accept but cannot honour) is checked
+after decoding, in each `parse_*_request`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -17,16 +18,25 @@ from extproc.tools import check_schema
 
 __all__ = [
     "ChatRequest",
+    "CompletionRequest",
+    "InputItem",
     "JsonObjectFormat",
     "JsonSchemaFormat",
     "Message",
     "NamedToolChoice",
+    "ResponsesNamedChoice",
+    "ResponsesRequest",
     "StreamOptions",
     "TextPart",
+    "decode",
     "parse_chat_request",
+    "parse_completion_request",
+    "parse_responses_request",
 ]
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's own limit
+MAX_STOP_LENGTH = 256  # characters per stop sequence: ours (OpenAI documents none); the matcher's cost does not grow
+# with it, but its automaton is built per request, and no real end-of-answer marker is this long
 MAX_TOOLS = 128  # OpenAI's own limit
 MAX_TOKENS_LIMIT = 131072  # Shimmy 2.x rejects more; no GGUF we serve has a longer context
 I32_MAX = 2**31 - 1  # Shimmy reads top_k as i32 and answers 422 beyond it
@@ -118,8 +128,10 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
-NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS_LIMIT)]
-StopList = Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)]
+TokenLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]  # OpenAI refuses limits below 1
+StopText = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_LENGTH)]
+StopList = Annotated[list[StopText], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)]
+Stop = StopText | StopList  # chat's `stop`, also legacy completions'
 
 
 class ChatRequest(msgspec.Struct):
@@ -127,12 +139,12 @@ class ChatRequest(msgspec.Struct):
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: NonNegInt | None = None
-    max_completion_tokens: NonNegInt | None = None
+    max_tokens: TokenLimit | None = None
+    max_completion_tokens: TokenLimit | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_k: Annotated[int, msgspec.Meta(ge=1, le=I32_MAX)] | None = None  # not OpenAI's; llama.cpp users send it
-    stop: Annotated[str, msgspec.Meta(min_length=1)] | StopList | None = None
+    stop: Stop | None = None
     n: Annotated[int, msgspec.Meta(ge=1)] | None = None
     # Accepted and ignored: Shimmy's /api/generate has no such knobs (README lists what is honoured).
     seed: int | None = None
@@ -165,9 +177,149 @@ class ChatRequest(msgspec.Struct):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-_decoder = msgspec.json.Decoder(ChatRequest)
+class CompletionRequest(msgspec.Struct):
+    """Legacy `POST /v1/completions`: one raw prompt, sent to Shimmy untemplated."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    max_tokens: TokenLimit = 16  # OpenAI's default for this endpoint
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=I32_MAX)] | None = None
+    stop: Stop | None = None
+    # Accepted and ignored, as in chat.
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    # Refused by name when they ask for more than one plain completion of the prompt.
+    n: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    best_of: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class InputText(msgspec.Struct, tag="input_text", tag_field="type"):
+    text: str
+
+
+class OutputText(msgspec.Struct, tag="output_text", tag_field="type"):
+    """An earlier answer sent back as context (the client's own copy: the gateway stores none)."""
+
+    text: str
+
+
+class InputItem(msgspec.Struct, kw_only=True):
+    """A Responses input item: a message (`type` may be left out), an earlier `function_call`, or its
+    `function_call_output`. One struct for all three, because a message item may come without its `type` tag;
+    `check()` then requires each type's own fields. Other item types (reasoning, references) fail by name."""
+
+    type: Literal["message", "function_call", "function_call_output"] = "message"
+    role: Literal["user", "assistant", "system", "developer"] | None = None
+    content: str | list[InputText | OutputText] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[InputText | OutputText] | None = None
+    id: str | None = None  # accepted: an earlier output item's own id
+    status: str | None = None
+
+    def check(self, i: int) -> None:
+        needs = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
+                 "function_call_output": ("call_id", "output")}[self.type]
+        for field in needs:
+            if getattr(self, field) is None:
+                raise InvalidRequest(f"A {self.type} item needs {field}", param=f"input[{i}].{field}")
+
+    def text(self) -> str:
+        content = self.output if self.type == "function_call_output" else self.content
+        if content is None or isinstance(content, str):
+            return content or ""
+        return "".join(part.text for part in content)
+
+
+class ResponsesTool(msgspec.Struct):
+    type: Literal["function"]  # built-in tools (web search, file search, computer use...) fail by name
+    name: ToolName
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # accepted: arguments are always validated against `parameters`
+
+
+class ResponsesNamedChoice(msgspec.Struct):
+    type: Literal["function"]
+    name: ToolName
+
+
+class ResponsesTextFormat(msgspec.Struct):
+    """Responses' `text.format`: text, json_object, or json_schema with the schema inline."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None  # accepted: the output is always validated against `schema`
+    description: str | None = None
+
+
+class TextOptions(msgspec.Struct):
+    format: ResponsesTextFormat | None = None
+    verbosity: str | None = None  # accepted without effect
+
+
+class ResponsesRequest(msgspec.Struct):
+    """`POST /v1/responses`, stateless: the whole conversation comes in `input` every time."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    input: Annotated[str, msgspec.Meta(min_length=1)] | Annotated[list[InputItem], msgspec.Meta(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: TokenLimit | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    stream: bool | None = None
+    # Accepted without effect (docs/apis.md): nothing is stored, there is no reasoning to configure.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    stream_options: dict[str, Any] | None = None
+    text: TextOptions | None = None
+    tools: Annotated[list[ResponsesTool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedChoice | None = None
+    # Refused by name.
+    previous_response_id: str | None = None
+    conversation: Any = None
+    background: bool | None = None
+    top_logprobs: int | None = None
+    prompt: Any = None
+
+
+_chat = msgspec.json.Decoder(ChatRequest)
+_completion = msgspec.json.Decoder(CompletionRequest)
+_responses = msgspec.json.Decoder(ResponsesRequest)
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
+
+T = TypeVar("T")
 
 
 def _param_of(message: str) -> tuple[str, str | None]:
@@ -181,10 +333,10 @@ def _param_of(message: str) -> tuple[str, str | None]:
     return text, path or None
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
-    """Decode and validate, or raise InvalidRequest naming the offending param."""
+def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """Decode and validate any API's request, or raise InvalidRequest naming the offending param."""
     try:
-        request = _decoder.decode(body)
+        return decoder.decode(body)
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8", code="invalid_encoding") from None
     except RecursionError:  # msgspec decodes nested JSON recursively; a hostile body can nest thousands deep
@@ -194,8 +346,78 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise InvalidRequest(f"Invalid request: {text}", param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def refuse(unsupported: tuple[tuple[str, bool, str], ...]) -> None:
+    """The first (param, refused, message) that is refused, as InvalidRequest naming the param."""
+    for param, refused, message in unsupported:
+        if refused:
+            raise InvalidRequest(message, param=param, code="unsupported_parameter")
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Decode and validate, or raise InvalidRequest naming the offending param."""
+    request = decode(_chat, body)
     _refuse_unsupported(request)
     return request
+
+
+def parse_completion_request(body: bytes) -> CompletionRequest:
+    request = decode(_completion, body)
+    refuse(
+        (
+            ("n", request.n is not None and request.n > 1, "Only n=1 is supported"),
+            ("best_of", request.best_of is not None and request.best_of > 1, "Only best_of=1 is supported"),
+            ("echo", bool(request.echo), "echo is not supported"),
+            ("suffix", bool(request.suffix), "suffix (insertion) is not supported"),
+            ("logprobs", request.logprobs is not None, "logprobs are not supported"),
+            ("logit_bias", bool(request.logit_bias), "logit_bias is not supported"),
+        )
+    )
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
+    return request
+
+
+def parse_responses_request(body: bytes) -> ResponsesRequest:
+    request = decode(_responses, body)
+    stateless = "the gateway stores no responses (its replicas share no state); send the whole conversation in input"
+    refuse(
+        (
+            ("previous_response_id", request.previous_response_id is not None, f"Not supported: {stateless}"),
+            ("conversation", request.conversation is not None, f"Not supported: {stateless}"),
+            ("background", bool(request.background), "Background responses are not supported: nothing is stored"),
+            ("top_logprobs", bool(request.top_logprobs), "logprobs are not supported"),
+            ("prompt", request.prompt is not None, "Stored prompt templates are not supported"),
+        )
+    )
+    _check_responses_tools(request)
+    return request
+
+
+def _check_responses_tools(request: ResponsesRequest) -> None:
+    """As chat's `_check_tools`, in Responses' field names; and each input item has its type's fields."""
+    names = [t.name for t in request.tools or ()]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("Tool names must be unique", param="tools")
+    for i, tool in enumerate(request.tools or ()):
+        problem = check_schema(tool.parameters) if tool.parameters is not None else None
+        if problem is not None:
+            raise InvalidRequest(f"Invalid JSON schema: {problem}", param=f"tools[{i}].parameters")
+    choice = request.tool_choice
+    if isinstance(choice, ResponsesNamedChoice) and choice.name not in names:
+        raise InvalidRequest(f"tool_choice names {choice.name!r}, which is not in tools", param="tool_choice")
+    if choice == "required" and not names:
+        raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
+    fmt = request.text.format if request.text is not None else None
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.schema is None or not fmt.name:
+            raise InvalidRequest("A json_schema format needs name and schema", param="text.format")
+        problem = check_schema(fmt.schema)
+        if problem is not None:
+            raise InvalidRequest(f"Invalid JSON schema: {problem}", param="text.format.schema")
+    for i, item in enumerate(request.input if isinstance(request.input, list) else ()):
+        item.check(i)
 
 
 def _refuse_unsupported(request: ChatRequest) -> None:
@@ -213,9 +435,7 @@ def _refuse_unsupported(request: ChatRequest) -> None:
         ("modalities", request.modalities not in (None, ["text"]), "Only text output is supported"),
         ("audio", request.audio is not None, "Audio output is not supported"),
     )
-    for param, refused, message in unsupported:
-        if refused:
-            raise InvalidRequest(message, param=param, code="unsupported_parameter")
+    refuse(unsupported)
     if request.stream_options is not None and not request.stream:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
     _check_tools(request)

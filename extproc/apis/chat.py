@@ -22,7 +22,7 @@ from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS
 from extproc.sse import DONE, encode_event
 from extproc.tools import NO_TOOLING, Tool, ToolCall, Tooling
 
-__all__ = ["ChatCompletions"]
+__all__ = ["ChatCompletions", "finish_reason", "usage"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -30,7 +30,8 @@ _encode = msgspec.json.Encoder().encode
 _FINISH_REASONS = {"end": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
-def _finish_reason(gen: Generation) -> str:
+def finish_reason(gen: Generation) -> str:
+    """OpenAI's finish_reason (chat and legacy completions): a stop sequence is "stop" too."""
     return _FINISH_REASONS[gen.stop_reason]
 
 
@@ -70,7 +71,8 @@ def _call(call: ToolCall) -> dict[str, object]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def _usage(gen: Generation) -> dict[str, int]:
+def usage(gen: Generation) -> dict[str, int]:
+    """OpenAI's usage object (chat and legacy completions)."""
     return {
         "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": gen.completion_tokens,
@@ -137,10 +139,10 @@ class ChatCompletions:
                         "index": 0,
                         "message": message,
                         "logprobs": None,
-                        "finish_reason": _finish_reason(gen),
+                        "finish_reason": finish_reason(gen),
                     }
                 ],
-                "usage": _usage(gen),
+                "usage": usage(gen),
             }
         )
 
@@ -168,9 +170,9 @@ class ChatCompletions:
 
     def stream_end(self, gen: Generation) -> bytes:
         head, tail = self._head, self._tail
-        out = head + b'[{"index":0,"delta":{},"finish_reason":"%s"}]' % _finish_reason(gen).encode() + tail
+        out = head + b'[{"index":0,"delta":{},"finish_reason":"%s"}]' % finish_reason(gen).encode() + tail
         if self.include_usage:
-            out += head + b'[],"usage":' + _encode(_usage(gen)) + tail
+            out += head + b'[],"usage":' + _encode(usage(gen)) + tail
         return out + DONE
 
     def stream_error(self, gen: Generation, exc: GatewayError) -> bytes:
