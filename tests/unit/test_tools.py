@@ -6,10 +6,12 @@ import json
 
 import pytest
 
+from extproc.apis.messages import Messages
+from extproc.apis.responses import Responses
 from extproc.generation import Message
 from extproc.templates import TEMPLATES
 from extproc.tools import CallDetector, OutputError, Tool, ToolCall, Tooling, parse_output, to_turns
-from tests.unit.translate import start_chat
+from tests.unit.translate import start_api, start_chat
 
 WEATHER = Tool(
     "get_weather",
@@ -270,3 +272,116 @@ def test_a_bare_call_after_prose_is_read() -> None:
     assert parsed.text == "Sure!  Done." and [c.name for c in parsed.calls] == ["get_time"]
     released, held = feed_all(CallDetector(TOOLS), ["Sure", '! {"na', 'me": "get_time", "arguments": {}}'])
     assert released == "Sure! " and held.startswith('{"name"')
+
+
+# -- through the Messages and Responses adapters -------------------------------------------------------------------
+
+
+def sse(out: bytes) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a typed event stream."""
+    events = []
+    for block in out.decode().split("\n\n"):
+        if block:
+            kind, data = block.split("\n", 1)
+            events.append((kind.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return events
+
+
+ANTHROPIC_TOOL = {"name": "get_weather", "description": "Weather", "input_schema": dict(WEATHER.parameters)}
+
+
+def anthropic(**fields: object) -> bytes:
+    base = {"model": "qwen", "max_tokens": 64, "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    return json.dumps({**base, "tools": [ANTHROPIC_TOOL], **fields}).encode()
+
+
+def test_a_message_answers_with_tool_use_blocks() -> None:
+    _, exchange = start_api(Messages, anthropic())
+    doc = json.loads(exchange.complete(wire(CALL_TEXT)))
+    assert doc["stop_reason"] == "tool_use"
+    [block] = doc["content"]
+    assert block["type"] == "tool_use" and block["id"].startswith("toolu_")
+    assert (block["name"], block["input"]) == ("get_weather", {"city": "Paris"})
+
+
+def test_a_messages_history_with_tool_use_and_results_is_rendered() -> None:
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+                                          {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"},
+                                     {"type": "text", "text": "And tomorrow?"}]},
+    ]
+    shimmy, _ = start_api(Messages, anthropic(messages=history, tool_choice={"type": "any"}))
+    prompt = json.loads(shimmy)["prompt"]
+    assert 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris"}}\n</tool_call>' in prompt
+    result = "<|im_start|>tool\n<tool_response>\n18C\n</tool_response><|im_end|>\n"
+    assert result + "<|im_start|>user\nAnd tomorrow?" in prompt
+    assert "You must call at least one" in prompt
+
+
+def test_a_message_stream_sends_input_json_deltas_in_their_own_block() -> None:
+    _, exchange = start_api(Messages, anthropic(stream=True))
+    events = sse(exchange.relay(wire("Let", " me", " see.", " ", CALL_TEXT), end=True))
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["message_start", "content_block_start", "ping", "content_block_delta", "content_block_delta",
+                     "content_block_delta", "content_block_delta", "content_block_stop", "content_block_start",
+                     "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    start, delta = events[8][1], events[9][1]
+    assert start["index"] == 1 and start["content_block"]["type"] == "tool_use"
+    assert start["content_block"]["input"] == {}
+    assert delta["delta"]["type"] == "input_json_delta" and json.loads(delta["delta"]["partial_json"]) == {
+        "city": "Paris"
+    }
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+RESPONSES_TOOL = {"type": "function", "name": "get_weather", "parameters": dict(WEATHER.parameters)}
+
+
+def responses(**fields: object) -> bytes:
+    return json.dumps({"model": "qwen", "input": "Weather in Paris?", "tools": [RESPONSES_TOOL], **fields}).encode()
+
+
+def test_a_response_carries_function_call_items() -> None:
+    _, exchange = start_api(Responses, responses())
+    doc = json.loads(exchange.complete(wire(CALL_TEXT)))
+    assert doc["status"] == "completed"
+    [item] = doc["output"]
+    assert item["type"] == "function_call" and item["call_id"].startswith("call_") and item["id"].startswith("fc_")
+    assert (item["name"], json.loads(item["arguments"])) == ("get_weather", {"city": "Paris"})
+    assert doc["tools"][0]["name"] == "get_weather" and doc["tool_choice"] == "auto"
+
+
+def test_responses_input_with_calls_and_outputs_is_rendered() -> None:
+    items = [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": '{"city":"Rome"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "18C"},
+        {"type": "function_call_output", "call_id": "c2", "output": "25C"},
+    ]
+    shimmy, _ = start_api(Responses, responses(input=items))
+    prompt = json.loads(shimmy)["prompt"]
+    assert prompt.count('<tool_call>\n{"name": "get_weather"') == 2  # the two calls of one assistant turn
+    assert "<tool_response>\n18C\n</tool_response>" in prompt and "<tool_response>\n25C\n</tool_response>" in prompt
+
+
+def test_a_response_stream_sends_function_call_argument_events() -> None:
+    _, exchange = start_api(Responses, responses(stream=True))
+    events = sse(exchange.relay(wire(CALL_TEXT), end=True))
+    kinds = [kind for kind, _ in events]
+    assert kinds[-5:] == ["response.output_item.added", "response.function_call_arguments.delta",
+                          "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert json.loads(events[-4][1]["delta"]) == {"city": "Paris"}
+    final = events[-1][1]["response"]
+    assert [item["type"] for item in final["output"]] == ["message", "function_call"]
+
+
+def test_a_response_in_a_json_schema_format() -> None:
+    fmt = {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object", "required": ["n"]}}}
+    _, exchange = start_api(Responses, responses(tools=None, text=fmt))
+    doc = json.loads(exchange.complete(wire('{"n": 2}')))
+    assert json.loads(doc["output"][0]["content"][0]["text"]) == {"n": 2}
