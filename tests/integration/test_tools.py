@@ -185,3 +185,52 @@ def test_openai_agents_sdk_with_one_function_tool(stack: Stack) -> None:
             return (await Runner.run(agent, "Weather in Paris?")).final_output
 
     assert asyncio.run(run()) == "18C in Paris"
+
+
+def test_anthropic_sdk_with_a_tool(stack: Stack) -> None:
+    import anthropic
+
+    tool = {"name": "get_weather", "description": "The weather in a city",
+            "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    stack.configure(reply=WEATHER_CALL)
+    with anthropic.Anthropic(base_url=stack.url, api_key="unused", max_retries=0) as api:
+        message = api.messages.create(model="phi3-lora", max_tokens=64, messages=ask, tools=[tool])
+        assert message.stop_reason == "tool_use"
+        [use] = [block for block in message.content if block.type == "tool_use"]
+        assert (use.name, use.input) == ("get_weather", {"city": "Paris"})
+        with api.messages.stream(model="phi3-lora", max_tokens=64, messages=ask, tools=[tool]) as stream:
+            streamed = stream.get_final_message()
+        assert streamed.stop_reason == "tool_use"
+        assert [b.input for b in streamed.content if b.type == "tool_use"] == [{"city": "Paris"}]
+        history = [*ask, {"role": "assistant", "content": [use.model_dump()]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18C"}]}]
+        stack.configure(reply="It is 18C.")
+        final = api.messages.create(model="phi3-lora", max_tokens=64, messages=history, tools=[tool])
+        assert (final.stop_reason, final.content[0].text) == ("end_turn", "It is 18C.")
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            stack.configure(reply="No tool for you.")
+            api.messages.create(model="phi3-lora", max_tokens=64, messages=ask, tools=[tool],
+                                tool_choice={"type": "any"})
+        assert failed.value.status_code == 502 and failed.value.body["error"]["type"] == "api_error"
+
+
+def test_responses_create_with_a_function_tool(stack: Stack, client: openai.OpenAI) -> None:
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    stack.configure(reply=WEATHER_CALL)
+    response = client.responses.create(model="phi3-lora", input="Weather in Paris?", tools=[tool])
+    [call] = [item for item in response.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    with client.responses.stream(model="phi3-lora", input="Weather in Paris?", tools=[tool]) as stream:
+        deltas = [event.delta for event in stream if event.type == "response.function_call_arguments.delta"]
+        streamed = stream.get_final_response()
+    assert json.loads("".join(deltas)) == {"city": "Paris"}
+    assert [item.type for item in streamed.output if item.type == "function_call"] == ["function_call"]
+    stack.configure(reply="It is 18C.")
+    follow_up = client.responses.create(
+        model="phi3-lora",
+        input=[{"role": "user", "content": "Weather in Paris?"}, call.model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": call.call_id, "output": "18C"}],
+        tools=[tool],
+    )
+    assert follow_up.output_text == "It is 18C."
