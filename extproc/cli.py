@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import signal
 import ssl
 import sys
+import tempfile
+from pathlib import Path
 
 import grpc
 
 from extproc import templates, tokens
+from extproc.admission import Admission
 from extproc.health import ShimmyMonitor
 from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
 from settings import Settings, load, parse_pairs
+from shimmy import versions
 
 __all__ = ["grpc_address", "main", "tls_credentials"]
 
@@ -44,6 +49,11 @@ SETTINGS = (
     "HEALTH_INTERVAL_S",
     "WARMUP",
     "LOG_LEVEL",
+    "MAX_ACTIVE_REQUESTS",
+    "MAX_QUEUED_REQUESTS",
+    "EXTPROC_MESSAGE_TIMEOUT_MS",
+    "EXTPROC_WORKERS",
+    "SHIMMY_VERSION",
 )
 
 log = logging.getLogger("extproc")
@@ -159,8 +169,9 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         raise ValueError(f"SHIMMY_URL={shimmy_url!r}: expected an http:// or https:// URL")
     if settings.extproc_shutdown_grace_s < 0:
         raise ValueError("EXTPROC_SHUTDOWN_GRACE_S must not be negative")
+    admission = build_admission(settings, shimmy_url)
     monitor = ShimmyMonitor(
-        shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup")
+        shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup"), admission=admission
     )
     ctx = Context(
         templates=overrides,
@@ -168,6 +179,7 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         generation_timeout=settings.generation_timeout_s,
         aliases=parse_pairs(settings.model_aliases, "MODEL_ALIASES"),
         prompt_counter=tokens.counter(settings.tokenizer_gguf, models={settings.model_name}),
+        admission=admission,
     )
     credentials = tls_credentials(
         settings.extproc_tls_cert.strip(), settings.extproc_tls_key.strip(), settings.extproc_tls_client_ca.strip()
@@ -179,6 +191,31 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         reflection=settings.flag("extproc_reflection"),
     )
     return ctx, server
+
+
+def build_admission(settings: Settings, shimmy_url: str) -> Admission:
+    """Generation slots for the Shimmy at `shimmy_url`, following its version's profile (docs/admission.md).
+
+    A queued request waits at most a second less than Envoy's message_timeout, which bounds the processor's answer
+    to the request body. Several workers share one set of slots (lock files named after the Shimmy they serve).
+    """
+    try:
+        profile = versions.profile_for(settings.shimmy_version)
+    except ValueError as exc:
+        raise ValueError(f"SHIMMY_VERSION: {exc}") from None
+    message_timeout = settings.extproc_message_timeout_ms / 1000
+    shared = None
+    if settings.extproc_workers > 1:
+        key = hashlib.sha256(shimmy_url.encode()).hexdigest()[:16]
+        shared = Path(tempfile.gettempdir()) / f"shimmy-gateway-slots-{key}"
+    return Admission(
+        settings.max_active_requests,
+        settings.max_queued_requests,
+        max(message_timeout - 1, message_timeout * 0.5),
+        serialized=profile.serialized,
+        context_tokens=profile.context_tokens,
+        shared_dir=shared,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

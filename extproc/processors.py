@@ -18,7 +18,7 @@ A phase a processor does not override answers "continue unchanged" (the `Process
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -27,6 +27,7 @@ import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import metrics, mutations
+from extproc.admission import AbandonReason, Admission, Busy, Ticket
 from extproc.apis import APIS
 from extproc.errors import GatewayError, InvalidRequest
 from extproc.generation import Api, Exchange, start
@@ -56,6 +57,7 @@ class Context:
     generation_timeout: float  # seconds; a stream still running then ends with an in-band error
     aliases: Mapping[str, str] = field(default_factory=dict)  # client-facing name -> Shimmy's model
     prompt_counter: PromptCounter = ESTIMATE  # exact with TOKENIZER_GGUF, else the estimate
+    admission: Admission | None = None  # generation slots; None admits everything (Envoy's breaker alone)
 
     @property
     def known_models(self) -> Collection[str] | None:
@@ -84,6 +86,10 @@ def _local_reply(headers: ep.HttpHeaders) -> bool:
 
 def _error(exc: GatewayError) -> ep.ProcessingResponse:
     return mutations.immediate(exc.status, exc.body())
+
+
+def _retry_after(exc: GatewayError) -> list[mutations.Header]:
+    return [("retry-after", str(exc.retry_after))] if isinstance(exc, Busy) else []
 
 
 class Processor:
@@ -177,8 +183,10 @@ class GenerationProcessor(Processor):
         self.started = time.monotonic()
         self.model = ""  # as the client named it, once the body is read
         self.outcome: str | None = None  # set once the request's end is recorded
+        self.ticket: Ticket | None = None  # this generation's slot, until Shimmy is done with it
 
-    def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+    def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]:
+        """Shimmy's request, once a generation slot is free: at once, or (awaitable) after queueing for one."""
         ctx = self.ctx
         try:
             request, api = self.api.parse(msg.body)
@@ -194,10 +202,36 @@ class GenerationProcessor(Processor):
             )
         except GatewayError as exc:
             return self._failed(exc)
-        return mutations.request_body(
+        forward = mutations.request_body(
             body,
             [(":path", GENERATE_PATH), ("content-type", "application/json"), ("content-length", str(len(body)))],
         )
+        admission, gen = ctx.admission, self.exchange.gen
+        if admission is None:
+            return forward
+        self.ticket = admission.try_admit(gen.model, gen.max_tokens, gen.prompt_tokens)
+        return forward if self.ticket is not None else self._queue(admission, forward)
+
+    async def _queue(self, admission: Admission, forward: ep.ProcessingResponse) -> ep.ProcessingResponse:
+        """Wait for a slot (bounded below Envoy's message_timeout), else 429 with Retry-After."""
+        gen = self.exchange.gen if self.exchange is not None else None
+        assert gen is not None
+        try:
+            self.ticket = await admission.admit(gen.model, gen.max_tokens, gen.prompt_tokens)
+        except Busy as exc:
+            self.exchange = None  # nothing reached Shimmy
+            return self._failed(exc)
+        return forward
+
+    def _shimmy_progress(self, end: bool) -> None:
+        """Tell the slot how far Shimmy got; `end`: Shimmy's response is over, so is its generation."""
+        ticket = self.ticket
+        if ticket is None:
+            return
+        if end:
+            ticket.finish()
+        elif self.exchange is not None:
+            ticket.progress(self.exchange.gen.completion_tokens)
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         exchange = self.exchange
@@ -208,10 +242,14 @@ class GenerationProcessor(Processor):
             if exchange is None and 200 <= status < 300:
                 return self._failed(InvalidRequest("The request body is missing", code="missing_body"))
             self.exchange = None  # Shimmy generated nothing: no tokens to count
+            if self.ticket is not None and status == 504:  # Envoy's deadline: Shimmy may still be generating
+                self.ticket.abandon("deadline")
+            self._shimmy_progress(end=True)
             response = mutations.continue_response_headers()
             return response if exchange is None else self._record(response, "error", f"http_{status}")
         gen = exchange.gen
         if status != 200:
+            self._shimmy_progress(end=True)  # Shimmy refused or failed before generating
             return self._failed(upstream_error(status, b"", gen.model))
         counted = (("x-gateway-prompt-tokens", gen.prompt_tokens_kind),)  # "exact" or "estimated"
         if gen.stream:
@@ -224,8 +262,12 @@ class GenerationProcessor(Processor):
             return mutations.continue_response_body()
         if exchange.gen.stream:
             if exchange.finished:  # the client's response is complete; Shimmy's late chunks go nowhere
+                if self.ticket is not None:
+                    self.ticket.progress(self.ticket.tokens + msg.body.count(b"\n\n"))  # about one per event
+                self._shimmy_progress(msg.end_of_stream)
                 return None
             out = exchange.relay(msg.body, msg.end_of_stream)
+            self._shimmy_progress(msg.end_of_stream)
             if not exchange.finished:
                 return mutations.streamed_body(out, False) if out else None
             outcome = ("error", exchange.failure) if exchange.failure else ("ok", "")
@@ -234,14 +276,28 @@ class GenerationProcessor(Processor):
             body = exchange.complete(msg.body)
         except GatewayError as exc:
             return self._failed(exc)
+        finally:
+            self._shimmy_progress(end=True)  # a buffered body is Shimmy's whole answer
         return self._record(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "")
 
     def close(self) -> None:
         if self.outcome is None and self.exchange is not None:  # the client or Envoy went away mid-request
             self._record(None, "cancelled", "")
+        ticket = self.ticket
+        if ticket is not None and not ticket.released:  # Shimmy goes on generating for nobody
+            ticket.abandon(self._abandon_reason())
+
+    def _abandon_reason(self) -> AbandonReason:
+        exchange = self.exchange
+        if exchange is None or not exchange.finished:
+            return "client_gone"
+        if exchange.failure is not None:
+            return "deadline" if exchange.failure == "timeout" else "error"
+        return "stop_sequence"
 
     def _failed(self, exc: GatewayError) -> ep.ProcessingResponse:
-        return self._record(mutations.immediate(exc.status, self.api.error_body(exc)), "error", exc.code or exc.type)
+        response = mutations.immediate(exc.status, self.api.error_body(exc), _retry_after(exc))
+        return self._record(response, "error", exc.code or exc.type)
 
     def _record(self, response: ResponseT, outcome: str, error_type: str) -> ResponseT:
         """Count the request's end once, and put its summary in Envoy's dynamic metadata for the access log."""

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
 
 import grpc
@@ -47,8 +48,11 @@ class ExternalProcessor:
         return Processor(self.ctx)
 
     @staticmethod
-    def dispatch(processor: Processor, msg: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
-        """The processor's answer to one message, or None to answer nothing (full-duplex bodies only)."""
+    def dispatch(
+        processor: Processor, msg: ep.ProcessingRequest
+    ) -> ep.ProcessingResponse | Awaitable[ep.ProcessingResponse] | None:
+        """The processor's answer to one message, or None to answer nothing (full-duplex bodies only); an awaitable
+        when the answer must wait (a request queued for a generation slot)."""
         match msg.WhichOneof("request"):
             case "request_headers":
                 return processor.request_headers(msg.request_headers)
@@ -75,6 +79,8 @@ class ExternalProcessor:
         try:
             async for msg in requests:
                 response = self.dispatch(processor, msg)
+                if inspect.isawaitable(response):
+                    response = await response
                 if response is not None:
                     yield response
         finally:

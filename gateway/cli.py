@@ -114,10 +114,31 @@ def extproc_children(settings: Settings, env: dict[str, str]) -> list[Child]:
     return workers
 
 
+def backend_version(settings: Settings, backend: str, ask_binary: bool = True) -> str:
+    """The version of the Shimmy behind the gateway, whose profile (`shimmy.versions`) the processor follows.
+
+    A started binary is asked (`shimmy --version`); the emulator is EMULATOR_VERSION; an external Shimmy is
+    described by SHIMMY_VERSION. A binary that cannot say its version stops the start: it could not serve either.
+    """
+    if backend == "shimmy" and ask_binary:
+        try:
+            return binary.version(settings.shimmy_bin)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    return settings.emulator_version if backend == "emulator" else settings.shimmy_version
+
+
 def children(
-    settings: Settings, backend: str, envoy_config: Path, engine: EngineChoice | None = None
+    settings: Settings,
+    backend: str,
+    envoy_config: Path,
+    engine: EngineChoice | None = None,
+    version: str | None = None,
 ) -> list[Child]:
-    """`engine`: the emulator's engine, decided once in `up()`; the emulator and the processor both follow it."""
+    """`engine`: the emulator's engine, decided once in `up()`; the emulator and the processor both follow it.
+
+    `version`: the Shimmy version from `backend_version` (None: the configured one, without asking a binary).
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **settings.env()}
     # Inside the stack the processor is Envoy's neighbour: plaintext on loopback, whatever a standalone
     # deployment's EXTPROC_HOST / EXTPROC_TLS_* say (the readiness probe and envoy/gateway.yaml expect that).
@@ -138,6 +159,7 @@ def children(
     elif backend == "shimmy" and not tokenizer and settings.shimmy_base_gguf and llama_importable():
         tokenizer = settings.shimmy_base_gguf  # real Shimmy serves MODEL_NAME from this file
     extproc_env["TOKENIZER_GGUF"] = tokenizer
+    extproc_env["SHIMMY_VERSION"] = version or backend_version(settings, backend, ask_binary=False)
     return [
         *backend_child(settings, backend, backend_env),
         *extproc_children(settings, extproc_env),
@@ -174,6 +196,8 @@ def up(settings: Settings) -> int:
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
         say.info("emulator %s", engine.reason)
+    version = backend_version(settings, backend)
+    say.info("Shimmy %s (%s backend): the processor follows its profile", version, backend)
     workdir = Path(tempfile.mkdtemp(prefix="shimmy-gateway-"))
     envoy_config = workdir / "envoy.json"
     envoy_config.write_text(json.dumps(render(settings)))
@@ -186,7 +210,7 @@ def up(settings: Settings) -> int:
         )
 
     try:
-        return asyncio.run(supervise(children(settings, backend, envoy_config, engine), on_ready=ready))
+        return asyncio.run(supervise(children(settings, backend, envoy_config, engine, version), on_ready=ready))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

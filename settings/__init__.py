@@ -75,7 +75,8 @@ SETTINGS: tuple[Setting, ...] = (
         float,
     ),
     Setting("SHIMMY_URL", "", "Shimmy base URL the processor probes; empty means `http://127.0.0.1:$SHIMMY_PORT`."),
-    Setting("EMULATOR_VERSION", "2.5.0", "Shimmy version the emulator mimics (`1.7.2` or `2.5.0`)."),
+    Setting("SHIMMY_VERSION", "1.8.1", "Version of an `external` Shimmy; a started binary is asked (`--version`)."),
+    Setting("EMULATOR_VERSION", "1.8.1", "Shimmy version the emulator mimics (e.g. `1.8.1`, the image's, or `2.5.0`)."),
     Setting("EMULATOR_REPLY", "Hello! I am the Shimmy emulator. How can I help you today?", "Emulator reply text."),
     Setting("EMULATOR_TOKEN_DELAY_MS", "0", "Emulator pause between tokens.", float),
     Setting(

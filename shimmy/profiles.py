@@ -1,13 +1,16 @@
 """Version profiles: the protocol quirks that differ between Shimmy releases (spec §1.2, §3, §4, §5.4).
 
 Every flag is derived from the version by the thresholds the spec gives, so any release from v0.1.0 on can be
-mimicked; `1.7.2` (the 1.x line) and `2.5.0` (HEAD) are the ones the gateway is tested against.
+mimicked; the pinned release (`shimmy.versions.PINNED`, 1.x) and `2.5.0` (HEAD) are the ones the gateway is tested
+against. What a release does with a generation (context, batch, errors, concurrency) is `shimmy.versions`' backend
+profile, carried here as `backend`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from shimmy import versions
 
 __all__ = ["HEAD", "Profile", "Route", "profile_for"]
 
@@ -56,18 +59,12 @@ class Profile:
     caches_model: bool  # 2.x keeps the first loaded model; 1.x reloads it for every request (§8.4)
     stream_error_event: bool  # 2.0.0: a stream failure sends `[ERROR] <msg>` before `[DONE]` (1.x swallows it)
     llama3_markers: tuple[str, ...]  # model-name substrings that select the Llama3 template (§8.1)
-
-
-def _parse(version: str) -> tuple[int, int, int]:
-    m = re.fullmatch(r"v?(\d+)\.(\d+)\.(\d+)(?:-[0-9A-Za-z.-]+)?", version.strip())
-    if m is None:
-        raise ValueError(f"not a Shimmy version: {version!r} (expected X.Y.Z, e.g. 1.7.2 or {HEAD})")
-    return int(m[1]), int(m[2]), int(m[3])
+    backend: versions.BackendProfile  # context, prompt batch, concurrency, sampling: what the engine does
 
 
 def profile_for(version: str) -> Profile:
     """The profile of `version` (`1.7.2`, `v2.5.0`, ...); ValueError when it is not a version from v0.1.0 on."""
-    v = _parse(version)
+    v = versions.parse_version(version)
     if v < (0, 1, 0):
         raise ValueError(f"Shimmy {version} predates the first release, v0.1.0")
     routes = set(_BASE_ROUTES)
@@ -78,6 +75,7 @@ def profile_for(version: str) -> Profile:
     if v >= (2, 0, 0):
         routes |= {("POST", "/v1/completions"), ("GET", "/api/tags")}
     two = v >= (2, 0, 0)
+    backend = versions.profile_for(version)
     return Profile(
         version="{}.{}.{}".format(*v),
         routes=frozenset(routes),
@@ -93,7 +91,8 @@ def profile_for(version: str) -> Profile:
         models_created_now=v >= (1, 8, 0),
         models_root=(1, 7, 4) <= v < (1, 8, 0),
         duplicate_discovered=not two,
-        caches_model=two,
-        stream_error_event=two,
+        caches_model=not backend.model_load_per_request,
+        stream_error_event=backend.stream_errors_reported,
         llama3_markers=("llama-3", "llama3", "meta-llama-3") if two else ("llama",),
+        backend=backend,
     )
