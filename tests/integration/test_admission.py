@@ -1,0 +1,209 @@
+"""Admission through the running stack: the cap counts Shimmy's real work, not HTTP exchanges (issue 13, items 1, 6).
+
+The emulator paces its tokens (`token_delay_ms`) and, with `repeat`, generates exactly `max_tokens`, like a model
+that never meets its end of turn; `/_emulator/stats` says how many generations run inside it. A sampler thread reads
+that gauge throughout each test, so "never more than the cap" is checked at every moment, not only at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.integration.conftest import Stack, sse_events, start_stack, stop_stack
+
+TOKEN_DELAY_S = 0.2
+CAP = 2
+PROFILES = [os.environ.get("ADMISSION_EMULATOR_VERSION", "")] if os.environ.get("ADMISSION_EMULATOR_VERSION") else [
+    "1.7.2",
+    "2.5.0",
+]
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def busy_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """A stack with room for two generations, a 1 s queue wait (message_timeout 2 s) and paced tokens."""
+    stack = start_stack(
+        {
+            "MAX_ACTIVE_REQUESTS": str(CAP),
+            "EXTPROC_MESSAGE_TIMEOUT_MS": "2000",
+            "EMULATOR_TOKEN_DELAY_MS": str(TOKEN_DELAY_S * 1000),
+            "EMULATOR_VERSION": request.param,
+        }
+    )
+    yield stack
+    stop_stack(stack)
+    stack.log.unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh(busy_stack: Stack) -> Iterator[None]:
+    """Each test starts with an idle Shimmy and a repeating reply (so a generation runs to `max_tokens`)."""
+    _wait_idle(busy_stack)
+    busy_stack.configure(repeat=True)
+    yield
+    httpx.post(f"{busy_stack.emulator}/reset").raise_for_status()
+
+
+class Sampler:
+    """Reads the emulator's active_generations every 20 ms in a thread; `peak` is the most seen."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack, self.peak, self._stop = stack, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client() as client:
+            while not self._stop.is_set():
+                stats = client.get(f"{self.stack.emulator}/stats").json()
+                self.peak = max(self.peak, stats["active_generations"], stats.get("peak_active_generations", 0))
+                self._stop.wait(0.02)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _wait_idle(stack: Stack, timeout: float = 60.0) -> float:
+    """Wait until Shimmy runs no generation; the seconds it took."""
+    started = time.monotonic()
+    while stack.emulator_stats()["active_generations"]:
+        assert time.monotonic() - started < timeout, "Shimmy never went idle"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def _chat(stream: bool, max_tokens: int, **extra: object) -> dict:
+    return {
+        "model": "phi3-lora",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        **extra,
+    }
+
+
+def _hang_up_after(stack: Stack, seconds: float, statuses: list[int]) -> None:
+    """A streaming client that reads for `seconds`, then closes its connection."""
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=_chat(True, 30), timeout=30) as r:
+        statuses.append(r.status_code)
+        if r.status_code != 200:
+            r.read()
+            return
+        until = time.monotonic() + seconds
+        for _ in r.iter_raw():
+            if time.monotonic() >= until:
+                return
+
+
+def test_clients_that_hang_up_leave_no_more_generations_than_the_cap(busy_stack: Stack) -> None:
+    statuses: list[int] = []
+    with Sampler(busy_stack) as sampler:
+        clients = [threading.Thread(target=_hang_up_after, args=(busy_stack, 2.0, statuses)) for _ in range(6)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        # All six have gone; Shimmy still runs the two it admitted (30 tokens at 0.2 s = 6 s each).
+        assert sorted(statuses) == [200, 200, 429, 429, 429, 429]
+        refused = httpx.post(f"{busy_stack.url}/v1/chat/completions", json=_chat(False, 2), timeout=30)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        retry_after = int(refused.headers["retry-after"])
+        assert retry_after >= 1
+        assert busy_stack.emulator_stats()["active_generations"] > 0  # refused while Shimmy works, not after
+
+        metrics = httpx.get(f"{busy_stack.url}/metrics").text
+        assert 'shimmy_abandoned_generations_total{reason="client_gone"} 2.0' in metrics
+        assert "shimmy_slots_busy 2.0" in metrics
+        assert "shimmy_abandoned_generations_running 2.0" in metrics
+        backlog = _metric(metrics, "shimmy_backlog_seconds")
+        assert 0 < backlog < 60
+
+        # Once Shimmy is through, the slots come back (within the estimate's margin) and requests succeed.
+        _wait_idle(busy_stack)
+        deadline = time.monotonic() + 15
+        while True:
+            ok = httpx.post(f"{busy_stack.url}/v1/chat/completions", json=_chat(False, 2), timeout=30)
+            if ok.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(float(ok.headers.get("retry-after", "1")))
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["choices"][0]["message"]["content"]
+    assert sampler.peak <= CAP
+    metrics = httpx.get(f"{busy_stack.url}/metrics").text
+    assert "gen_ai_server_time_per_output_token_seconds_count" in metrics
+    assert 0.15 < _metric(metrics, "gen_ai_server_time_per_output_token_seconds_sum") / max(
+        _metric(metrics, "gen_ai_server_time_per_output_token_seconds_count"), 1
+    ) < 0.5
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of the first sample of `name` (summed over labels for histograms' _sum/_count)."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"{name} not in /metrics"
+    return total
+
+
+def test_a_stop_sequence_ends_a_stream_but_not_its_slot(busy_stack: Stack) -> None:
+    """The gateway ends the answer at the stop sequence; Shimmy goes on, so its slot stays taken until it is done."""
+    busy_stack.configure(reply="one two three four five six seven eight", repeat=True)
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", f"{busy_stack.url}/v1/chat/completions", json=_chat(True, 30, stop=[" three"]), timeout=30
+    ) as r:
+        events = sse_events(list(r.iter_lines()))
+    answered = time.monotonic() - started
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"  # type: ignore[index]
+    assert answered < 10 * TOKEN_DELAY_S  # three tokens, not Shimmy's thirty
+    assert busy_stack.emulator_stats()["active_generations"] == 1
+    metrics = httpx.get(f"{busy_stack.url}/metrics").text
+    assert 'shimmy_abandoned_generations_total{reason="stop_sequence"} 1.0' in metrics
+    assert "shimmy_slots_busy 1.0" in metrics
+    _wait_idle(busy_stack)
+    deadline = time.monotonic() + 10
+    while "shimmy_slots_busy 0.0" not in httpx.get(f"{busy_stack.url}/metrics").text:
+        assert time.monotonic() < deadline, "the slot never came back"
+        time.sleep(0.1)
+    held = time.monotonic() - started
+    assert 30 * TOKEN_DELAY_S <= held  # held for as long as Shimmy generated
+
+
+def test_the_warmup_generation_takes_a_slot() -> None:
+    """WARMUP's generation is Shimmy's work too: with one slot, a chat request meanwhile is refused."""
+    stack = start_stack(
+        {
+            "MAX_ACTIVE_REQUESTS": "1",
+            "EXTPROC_MESSAGE_TIMEOUT_MS": "2000",
+            "WARMUP": "true",
+            "EMULATOR_TOKEN_DELAY_MS": "6000",  # the warm-up's one token takes 6 s
+        },
+        wait=False,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while "warming up" not in httpx.get(f"{stack.url}/health").text:
+            assert time.monotonic() < deadline, stack.output()
+            time.sleep(0.05)
+        with Sampler(stack) as sampler:
+            r = httpx.post(f"{stack.url}/v1/chat/completions", json=_chat(False, 1), timeout=30)
+        assert r.status_code == 429, r.text
+        assert json.loads(r.text)["error"]["code"] == "queue_full"
+        assert sampler.peak <= 1
+    finally:
+        stop_stack(stack)
+        stack.log.unlink(missing_ok=True)
