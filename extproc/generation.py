@@ -182,10 +182,31 @@ class Exchange:
     started: bool = False  # the stream's opening went out
     finished: bool = False  # the stream's end went out; later bytes are dropped
     failure: str | None = None  # code of the failure that ended the stream, if one did
+    pieces: list[str] = field(default_factory=list)  # a non-stream answer's text so far (`collect`)
 
     def complete(self, body: bytes) -> bytes:
         """A whole buffered Shimmy SSE body -> the API's answer; GatewayError if Shimmy failed."""
         return self.api.render(self.gen, self.gen.text(body))
+
+    def collect(self, data: bytes, end: bool) -> bytes | None:
+        """A non-stream answer fed Shimmy's SSE bytes chunk by chunk: the whole answer as soon as it is complete
+        (Shimmy's `[DONE]`, or a stop sequence: Shimmy's later tokens are not waited for), else None.
+        GatewayError if Shimmy failed, its stream ended short, or the deadline passed."""
+        if self.finished:
+            return None
+        gen = self.gen
+        self.pieces += gen.feed(data, end)
+        failure = gen.failure(end)
+        if failure is not None:
+            if failure.code == "generation_failed" and gen.error is None:
+                failure.code = "upstream_truncated"
+            self.finished, self.failure = True, failure.code or failure.type
+            raise failure
+        if not gen.done:
+            return None
+        self.finished = True
+        self.pieces.append(gen.flush())
+        return self.api.render(gen, "".join(self.pieces))
 
     def relay(self, data: bytes, end: bool) -> bytes:
         """Shimmy's SSE bytes (one body chunk) -> the client's stream bytes to send now (possibly empty)."""

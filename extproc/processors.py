@@ -184,6 +184,7 @@ class GenerationProcessor(Processor):
         self.model = ""  # as the client named it, once the body is read
         self.outcome: str | None = None  # set once the request's end is recorded
         self.ticket: Ticket | None = None  # this generation's slot, until Shimmy is done with it
+        self.held_headers: ep.ProcessingResponse | None = None  # a non-stream answer's headers, until it is whole
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]:
         """Shimmy's request, once a generation slot is free: at once, or (awaitable) after queueing for one."""
@@ -233,7 +234,7 @@ class GenerationProcessor(Processor):
         elif self.exchange is not None:
             ticket.progress(self.exchange.gen.completion_tokens)
 
-    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse | None:
         exchange = self.exchange
         status = _status(msg)
         if exchange is None or (status != 200 and _local_reply(msg)):
@@ -254,12 +255,16 @@ class GenerationProcessor(Processor):
         counted = (("x-gateway-prompt-tokens", gen.prompt_tokens_kind),)  # "exact" or "estimated"
         if gen.stream:
             return mutations.response_headers(_STREAM_HEADERS + counted, ["content-length"], mutations.DUPLEX_RESPONSE)
-        return mutations.response_headers(_JSON_HEADERS + counted, ["content-length"])
+        # Non-stream: the headers wait until the answer is whole, so its status can still be an error (a Shimmy
+        # failure mid-generation is a 502, never a 200 with a broken body). Envoy streams Shimmy's body to us
+        # meanwhile (FULL_DUPLEX_STREAMED): a stop sequence or the deadline ends the answer without Shimmy's rest.
+        self.held_headers = mutations.response_headers(_JSON_HEADERS + counted, ["content-length"])
+        return None
 
-    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | None:
+    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | list[ep.ProcessingResponse] | None:
         exchange = self.exchange
         if exchange is None:  # an Envoy local reply passing through (see response_headers)
-            return mutations.continue_response_body()
+            return mutations.streamed_body(msg.body, msg.end_of_stream)
         if exchange.gen.stream:
             if exchange.finished:  # the client's response is complete; Shimmy's late chunks go nowhere
                 if self.ticket is not None:
@@ -272,13 +277,25 @@ class GenerationProcessor(Processor):
                 return mutations.streamed_body(out, False) if out else None
             outcome = ("error", exchange.failure) if exchange.failure else ("ok", "")
             return self._record(mutations.streamed_body(out, True), *outcome)
+        if exchange.finished:  # answered already (a stop sequence); Shimmy's late chunks only count its tokens
+            if self.ticket is not None:
+                self.ticket.progress(self.ticket.tokens + msg.body.count(b"\n\n"))
+            self._shimmy_progress(msg.end_of_stream)
+            return None
         try:
-            body = exchange.complete(msg.body)
+            body = exchange.collect(msg.body, msg.end_of_stream)
         except GatewayError as exc:
-            return self._failed(exc)
+            # The headers were held, so the error gets its own status. Not an immediate response: Envoy's
+            # local-reply mappers would rewrite a 504 of ours as its own gateway_error.
+            failed = mutations.response_headers([(":status", str(exc.status)), *_JSON_HEADERS], ["content-length"])
+            body = self.api.error_body(exc)
+            return [failed, self._record(mutations.streamed_body(body, True), "error", exc.code or exc.type)]
         finally:
-            self._shimmy_progress(end=True)  # a buffered body is Shimmy's whole answer
-        return self._record(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "")
+            self._shimmy_progress(msg.end_of_stream)
+        if body is None:
+            return None
+        headers, self.held_headers = self.held_headers, None
+        return [headers, self._record(mutations.streamed_body(body, True), "ok", "")]
 
     def close(self) -> None:
         if self.outcome is None and self.exchange is not None:  # the client or Envoy went away mid-request

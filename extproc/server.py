@@ -50,9 +50,9 @@ class ExternalProcessor:
     @staticmethod
     def dispatch(
         processor: Processor, msg: ep.ProcessingRequest
-    ) -> ep.ProcessingResponse | Awaitable[ep.ProcessingResponse] | None:
-        """The processor's answer to one message, or None to answer nothing (full-duplex bodies only); an awaitable
-        when the answer must wait (a request queued for a generation slot)."""
+    ) -> ep.ProcessingResponse | list[ep.ProcessingResponse] | Awaitable[ep.ProcessingResponse] | None:
+        """The processor's answer to one message, or None to answer nothing yet (full duplex only); an awaitable
+        when the answer must wait (a request queued for a generation slot); a list answers held messages too."""
         match msg.WhichOneof("request"):
             case "request_headers":
                 return processor.request_headers(msg.request_headers)
@@ -81,7 +81,10 @@ class ExternalProcessor:
                 response = self.dispatch(processor, msg)
                 if inspect.isawaitable(response):
                     response = await response
-                if response is not None:
+                if isinstance(response, list):  # held headers released with the body they waited for
+                    for each in response:
+                        yield each
+                elif response is not None:
                     yield response
         finally:
             self.live_streams -= 1

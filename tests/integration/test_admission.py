@@ -20,6 +20,7 @@ from tests.integration.conftest import Stack, sse_events, start_stack, stop_stac
 
 TOKEN_DELAY_S = 0.2
 CAP = 2
+DEADLINE_S = 3
 PROFILES = [os.environ.get("ADMISSION_EMULATOR_VERSION", "")] if os.environ.get("ADMISSION_EMULATOR_VERSION") else [
     "1.7.2",
     "2.5.0",
@@ -28,15 +29,18 @@ PROFILES = [os.environ.get("ADMISSION_EMULATOR_VERSION", "")] if os.environ.get(
 
 @pytest.fixture(scope="module", params=PROFILES)
 def busy_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """A stack with room for two generations, a 1 s queue wait (message_timeout 2 s) and paced tokens."""
+    """A stack with room for two generations, a 1 s queue wait (message_timeout 2 s), paced tokens and a deadline
+    (3 s) shorter than a 30-token generation (6 s)."""
     stack = start_stack(
         {
             "MAX_ACTIVE_REQUESTS": str(CAP),
+            "GENERATION_TIMEOUT_S": str(DEADLINE_S),
             "EXTPROC_MESSAGE_TIMEOUT_MS": "2000",
             "EMULATOR_TOKEN_DELAY_MS": str(TOKEN_DELAY_S * 1000),
             "EMULATOR_VERSION": request.param,
         }
     )
+    stack.version = request.param  # type: ignore[attr-defined]
     yield stack
     stop_stack(stack)
     stack.log.unlink(missing_ok=True)
@@ -181,6 +185,49 @@ def test_a_stop_sequence_ends_a_stream_but_not_its_slot(busy_stack: Stack) -> No
         time.sleep(0.1)
     held = time.monotonic() - started
     assert 30 * TOKEN_DELAY_S <= held  # held for as long as Shimmy generated
+
+
+def _post(stack: Stack, body: dict) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    r = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=30)
+    return r, time.monotonic() - started
+
+
+def test_a_stop_sequence_ends_a_non_stream_answer_without_shimmys_rest(busy_stack: Stack) -> None:
+    busy_stack.configure(reply="one two three four five six seven eight", repeat=True)
+    r, took = _post(busy_stack, _chat(False, 30, stop=[" three"]))
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("one two", "stop")
+    assert took < 10 * TOKEN_DELAY_S  # three tokens' time, not the thirty Shimmy goes on with
+    assert busy_stack.emulator_stats()["active_generations"] == 1  # Shimmy still generating: the slot stays
+    assert "shimmy_slots_busy 1.0" in httpx.get(f"{busy_stack.url}/metrics").text
+
+
+def test_the_deadline_ends_a_non_stream_answer_with_the_processors_504(busy_stack: Stack) -> None:
+    r, took = _post(busy_stack, _chat(False, 30))
+    assert r.status_code == 504, r.text
+    assert r.json()["error"] == {
+        "message": "The generation took longer than the gateway allows",
+        "type": "server_error",
+        "param": None,
+        "code": "timeout",
+    }
+    assert DEADLINE_S <= took < 30 * TOKEN_DELAY_S
+    metrics = httpx.get(f"{busy_stack.url}/metrics").text
+    assert 'shimmy_abandoned_generations_total{reason="deadline"} 1.0' in metrics
+
+
+def test_a_non_stream_answer_failing_midway_is_a_502_json(busy_stack: Stack) -> None:
+    """Its headers wait for the whole answer, so a failure after some tokens still sets the status."""
+    if busy_stack.version.startswith("1."):  # type: ignore[attr-defined]
+        pytest.skip("1.x swallows a stream's failure (its [DONE] looks like success): see truth12's non-stream path")
+    busy_stack.configure(error_after=4)
+    r, took = _post(busy_stack, _chat(False, 30))
+    assert r.status_code == 502, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["code"] == "generation_failed"
+    assert took >= 4 * TOKEN_DELAY_S  # it failed after tokens had come, i.e. while the headers were held
 
 
 def test_the_warmup_generation_takes_a_slot() -> None:
