@@ -184,7 +184,7 @@ class GenerationProcessor(Processor):
         self.model = ""  # as the client named it, once the body is read
         self.outcome: str | None = None  # set once the request's end is recorded
         self.ticket: Ticket | None = None  # this generation's slot, until Shimmy is done with it
-        self.held_headers: ep.ProcessingResponse | None = None  # a non-stream answer's headers, until it is whole
+        self.held_headers: list[mutations.Header] | None = None  # a non-stream answer's headers, until it is whole
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]:
         """Shimmy's request, once a generation slot is free: at once, or (awaitable) after queueing for one."""
@@ -258,44 +258,46 @@ class GenerationProcessor(Processor):
         # Non-stream: the headers wait until the answer is whole, so its status can still be an error (a Shimmy
         # failure mid-generation is a 502, never a 200 with a broken body). Envoy streams Shimmy's body to us
         # meanwhile (FULL_DUPLEX_STREAMED): a stop sequence or the deadline ends the answer without Shimmy's rest.
-        self.held_headers = mutations.response_headers(_JSON_HEADERS + counted, ["content-length"])
+        self.held_headers = [*_JSON_HEADERS, *counted]
         return None
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | list[ep.ProcessingResponse] | None:
         exchange = self.exchange
-        if exchange is None:  # an Envoy local reply passing through (see response_headers)
+        if exchange is None:  # an Envoy local reply passing through (see response_headers): full duplex echoes it
             return mutations.streamed_body(msg.body, msg.end_of_stream)
+        if exchange.finished:  # the client's answer is complete; Shimmy's late chunks only count its tokens
+            if self.ticket is not None:
+                self.ticket.progress(self.ticket.tokens + msg.body.count(b"\n\n"))  # about one per event
+            self._shimmy_progress(msg.end_of_stream)
+            return None
         if exchange.gen.stream:
-            if exchange.finished:  # the client's response is complete; Shimmy's late chunks go nowhere
-                if self.ticket is not None:
-                    self.ticket.progress(self.ticket.tokens + msg.body.count(b"\n\n"))  # about one per event
-                self._shimmy_progress(msg.end_of_stream)
-                return None
             out = exchange.relay(msg.body, msg.end_of_stream)
             self._shimmy_progress(msg.end_of_stream)
             if not exchange.finished:
                 return mutations.streamed_body(out, False) if out else None
             outcome = ("error", exchange.failure) if exchange.failure else ("ok", "")
             return self._record(mutations.streamed_body(out, True), *outcome)
-        if exchange.finished:  # answered already (a stop sequence); Shimmy's late chunks only count its tokens
-            if self.ticket is not None:
-                self.ticket.progress(self.ticket.tokens + msg.body.count(b"\n\n"))
-            self._shimmy_progress(msg.end_of_stream)
-            return None
         try:
             body = exchange.collect(msg.body, msg.end_of_stream)
         except GatewayError as exc:
             # The headers were held, so the error gets its own status. Not an immediate response: Envoy's
             # local-reply mappers would rewrite a 504 of ours as its own gateway_error.
-            failed = mutations.response_headers([(":status", str(exc.status)), *_JSON_HEADERS], ["content-length"])
-            body = self.api.error_body(exc)
-            return [failed, self._record(mutations.streamed_body(body, True), "error", exc.code or exc.type)]
+            self.held_headers = [(":status", str(exc.status)), *_JSON_HEADERS]
+            answer = self._release_held(self.api.error_body(exc))
+            self._record(answer[-1], "error", exc.code or exc.type)
+            return answer
         finally:
             self._shimmy_progress(msg.end_of_stream)
         if body is None:
             return None
-        headers, self.held_headers = self.held_headers, None
-        return [headers, self._record(mutations.streamed_body(body, True), "ok", "")]
+        answer = self._release_held(body)
+        self._record(answer[-1], "ok", "")
+        return answer
+
+    def _release_held(self, body: bytes) -> list[ep.ProcessingResponse]:
+        """The held headers and the whole body, which ends the response (chunked: full duplex drops lengths)."""
+        headers, self.held_headers = self.held_headers or [], None
+        return [mutations.response_headers(headers, ["content-length"]), mutations.streamed_body(body, True)]
 
     def close(self) -> None:
         if self.outcome is None and self.exchange is not None:  # the client or Envoy went away mid-request
@@ -329,7 +331,7 @@ class GenerationProcessor(Processor):
             metrics.TOKENS.labels(model, "input").inc(gen.prompt_tokens)
             metrics.TOKENS.labels(model, "output").inc(gen.completion_tokens)
             fields.update(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
-            if gen.first_content_at is not None:
+            if gen.stream and gen.first_content_at is not None:  # a non-stream client sees no first token
                 ttft = gen.first_content_at - self.started
                 metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
                 fields["ttft_ms"] = round(ttft * 1000, 1)
