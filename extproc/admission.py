@@ -37,7 +37,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -92,7 +92,7 @@ class Ticket:
     model: str
     max_tokens: int
     prompt_tokens: int = 0
-    admitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float = 0.0  # the admission's clock
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens: int = 0  # Shimmy's tokens seen so far (SSE events)
@@ -104,7 +104,7 @@ class Ticket:
         """Shimmy has produced `tokens` so far (a running total)."""
         if tokens <= self.tokens or self.released:
             return
-        now = time.monotonic()
+        now = self.admission.clock()
         first = self.first_token_at is None
         if first:
             self.first_token_at = now
@@ -288,6 +288,12 @@ class Admission:
             self._waiters[0].set()
         if reschedule and self.serialized:  # the work ahead of the others shrank
             self._expire()
+
+    def shimmy_gone(self) -> None:
+        """Shimmy's process is gone (its port refuses connections): the generations nobody read died with it."""
+        for t in [t for t in self.tickets if t.abandoned is not None]:
+            self.release(t, observed=False, reschedule=False)
+        self._expire()
 
     def abandon(self, ticket: Ticket) -> None:
         metrics.ABANDONED.labels(ticket.abandoned or "client_gone").inc()

@@ -64,6 +64,7 @@ class Generation:
     prompt_tokens_kind: str = ESTIMATED  # "exact" or "estimated": the x-gateway-prompt-tokens header value
     completion_tokens: int = 0  # one per Shimmy SSE event, counted until a stop sequence cuts the text
     upstream_done: bool = False  # Shimmy sent [DONE]; without it the stream was cut short
+    upstream_failed: bool = False  # Shimmy sent [ERROR]: its generation is over too
     error: str | None = None  # Shimmy's [ERROR] text, or our reason the stream is unusable
     first_content_at: float | None = None  # time.monotonic() of the first text released (time to first token)
     sse: SSEDecoder = field(default_factory=SSEDecoder)
@@ -86,6 +87,7 @@ class Generation:
                 self.upstream_done = True
             elif event.startswith(ERROR_PREFIX):
                 self.error = event[len(ERROR_PREFIX) :].strip() or "generation failed"
+                self.upstream_failed = True
             elif not stops.stopped:
                 self.completion_tokens += 1
                 piece = stops.feed(event)

@@ -76,6 +76,8 @@ class ShimmyMonitor:
                     return False, f"/api/models answered {resp.status}"
                 self.models = frozenset(model_names(await resp.read()))
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError) and self.admission is not None:
+                self.admission.shimmy_gone()  # refused: no process, so none of its generations runs on
             return False, f"unreachable: {exc.__class__.__name__} {exc}".strip()
         except UpstreamError as exc:
             return False, exc.message

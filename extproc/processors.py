@@ -229,10 +229,11 @@ class GenerationProcessor(Processor):
         ticket = self.ticket
         if ticket is None:
             return
-        if end:
-            ticket.finish()
-        elif self.exchange is not None:
-            ticket.progress(self.exchange.gen.completion_tokens)
+        gen = self.exchange.gen if self.exchange is not None else None
+        if gen is not None:
+            ticket.progress(gen.completion_tokens)
+        if end or (gen is not None and (gen.upstream_done or gen.upstream_failed)):
+            ticket.finish()  # Shimmy's [DONE] or [ERROR]: the ext_proc stream may close before its last byte
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse | None:
         exchange = self.exchange
