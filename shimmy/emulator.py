@@ -23,7 +23,7 @@ from aiohttp import web
 from shimmy import compat, native
 from shimmy.axum import BODY_LIMIT, Rejection, empty, json_response
 from shimmy.profiles import Profile, Route
-from shimmy.runtime import Dropped, EmulatorConfig, Runtime
+from shimmy.runtime import Die, Dropped, EmulatorConfig, Runtime
 
 __all__ = ["RUNTIME", "EmulatorConfig", "create_app"]
 
@@ -231,10 +231,13 @@ async def _stats(request: web.Request) -> web.Response:
     return json_response(dataclasses.asdict(request.app[RUNTIME].stats))
 
 
-def create_app(config: EmulatorConfig) -> web.Application:
-    """The emulator as an aiohttp application; `config` stays live (changes apply to the next request)."""
+def create_app(config: EmulatorConfig, die: Die | None = None) -> web.Application:
+    """The emulator as an aiohttp application; `config` stays live (changes apply to the next request).
+
+    `die`: how the process ends when the emulated Shimmy would die (abort, OOM kill); None: really end it.
+    """
     app = web.Application(client_max_size=BODY_LIMIT)
-    app[RUNTIME] = Runtime(config)
+    app[RUNTIME] = Runtime(config) if die is None else Runtime(config, die)
     app.router.add_get("/_emulator/config", _get_config)
     app.router.add_put("/_emulator/config", _put_config)
     app.router.add_post("/_emulator/reset", _reset)

@@ -134,13 +134,17 @@ class Engine:
         """The prompt's token count; None: this engine has no tokenizer."""
         return None
 
-    async def generate(self, max_tokens: int, params: GenParams | None = None) -> AsyncIterator[Token]:
+    async def generate(
+        self, max_tokens: int, params: GenParams | None = None, tokens: tuple[Token, ...] | None = None
+    ) -> AsyncIterator[Token]:
         """Yield the reply's tokens, paced. With `error_after` set, fail after that many (or at the end).
 
-        `params` (prompt, sampling) do not change a fixed reply.
+        `params` (prompt, sampling) do not change a fixed reply. `tokens`: this generation's own reply (a queued
+        one) instead of the configured reply.
         """
-        tokens, n = self.tokens, len(self.tokens)
-        count = self.count(max_tokens)
+        tokens = self.tokens if tokens is None else tokens
+        n = len(tokens)
+        count = 0 if not n else max_tokens if self.repeat else min(max_tokens, n)
         fail_at = None if self.error_after is None else min(self.error_after, count)
         for i in range(count):
             if i == fail_at:

@@ -2,14 +2,26 @@
 
 A generation behaves like Shimmy's spawned task: it keeps running when the client goes away (sends just fail),
 and the failure injections that live below HTTP (`hang`, `drop_after`) are applied here for every route.
+
+What the version's engine does with load (`shimmy.versions`) is applied here too, for every route but /ws/generate:
+2.x runs one generation at a time (one model behind a mutex; the others wait, counted as `queued_generations`);
+1.x runs them side by side, each holding its own model context (`generation_memory_mib`), and past
+`max_generations` the process is killed as the kernel's OOM killer kills it (SIGKILL: connections reset, the
+supervisor sees signal 9). 1.x decodes the prompt in one llama.cpp batch: a prompt past the batch trips a
+GGML_ASSERT and the process aborts (SIGABRT); a prompt plus output past the 4096-token context fails the
+generation once the KV cache is full. Prompts are counted with the engine's tokenizer, or else with the fixed
+engine's own splitter plus BOS (`prompt_count`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import functools
+import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,13 +32,31 @@ from aiohttp import web
 
 from settings import SETTINGS
 from shimmy.axum import DONE, sse_event
-from shimmy.engine import Engine, GenerationEngine, GenerationError, GenParams, Token
+from shimmy.engine import Engine, GenerationEngine, GenerationError, GenParams, Token, tokenize
 from shimmy.llama_engine import ENGINES, LlamaEngine
 from shimmy.profiles import Profile, profile_for
 
-__all__ = ["SSE_HEADERS", "Dropped", "EmulatorConfig", "Frames", "Runtime", "Stats", "native_frames"]
+__all__ = [
+    "SSE_HEADERS",
+    "Die",
+    "Dropped",
+    "EmulatorConfig",
+    "Frames",
+    "Runtime",
+    "Stats",
+    "native_frames",
+    "prompt_count",
+]
+
+log = logging.getLogger("shimmy.emulator")
 
 _DEFAULTS = {s.env: s.default for s in SETTINGS}
+# What shimmy-llama-cpp-sys-2 0.1.123 prints before abort() (Shimmy issues #119, #140) and the error llama-cpp-2
+# gives when the KV cache is full (`DecodeError::NoKvCacheSlot`).
+BATCH_ASSERT = "llama.cpp/src/llama-context.cpp:997: GGML_ASSERT(n_tokens_all <= cparams.n_batch) failed"
+KV_FULL = "Decode Error 1: NoKvCacheSlot"
+
+Die = Callable[[int, str], None]  # (signal, last words on stderr): the process ends; in-process tests record it
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}  # axum's `Sse`
 _HANG_POLL_S = 0.05
@@ -40,7 +70,7 @@ class EmulatorConfig:
     models: list[str] = field(default_factory=lambda: [_DEFAULTS["MODEL_NAME"]])
     reply: str = _DEFAULTS["EMULATOR_REPLY"]
     token_delay_ms: float = 0.0
-    load_delay_ms: float = 0.0
+    load_delay_ms: float = 2.0  # model load: every request in 1.x, the first in 2.x (real: seconds; kept short)
     repeat: bool = False  # cycle the reply until max_tokens
     openai_stream_default: bool = True  # /v1/chat/completions without `stream` (real Shimmy: SSE)
     fail_load: bool = False  # every generation: 502 empty (500 on /v1/messages)
@@ -51,6 +81,10 @@ class EmulatorConfig:
     # Engine faults (`reply`, `repeat`, `*_delay_ms`, `fail_load`, `error_after`) apply to the fixed engine only.
     engine: str = "fixed"
     gguf: str = ""
+    # 1.x: generations that fit in memory at once; one more and the process is OOM-killed. None: no limit.
+    max_generations: int | None = None
+    generation_memory_mib: float = 1536.0  # one 1.x generation's context: Phi-3 mini's 4096-token f16 KV cache
+    replies: list[str] = field(default_factory=list)  # raw replies for the next generations, one each (fixed engine)
 
     def __post_init__(self) -> None:
         profile_for(self.version)
@@ -58,10 +92,12 @@ class EmulatorConfig:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if not self.models:
             raise ValueError("models must not be empty")
-        for name in ("token_delay_ms", "load_delay_ms", "error_after", "drop_after"):
+        for name in ("token_delay_ms", "load_delay_ms", "error_after", "drop_after", "generation_memory_mib"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.max_generations is not None and self.max_generations < 1:
+            raise ValueError("max_generations must be at least 1 (or null: no limit)")
 
 
 @dataclass(slots=True)
@@ -73,7 +109,13 @@ class Stats:
     last_generate_headers: dict[str, str] | None = None  # lets tests see what a proxy let through
     last_prompt: str | None = None
     last_prompt_tokens: int | None = None  # the engine's exact count of last_prompt; None without a tokenizer
-    active_generations: int = 0
+    last_prompt_count: int | None = None  # what the version's limits were checked with: exact, or the estimate
+    active_generations: int = 0  # gauges (kept by a reset): generating now, their clients gone, waiting (2.x)
+    abandoned_active: int = 0
+    queued_generations: int = 0
+    peak_generations: int = 0  # most generations at once since the start or the last reset
+    abandoned_generations: int = 0  # generations that went on after their client had left
+    memory_mib: float = 0.0  # what the running generations hold (1.x: each its own context; 2.x: one)
     chat_requests: int = 0
 
 
@@ -105,13 +147,32 @@ def _token_sse(token: Token) -> bytes | None:
 _profile = functools.cache(profile_for)
 
 
-class Runtime:
-    """One emulator instance: its config (mutable), the startup copy for resets, and the counters."""
+def prompt_count(prompt: str) -> int:
+    """The fixed engine's token estimate of a prompt: its own splitter's pieces, plus the BOS Shimmy always adds."""
+    return 1 + len(tokenize(prompt))
 
-    def __init__(self, config: EmulatorConfig) -> None:
+
+def _die(sig: int, words: str) -> None:
+    """End this process the way the real one ends: last words on stderr, then the signal (abort, or OOM kill)."""
+    if words:
+        log.critical("%s", words)
+    logging.shutdown()
+    signal.raise_signal(sig)
+
+
+class Runtime:
+    """One emulator instance: its config (mutable), the startup copy for resets, and the counters.
+
+    `die` ends the process (SIGABRT for the batch assert, SIGKILL for an OOM kill); in-process tests pass a recorder,
+    and the connection is then closed as the dead process would have left it.
+    """
+
+    def __init__(self, config: EmulatorConfig, die: Die = _die) -> None:
         self.config = config
         self.startup = copy.deepcopy(config)
         self.stats = Stats()
+        self.die = die
+        self._model_lock = asyncio.Lock()  # 2.x: the one Airframe runtime behind a mutex
         self._engine_key: tuple[Any, ...] = ()
         self._engine: Engine | None = None
         self._llama: LlamaEngine | None = None  # kept across resets: loading a model takes seconds
@@ -163,32 +224,97 @@ class Runtime:
             setattr(self.config, name, getattr(new, name))
 
     def reset(self) -> None:
-        """Back to the startup config, counters zeroed."""
+        """Back to the startup config, counters zeroed; the gauges keep counting what still runs."""
         for f in dataclasses.fields(EmulatorConfig):
             setattr(self.config, f.name, copy.deepcopy(getattr(self.startup, f.name)))
         self._engine = None
-        self.stats = Stats(active_generations=self.stats.active_generations)
+        old = self.stats
+        self.stats = Stats(
+            active_generations=old.active_generations,
+            abandoned_active=old.abandoned_active,
+            queued_generations=old.queued_generations,
+            peak_generations=old.active_generations,
+            memory_mib=old.memory_mib,
+        )
+
+    def _kill(self, request: web.Request, sig: int, words: str) -> NoReturn:
+        """The process dies here; if `die` returns (a test's recorder), the connection goes as it would."""
+        self.die(sig, words)
+        _drop(request)
+
+    def _memory(self) -> float:
+        active = self.stats.active_generations
+        per = self.config.generation_memory_mib
+        return per * (min(active, 1) if self.profile.backend.serialized else active)
 
     @asynccontextmanager
-    async def _generating(self, request: web.Request) -> AsyncIterator[None]:
-        self.stats.active_generations += 1
-        try:
-            if self.config.hang:
-                await _hang(request)
-            yield
-        finally:
-            self.stats.active_generations -= 1
+    async def _generating(self, request: web.Request, params: GenParams | None) -> AsyncIterator[_Generation]:
+        """One generation's life: the model slot (2.x), memory (1.x), the prompt checks, the counters.
+
+        Counters are read from `self.stats` each time: a reset replaces it while generations still run.
+        """
+        backend = self.profile.backend
+        async with contextlib.AsyncExitStack() as stack:
+            if backend.serialized:
+                self.stats.queued_generations += 1
+                try:
+                    await stack.enter_async_context(self._model_lock)
+                finally:
+                    self.stats.queued_generations -= 1
+            limit = self.config.max_generations
+            if not backend.serialized and limit is not None and self.stats.active_generations >= limit:
+                self._kill(request, signal.SIGKILL, "")  # the kernel says nothing to the process it kills
+            prompt = params.prompt if params is not None else ""
+            exact = self.engine.prompt_tokens(prompt)
+            count = self.stats.last_prompt_count = exact if exact is not None else prompt_count(prompt)
+            batch = backend.prompt_batch_tokens
+            if batch is not None and count > batch and backend.prompt_overflow == "abort":
+                self._kill(request, signal.SIGABRT, BATCH_ASSERT)
+            gen = _Generation(request, self, self._kv_room(count))
+            self.stats.active_generations += 1
+            self.stats.peak_generations = max(self.stats.peak_generations, self.stats.active_generations)
+            self.stats.memory_mib = self._memory()
+            try:
+                if self.config.hang:
+                    await _hang(request)
+                if self.config.replies and isinstance(self.engine, Engine):
+                    gen.reply = self.config.replies.pop(0)
+                yield gen
+            finally:
+                self.stats.active_generations -= 1
+                if gen.abandoned:
+                    self.stats.abandoned_active -= 1
+                self.stats.memory_mib = self._memory()
+
+    def _kv_room(self, prompt_tokens: int) -> int | None:
+        """Tokens a generation can emit before its decode finds the KV cache full (1.x); None: no such end.
+
+        Token k is emitted, then decoded at position prompt + k - 1, which fails once that reaches the context.
+        """
+        context = self.profile.backend.context_tokens
+        if context is None or self.profile.backend.context_overflow != "error":
+            return None
+        return max(context - prompt_tokens + 1, 0)
+
+    def _tokens(self, gen: _Generation, max_tokens: int, params: GenParams | None) -> AsyncIterator[Token]:
+        engine = self.engine
+        if params is not None and self.profile.backend.deterministic:
+            params = dataclasses.replace(params, temperature=0.0)  # 1.x decodes greedily, whatever was asked
+        if gen.reply is not None and isinstance(engine, Engine):
+            return engine.generate(max_tokens, params, tokens=tokenize(gen.reply))
+        return engine.generate(max_tokens, params)
 
     async def collect(self, request: web.Request, max_tokens: int, params: GenParams | None = None) -> str:
         """A non-streaming generation's text. Raises GenerationError, or Dropped for the connection faults."""
-        async with self._generating(request):
+        async with self._generating(request, params) as gen:
             drop_after = self.config.drop_after
             if drop_after == 0:
                 _drop(request)
             pieces: list[str] = []
-            async with aclosing(self.engine.generate(max_tokens, params)) as tokens:
+            async with aclosing(self._tokens(gen, max_tokens, params)) as tokens:
                 async for token in tokens:
                     pieces.append(token.text)
+                    gen.emitted()
                     if len(pieces) == drop_after:
                         _drop(request)
             if drop_after is not None:
@@ -199,7 +325,7 @@ class Runtime:
         self, request: web.Request, max_tokens: int, frames: Frames, params: GenParams | None = None
     ) -> web.StreamResponse:
         """A streaming generation: one chunk per token, written as soon as the engine yields it."""
-        async with self._generating(request):
+        async with self._generating(request, params) as gen:
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
             sink = _Sink(response)
@@ -209,13 +335,14 @@ class Runtime:
                 _drop(request)
             sent = 0
             try:
-                async with aclosing(self.engine.generate(max_tokens, params)) as tokens:
+                async with aclosing(self._tokens(gen, max_tokens, params)) as tokens:
                     async for token in tokens:
                         frame = frames.token(token)
                         if frame is None:
                             _drop(request)
                         await sink.send(frame)
                         sent += 1
+                        gen.emitted()
                         if sent == drop_after:
                             _drop(request)
                 tail = frames.tail
@@ -225,6 +352,34 @@ class Runtime:
                 _drop(request)
             await sink.send(tail)
             return response
+
+
+class _Generation:
+    """One running generation: whether its client has left (checked per token), and its KV-cache room (1.x)."""
+
+    __slots__ = ("abandoned", "count", "reply", "request", "room", "runtime")
+
+    def __init__(self, request: web.Request, runtime: Runtime, room: int | None) -> None:
+        self.request, self.runtime, self.room = request, runtime, room
+        self.abandoned = False
+        self.count = 0
+        self.reply: str | None = None
+
+    def emitted(self) -> None:
+        """After each token: note a client that has gone; fail as llama.cpp does once the KV cache is full."""
+        self.count += 1
+        if not self.abandoned and _gone(self.request):
+            self.abandoned = True
+            stats = self.runtime.stats
+            stats.abandoned_generations += 1
+            stats.abandoned_active += 1
+        if self.room is not None and self.count >= self.room:
+            raise GenerationError(KV_FULL)
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 class _Sink:

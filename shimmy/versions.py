@@ -60,6 +60,18 @@ class BackendProfile:
         return min(limits) if limits else None
 
 
+    def output_room(self, prompt_tokens: int) -> int | None:
+        """The most `max_tokens` that cannot overflow the context after a prompt of `prompt_tokens` (BOS included).
+
+        1.x emits token k, then decodes it at position prompt + k - 1: with prompt + max_tokens <= context every
+        decode fits; one more and the last token is followed by a failure (a swallowed one, on a stream), not by a
+        `length` stop. None: the context is not known here (2.x: SHIMMY_MAX_CTX or the model's own).
+        """
+        if self.context_tokens is None:
+            return None
+        return max(self.context_tokens - prompt_tokens, 0)
+
+
 def parse_version(version: str) -> tuple[int, int, int]:
     """`1.8.1`, `v2.5.0`, `shimmy 1.8.1` (what `shimmy --version` prints), pre-release suffixes allowed."""
     m = re.fullmatch(r"(?:shimmy\s+)?v?(\d+)\.(\d+)\.(\d+)(?:-[0-9A-Za-z.-]+)?", version.strip())

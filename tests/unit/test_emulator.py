@@ -23,11 +23,13 @@ import httpx
 import pytest
 from aiohttp import web
 
-from shimmy import axum, binary
+import settings
+from shimmy import axum, binary, llama_engine, versions
 from shimmy.emulator import EmulatorConfig, create_app
 from shimmy.engine import tokenize
 from shimmy.native import GENERATE
 from shimmy.profiles import profile_for
+from shimmy.runtime import BATCH_ASSERT, KV_FULL, Die, prompt_count
 
 MODEL = "phi3-lora"
 REPLY = "Hello! I am the Shimmy emulator. How can I help you today?"
@@ -58,9 +60,11 @@ class Emulator:
 
 
 @asynccontextmanager
-async def serving(config: EmulatorConfig, client_timeout: float = 10) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
-    """The emulator in this process on a free loopback port, and a client for it."""
-    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=0.5)
+async def serving(
+    config: EmulatorConfig, client_timeout: float = 10, die: Die | None = None
+) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """The emulator in this process on a free loopback port, and a client for it. `die` records process deaths."""
+    runner = web.AppRunner(create_app(config, die), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -387,15 +391,13 @@ async def test_load_delay_once_in_2x_every_time_in_1x(emu: Emulator) -> None:
     assert await elapsed() >= 0.28
 
 
-async def test_generations_run_concurrently(emu: Emulator) -> None:
-    await emu.configure(reply="a b c d e", token_delay_ms=100)
-    start = time.monotonic()
-    tasks = [asyncio.create_task(emu.generate(stream=False)) for _ in range(8)]
-    await asyncio.sleep(0.25)
-    assert (await emu.stats())["active_generations"] == 8
-    results = await asyncio.gather(*tasks)
-    assert all(r.json() == {"response": "a b c d e"} for r in results)
-    assert time.monotonic() - start < 1.5
+@pytest.mark.parametrize(("version", "peak"), [("1.8.1", 8), ("2.5.0", 1)])
+async def test_1x_runs_generations_side_by_side_2x_one_at_a_time(emu: Emulator, version: str, peak: int) -> None:
+    await emu.configure(version=version, reply="a b c", token_delay_ms=30)
+    results = await asyncio.gather(*(emu.generate(stream=False) for _ in range(8)))
+    assert all(r.json() == {"response": "a b c"} for r in results)
+    stats = await emu.stats()
+    assert (stats["peak_generations"], stats["active_generations"], stats["queued_generations"]) == (peak, 0, 0)
 
 
 async def test_messages_are_rendered_like_shimmy(emu: Emulator) -> None:
@@ -643,12 +645,15 @@ async def test_config_controls(emu: Emulator) -> None:
         "hang",
         "engine",
         "gguf",
+        "max_generations",
+        "generation_memory_mib",
+        "replies",
     }
     assert config["engine"] == "fixed"
     r = await emu.client.put("/_emulator/config", json={"reply": "x", "bogus": 1})
     assert r.status_code == 400 and "bogus" in r.json()["error"]
     bads = ({"token_delay_ms": -1}, {"version": "latest"}, {"models": []}, {"error_after": 1.5}, {"hang": "yes"},
-            {"engine": "gpt"})
+            {"engine": "gpt"}, {"max_generations": 0}, {"replies": "x"}, {"generation_memory_mib": -1})
     for bad in bads:
         assert (await emu.client.put("/_emulator/config", json=bad)).status_code == 400, bad
     assert (await emu.client.put("/_emulator/config", content=b"{")).status_code == 400
@@ -672,7 +677,13 @@ async def test_stats_show_what_reached_shimmy(emu: Emulator) -> None:
         "last_generate_headers": None,
         "last_prompt": None,
         "last_prompt_tokens": None,
+        "last_prompt_count": None,
         "active_generations": 0,
+        "abandoned_active": 0,
+        "queued_generations": 0,
+        "peak_generations": 0,
+        "abandoned_generations": 0,
+        "memory_mib": 0.0,
         "chat_requests": 0,
     }
     await emu.generate(prompt="p", stream=False, max_tokens=3, stop=["x"])
@@ -738,3 +749,269 @@ def test_console_script_serves_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+# --- the backend profile per version (shimmy/versions.py) and the pin ----------------------------------------------
+
+
+def test_the_emulator_defaults_to_the_pinned_shimmy() -> None:
+    defaults = {s.env: s.default for s in settings.SETTINGS}
+    assert defaults["EMULATOR_VERSION"] == defaults["SHIMMY_VERSION"] == binary.SHIMMY_VERSION == versions.PINNED
+    assert EmulatorConfig().version == versions.PINNED
+
+
+def test_backend_profiles_per_version() -> None:
+    old, pinned, two = versions.profile_for("1.7.4"), versions.profile_for("v1.8.1"), versions.profile_for("2.5.0")
+    assert (old.context_tokens, old.prompt_batch_tokens, old.prompt_limit) == (4096, 2048, 2048)
+    assert (pinned.context_tokens, pinned.prompt_batch_tokens, pinned.prompt_limit) == (4096, 4096, 4096)
+    assert (two.context_tokens, two.prompt_batch_tokens, two.prompt_limit) == (None, None, None)
+    for one in (old, pinned):
+        assert one.line == "1.x" and one.runs_without_gpu and one.model_load_per_request and one.deterministic
+        assert not one.serialized and not one.stream_errors_reported and one.prompt_overflow == "abort"
+        assert one.sampling == {"max_tokens"} and not one.seeded
+    assert two.line == "2.x" and two.serialized and two.stream_errors_reported and not two.runs_without_gpu
+    assert two.sampling == {"max_tokens", "temperature", "top_p"} and two.seeded and not two.deterministic
+    assert all(p.nonstream_failure_502 and p.parses_special_tokens for p in (old, pinned, two))
+    assert (pinned.output_room(4090), pinned.output_room(5000), two.output_room(10)) == (6, 0, None)
+    assert versions.parse_version("shimmy 1.8.1") == (1, 8, 1)
+    with pytest.raises(ValueError, match="not a Shimmy version"):
+        versions.profile_for("latest")
+    assert profile_for("1.8.1").backend == pinned and not profile_for("1.8.1").caches_model
+
+
+def _fake_binary(tmp_path: Any, body: str) -> str:
+    path = tmp_path / "shimmy"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_binary_version_asks_the_binary(tmp_path: Any) -> None:
+    assert binary.version(_fake_binary(tmp_path, 'echo "shimmy 1.8.1"')) == "1.8.1"
+    with pytest.raises(ValueError, match="printed 'Shimmy rocks'"):
+        binary.version(_fake_binary(tmp_path, 'echo "Shimmy rocks"'))
+    with pytest.raises(ValueError, match="exited 3: boom"):
+        binary.version(_fake_binary(tmp_path, "echo boom >&2; exit 3"))
+    with pytest.raises(ValueError, match="could not run"):
+        binary.version(str(tmp_path / "absent"))
+
+
+# --- 1.x fidelity: the prompt batch, the context, memory; 2.x: one generation at a time --------------------------
+
+
+@dataclass
+class Deaths:
+    """What `die` would have done to the emulator's process: the signals, in order, and the last words."""
+
+    signals: list[int]
+    words: list[str]
+
+    def __call__(self, sig: int, words: str) -> None:
+        self.signals.append(sig)
+        self.words.append(words)
+
+
+@pytest.fixture
+async def mortal() -> AsyncIterator[tuple[Emulator, Deaths]]:
+    deaths = Deaths([], [])
+    config = EmulatorConfig(version="1.8.1", models=[MODEL], reply=REPLY)
+    async with serving(config, die=deaths) as (client, url):
+        yield Emulator(client, config, url), deaths
+
+
+def _prompt(tokens: int) -> str:
+    """A prompt the fixed engine counts as `tokens` tokens, BOS included."""
+    prompt = " ".join(["w"] * (tokens - 1))
+    assert prompt_count(prompt) == tokens
+    return prompt
+
+
+@pytest.mark.parametrize(
+    ("version", "tokens", "dies"),
+    [("1.7.4", 2048, False), ("1.7.4", 2049, True), ("1.8.1", 4095, False), ("1.8.1", 4097, True),
+     ("2.5.0", 9000, False)],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_prompt_past_the_1x_batch_aborts_the_process(
+    mortal: tuple[Emulator, Deaths], version: str, tokens: int, dies: bool, stream: bool
+) -> None:
+    emu, deaths = mortal
+    await emu.configure(version=version, max_generations=None)
+    if dies:
+        with pytest.raises(httpx.TransportError):
+            await emu.generate(prompt=_prompt(tokens), stream=stream, max_tokens=1)
+        assert (deaths.signals, deaths.words) == ([signal.SIGABRT], [BATCH_ASSERT])
+    else:
+        assert (await emu.generate(prompt=_prompt(tokens), stream=stream, max_tokens=1)).status_code == 200
+        assert deaths.signals == []
+    assert (await emu.stats())["last_prompt_count"] == tokens
+
+
+async def test_a_full_1x_context_fails_the_generation(mortal: tuple[Emulator, Deaths]) -> None:
+    """Token k is decoded at position prompt + k - 1: the one that reaches 4096 fails (502, or a quiet stream end)."""
+    emu, _ = mortal
+    await emu.configure(reply="a b c d", repeat=True)
+    prompt = _prompt(4090)  # room for 7 tokens: the 7th is emitted, then its decode fails
+    assert (await emu.generate(prompt=prompt, stream=False, max_tokens=6)).json() == {"response": "a b c da b"}
+    r = await emu.generate(prompt=prompt, stream=False, max_tokens=7)
+    assert (r.status_code, r.content) == (502, b"")
+    r = await emu.generate(prompt=prompt, stream=True, max_tokens=100)
+    assert r.text == "".join(f"data: {t}\n\n" for t in ["a", " b", " c", " d", "a", " b", " c"]) + "data: [DONE]\n\n"
+    await emu.configure(version="2.5.0")
+    r = await emu.generate(prompt=prompt, stream=True, max_tokens=100)
+    assert KV_FULL not in r.text and r.text.count("data: ") == 101
+
+
+async def test_1x_generations_hold_memory_and_one_too_many_is_oom_killed(mortal: tuple[Emulator, Deaths]) -> None:
+    emu, deaths = mortal
+    await emu.configure(reply="a b c d e f", token_delay_ms=50, max_generations=2)
+    async with (
+        emu.client.stream("POST", "/api/generate", json={"model": MODEL, "stream": True}) as first,
+        emu.client.stream("POST", "/api/generate", json={"model": MODEL, "stream": True}) as second,
+    ):
+        await anext(first.aiter_raw())
+        await anext(second.aiter_raw())
+        stats = await emu.stats()
+        assert (stats["active_generations"], stats["memory_mib"]) == (2, 3072.0)
+        with pytest.raises(httpx.TransportError):
+            await emu.generate(stream=False)
+        assert deaths.signals == [signal.SIGKILL]
+    for _ in range(200):  # the two generations run on without their clients
+        if (await emu.stats())["active_generations"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (await emu.stats())["memory_mib"] == 0.0
+
+
+async def test_2x_queues_generations_behind_the_one_model(emu: Emulator) -> None:
+    await emu.configure(reply="a b c", token_delay_ms=50)
+    async with emu.client.stream("POST", "/api/generate", json={"model": MODEL, "stream": True}) as first:
+        await anext(first.aiter_raw())
+        waiting = asyncio.create_task(emu.generate(stream=False))
+        for _ in range(100):
+            if (await emu.stats())["queued_generations"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        stats = await emu.stats()
+        assert (stats["queued_generations"], stats["active_generations"], stats["memory_mib"]) == (1, 1, 1536.0)
+    assert (await waiting).json() == {"response": "a b c"}
+    assert (await emu.stats())["peak_generations"] == 1
+
+
+async def test_abandoned_generations_run_on_and_are_counted(emu: Emulator) -> None:
+    await emu.configure(reply="a b c d e f g h", token_delay_ms=20)
+    async with emu.client.stream("POST", "/api/generate", json={"model": MODEL, "stream": True}) as r:
+        await anext(r.aiter_raw())
+    for _ in range(200):  # the generation goes on without its client, then ends
+        stats = await emu.stats()
+        if stats["active_generations"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (stats["active_generations"], stats["abandoned_generations"], stats["abandoned_active"]) == (0, 1, 0)
+    assert (await emu.generate(stream=False)).status_code == 200
+    assert (await emu.stats())["abandoned_generations"] == 1
+
+
+async def test_the_gauges_survive_a_reset_while_generations_run(emu: Emulator) -> None:
+    await emu.configure(version="1.8.1", reply="a b c d e f g h", token_delay_ms=20)
+    async with emu.client.stream("POST", "/api/generate", json={"model": MODEL, "stream": True}) as r:
+        await anext(r.aiter_raw())
+        assert (await emu.client.post("/_emulator/reset")).status_code == 200
+        assert (await emu.stats())["active_generations"] == 1
+    for _ in range(200):
+        stats = await emu.stats()
+        if stats["active_generations"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (stats["active_generations"], stats["abandoned_active"], stats["memory_mib"]) == (0, 0, 0.0)
+
+
+async def test_queued_replies_are_used_one_per_generation(emu: Emulator) -> None:
+    await emu.configure(replies=['{"name": "get_weather"}', "second"])
+    assert (await emu.generate(stream=False)).json() == {"response": '{"name": "get_weather"}'}
+    r = await emu.client.post("/v1/chat/completions", json={**CHAT, "stream": False})
+    assert r.json()["choices"][0]["message"]["content"] == "second"
+    assert (await emu.generate(stream=False)).json() == {"response": REPLY}
+    assert (await emu.client.get("/_emulator/config")).json()["replies"] == []
+
+
+def _start_emulator(version: str, port: int) -> subprocess.Popen[str]:
+    script = shutil.which("shimmy-emulator", path=os.path.dirname(sys.executable))
+    assert script is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMULATOR_", "SHIMMY_", "MODEL_NAME"))}
+    env["EMULATOR_ENGINE"] = "fixed"
+    proc = subprocess.Popen(
+        [script, "--shimmy-port", str(port), "--emulator-version", version],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 10
+    with httpx.Client(timeout=1) as client:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                client.get(f"http://127.0.0.1:{port}/health")
+                return proc
+            except httpx.TransportError:
+                time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the emulator did not start: {proc.communicate()[1]}")
+
+
+@pytest.mark.parametrize(
+    ("config", "body", "sig", "last_words"),
+    [
+        ({}, {"prompt": " ".join(["w"] * 5000)}, signal.SIGABRT, BATCH_ASSERT),
+        ({"max_generations": 1, "hang": True}, {}, signal.SIGKILL, None),
+    ],
+    ids=["batch-assert", "oom-kill"],
+)
+def test_the_emulator_process_dies_as_the_real_one(
+    config: dict[str, Any], body: dict[str, Any], sig: int, last_words: str | None
+) -> None:
+    """What the supervisor sees: the process gone by SIGABRT (llama.cpp's assert) or SIGKILL (the OOM killer)."""
+    port = _free_port()
+    proc = _start_emulator("1.8.1", port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(timeout=5) as client:
+            assert client.put(f"{url}/_emulator/config", json=config).status_code == 200
+            first = None
+            if config.get("hang"):  # one generation takes the memory; the next one is one too many
+                first = subprocess.Popen(
+                    [sys.executable, "-c", f"import httpx; httpx.post('{url}/api/generate', "
+                     f"json={{'model': '{MODEL}', 'stream': False}}, timeout=30)"],
+                    stderr=subprocess.DEVNULL,
+                )
+                for _ in range(200):
+                    if client.get(f"{url}/_emulator/stats").json()["active_generations"] == 1:
+                        break
+                    time.sleep(0.02)
+            with pytest.raises(httpx.TransportError):
+                client.post(f"{url}/api/generate", json={"model": MODEL, "stream": False, **body})
+        _, stderr = proc.communicate(timeout=5)
+        assert proc.returncode == -sig
+        if last_words:
+            assert last_words in stderr
+        if first is not None:
+            first.kill()
+            first.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.skipif(not llama_engine.engine_available()[0], reason="no llm extra (llama.cpp and its model)")
+async def test_1x_decodes_greedily_whatever_the_sampling_fields_say() -> None:
+    """1.x's sampler chain ends in greedy(): temperature and seed change nothing. 2.x samples (seed 42 default)."""
+    prompt = "<start_of_turn>user\nWrite a line about the sea.<end_of_turn>\n<start_of_turn>model\n"
+    config = EmulatorConfig(version="1.8.1", models=[MODEL], engine="llama")
+    async with serving(config, client_timeout=60) as (client, _):
+
+        async def answer(seed: int) -> str:
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 1.5, "seed": seed}
+            r = await client.post("/api/generate", json={**body, "stream": False})
+            return r.json()["response"]  # type: ignore[no-any-return]
+
+        assert await answer(1) == await answer(2)
+        await client.put("/_emulator/config", json={"version": "2.5.0"})
+        assert await answer(1) != await answer(2)
