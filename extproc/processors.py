@@ -95,6 +95,10 @@ def _retry_after(exc: GatewayError) -> list[mutations.Header]:
 class Processor:
     """Pass-through: every phase continues unchanged."""
 
+    # The route's response body mode is FULL_DUPLEX_STREAMED (Envoy's protocol_config on the stream's first
+    # message says so); else BUFFERED, as in an Envoy of the user's own that keeps the older chat route.
+    response_duplex = False
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
@@ -256,6 +260,8 @@ class GenerationProcessor(Processor):
         counted = (("x-gateway-prompt-tokens", gen.prompt_tokens_kind),)  # "exact" or "estimated"
         if gen.stream:
             return mutations.response_headers(_STREAM_HEADERS + counted, ["content-length"], mutations.DUPLEX_RESPONSE)
+        if not self.response_duplex:  # BUFFERED: the whole body comes in one message, headers still held by Envoy
+            return mutations.response_headers(_JSON_HEADERS + counted, ["content-length"])
         # Non-stream: the headers wait until the answer is whole, so its status can still be an error (a Shimmy
         # failure mid-generation is a 502, never a 200 with a broken body). Envoy streams Shimmy's body to us
         # meanwhile (FULL_DUPLEX_STREAMED): a stop sequence or the deadline ends the answer without Shimmy's rest.
@@ -265,7 +271,9 @@ class GenerationProcessor(Processor):
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | list[ep.ProcessingResponse] | None:
         exchange = self.exchange
         if exchange is None:  # an Envoy local reply passing through (see response_headers): full duplex echoes it
-            return mutations.streamed_body(msg.body, msg.end_of_stream)
+            if self.response_duplex:
+                return mutations.streamed_body(msg.body, msg.end_of_stream)
+            return mutations.continue_response_body()
         if exchange.finished:  # the client's answer is complete; Shimmy's late chunks only count its tokens
             if self.ticket is not None:
                 self.ticket.progress(self.ticket.tokens + msg.body.count(b"\n\n"))  # about one per event
@@ -278,6 +286,14 @@ class GenerationProcessor(Processor):
                 return mutations.streamed_body(out, False) if out else None
             outcome = ("error", exchange.failure) if exchange.failure else ("ok", "")
             return self._record(mutations.streamed_body(out, True), *outcome)
+        if not self.response_duplex:
+            try:
+                body = exchange.complete(msg.body)
+            except GatewayError as exc:
+                return self._failed(exc)
+            finally:
+                self._shimmy_progress(end=True)  # a buffered body is Shimmy's whole answer
+            return self._record(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "")
         try:
             body = exchange.collect(msg.body, msg.end_of_stream)
         except GatewayError as exc:

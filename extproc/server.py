@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
 
 import grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -29,6 +30,7 @@ log = logging.getLogger("extproc")
 
 ROUTE_METADATA = "x-gateway-route"
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 MAX_MESSAGE_BYTES = 8 << 20  # above the largest body Envoy may buffer (MAX_REQUEST_BYTES)
 
 
@@ -53,6 +55,8 @@ class ExternalProcessor:
     ) -> ep.ProcessingResponse | list[ep.ProcessingResponse] | Awaitable[ep.ProcessingResponse] | None:
         """The processor's answer to one message, or None to answer nothing yet (full duplex only); an awaitable
         when the answer must wait (a request queued for a generation slot); a list answers held messages too."""
+        if msg.HasField("protocol_config"):  # on the stream's first message: the route's body modes
+            processor.response_duplex = msg.protocol_config.response_body_mode == FULL_DUPLEX
         match msg.WhichOneof("request"):
             case "request_headers":
                 return processor.request_headers(msg.request_headers)

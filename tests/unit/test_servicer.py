@@ -81,9 +81,42 @@ def set_headers(mutation: ep.HeaderMutation) -> dict[str, str]:
 CHAT_BODY = b'{"model":"phi3-lora","messages":[{"role":"user","content":"Hi"}],"max_tokens":4}'
 
 
-def test_non_stream_chat_holds_its_headers_until_the_answer_is_whole(rpc_factory) -> None:
+def test_non_stream_chat_takes_three_messages(rpc_factory) -> None:
+    """A route that keeps the response BUFFERED (an Envoy of the user's own): the whole body in one message."""
     rpc = rpc_factory(CHAT)
     rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
+    first = rpc.take_response().request_body.response
+    sent = set_headers(first.header_mutation)
+    assert sent[":path"] == "/api/generate"
+    assert int(sent["content-length"]) == len(first.body_mutation.body)
+    assert json.loads(first.body_mutation.body)["stream"] is True
+
+    rpc.send_request(status_headers(200))
+    second = rpc.take_response()
+    assert set_headers(second.response_headers.response.header_mutation)["content-type"] == "application/json"
+    assert not second.HasField("mode_override")  # non-stream stays BUFFERED
+
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(
+        body=b"data: Hi\n\ndata:  there\n\ndata: [DONE]\n\n", end_of_stream=True)))
+    third = rpc.take_response().response_body.response
+    doc = json.loads(third.body_mutation.body)
+    assert doc["choices"][0]["message"]["content"] == "Hi there"
+    assert set_headers(third.header_mutation)["content-length"] == str(len(third.body_mutation.body))
+    rpc.requests_closed()
+    assert rpc.termination()[1] == grpc.StatusCode.OK
+
+
+DUPLEX = ep.ProtocolConfiguration(response_body_mode=processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED)
+
+
+def duplex_body(body: bytes) -> ep.ProcessingRequest:
+    """The stream's first message on the chat route of envoy/gateway.yaml, which says its response is full duplex."""
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True), protocol_config=DUPLEX)
+
+
+def test_non_stream_chat_holds_its_headers_until_the_answer_is_whole(rpc_factory) -> None:
+    rpc = rpc_factory(CHAT)
+    rpc.send_request(duplex_body(CHAT_BODY))
     first = rpc.take_response().request_body.response
     sent = set_headers(first.header_mutation)
     assert sent[":path"] == "/api/generate"
@@ -105,7 +138,7 @@ def test_non_stream_chat_holds_its_headers_until_the_answer_is_whole(rpc_factory
 
 def test_non_stream_chat_failing_midway_is_a_502_not_a_200(rpc_factory) -> None:
     rpc = rpc_factory(CHAT)
-    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
+    rpc.send_request(duplex_body(CHAT_BODY))
     rpc.take_response()
     rpc.send_request(status_headers(200))
     rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: Hi\n\ndata: [ERROR] boom\n\n")))
@@ -121,7 +154,7 @@ def test_non_stream_chat_failing_midway_is_a_502_not_a_200(rpc_factory) -> None:
 def test_non_stream_chat_ends_at_a_stop_sequence_without_shimmys_rest(rpc_factory) -> None:
     rpc = rpc_factory(CHAT)
     body = CHAT_BODY.replace(b'"max_tokens":4', b'"max_tokens":40,"stop":[" there"]')
-    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)))
+    rpc.send_request(duplex_body(body))
     rpc.take_response()
     rpc.send_request(status_headers(200))
     rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: Hi\n\ndata:  there\n\n")))
@@ -254,7 +287,7 @@ def test_an_envoy_local_reply_passes_through_and_is_counted(rpc_factory) -> None
     labels = ("phi3-lora", "error", "http_429")
     before = metrics.REQUESTS.labels(*labels)._value.get()
     rpc = rpc_factory(CHAT)
-    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
+    rpc.send_request(duplex_body(CHAT_BODY))
     rpc.take_response()
     local = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=b"429"),
                                         base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")])
