@@ -8,9 +8,11 @@ processor needs:
     health   request headers                             1 (answered at once)
     metrics  response body (BUFFERED)                    1 (Envoy's /stats/prometheus, ours appended)
     models   response headers, response body (BUFFERED)  2
-    chat     request body (BUFFERED), response headers,  3 non-stream; 2 + one per Shimmy chunk when streaming
-    (every   response body (BUFFERED, or FULL_DUPLEX_STREAMED by mode_override for stream=true)
-    API of extproc.apis alike)
+    chat     request body (BUFFERED), response headers,  2 + one per Shimmy chunk (a non-stream answer's
+    (every   response body (FULL_DUPLEX_STREAMED)        headers are answered with its whole body, which
+    API of extproc.apis alike)                           lets it end early and still carry an error status)
+
+A chat request first needs a generation slot (`extproc.admission`): its request body may wait for one.
 
 A phase a processor does not override answers "continue unchanged" (the `Processor` base).
 """
@@ -248,9 +250,11 @@ class GenerationProcessor(Processor):
             if exchange is None and 200 <= status < 300:
                 return self._failed(InvalidRequest("The request body is missing", code="missing_body"))
             self.exchange = None  # Shimmy generated nothing: no tokens to count
-            if self.ticket is not None and status == 504:  # Envoy's deadline: Shimmy may still be generating
-                self.ticket.abandon("deadline")
-            self._shimmy_progress(end=True)
+            if self.ticket is not None:
+                if status == 504:  # Envoy's deadline: Shimmy may still be generating
+                    self.ticket.abandon("deadline")
+                else:  # Envoy answered instead of Shimmy, or Shimmy's connection died
+                    self.ticket.finish()
             response = mutations.continue_response_headers()
             return response if exchange is None else self._record(response, "error", f"http_{status}")
         gen = exchange.gen
