@@ -51,7 +51,7 @@ AbandonReason = Literal["client_gone", "stop_sequence", "deadline", "error"]
 SAFETY = 1.25  # an abandoned generation's estimated remaining time is stretched by this factor ...
 MARGIN_S = 0.5  # ... plus this, for the scheduling jitter of Shimmy and of this process
 POLL_S = 0.05  # how often a queued request looks for a slot another worker gave back
-_ALPHA = 0.3  # weight of the newest request in the process's average pace
+_ALPHA = 0.5  # weight of the newest request in the process's average pace
 
 
 class Busy(GatewayError):
@@ -312,8 +312,15 @@ class Admission:
         """Each ticket's estimated end inside Shimmy, in admission order (see the module docstring)."""
         out: list[tuple[Ticket, float]] = []
         ahead = -math.inf  # serialized: when Shimmy is through with the work admitted so far
+        # A generation that has not shown its own pace gets the slowest one measured on those running now (the
+        # freshest figure, under today's load), else the average of the finished ones.
+        measured = [p for t in self.tickets if (p := t.tpot) is not None]
+        fallback = max(measured) if measured else self.pace.tpot
         for t in self.tickets:
-            pace = t.tpot or self.pace.tpot
+            pace = t.tpot or fallback
+            if t.tpot is None and t.first_token_at is not None:
+                # One token seen: its latency bounds a token's (the first took at least one forward pass too).
+                pace = min(pace, t.first_token_at - t.admitted_at)
             work = t.remaining_tokens(self.context_tokens) * pace
             if t.last_token_at is not None:
                 start = t.last_token_at  # it is (or was) running

@@ -156,7 +156,9 @@ def test_shimmy_that_never_answers_gets_504(faulty: tuple[Stack, Emulator]) -> N
         emulator.start()
     wait_for(lambda: chat_ok(stack))
     emulator.configure(hang=True)
-    for payload in (CHAT, {**CHAT, "stream": True}):
+    # 8 tokens: the generation Envoy gave up on keeps the only slot for as long as Shimmy could go on with it
+    # (docs/admission.md), which must end before the next request's queue wait does.
+    for payload in ({**CHAT, "max_tokens": 8}, {**CHAT, "stream": True, "max_tokens": 8}):
         started = time.monotonic()
         resp = httpx.post(f"{stack.url}/v1/chat/completions", json=payload, timeout=20)
         assert_openai_error(resp, 504, "timeout")
