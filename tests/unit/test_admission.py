@@ -164,3 +164,15 @@ def test_a_shimmy_that_is_gone_takes_its_abandoned_generations_with_it() -> None
     left.abandon("client_gone")
     adm.shimmy_gone()
     assert adm.busy == 1 and not running.released  # the one still read ends when its response does
+
+
+def test_a_generation_with_one_token_is_paced_no_slower_than_its_first_token_came() -> None:
+    clock = Clock()
+    adm = admission(clock)
+    t = adm.try_admit("m", max_tokens=41)
+    assert t is not None
+    clock.now += 0.01
+    t.progress(1)  # 10 ms to the first token; nothing measured yet, so the default pace would be 0.25 s
+    t.abandon("client_gone")
+    [(_, end)] = adm._ends(clock.now)
+    assert end == pytest.approx(clock.now + 40 * 0.01 * SAFETY + MARGIN_S)
