@@ -48,9 +48,13 @@ def busy_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
 
 
 @pytest.fixture(autouse=True)
-def _fresh(busy_stack: Stack) -> Iterator[None]:
-    """Each test starts with an idle Shimmy, every slot back, and a repeating reply (so a generation runs to
-    `max_tokens`)."""
+def _fresh(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test on `busy_stack` starts with an idle Shimmy, every slot back, and a repeating reply (so a
+    generation runs to `max_tokens`)."""
+    if "busy_stack" not in request.fixturenames:
+        yield
+        return
+    busy_stack: Stack = request.getfixturevalue("busy_stack")
     _wait_idle(busy_stack)
     deadline = time.monotonic() + 30
     while "shimmy_slots_busy 0.0" not in (text := httpx.get(f"{busy_stack.url}/metrics").text):
@@ -282,6 +286,36 @@ def test_the_warmup_generation_takes_a_slot() -> None:
             r = httpx.post(f"{stack.url}/v1/chat/completions", json=_chat(False, 1), timeout=30)
         assert r.status_code == 429, r.text
         assert json.loads(r.text)["error"]["code"] == "queue_full"
+        assert sampler.peak <= 1
+    finally:
+        stop_stack(stack)
+        stack.log.unlink(missing_ok=True)
+
+
+def test_processor_workers_share_one_cap() -> None:
+    """EXTPROC_WORKERS=2: Envoy spreads requests over both workers, and still only one generation gets in."""
+    stack = start_stack(
+        {
+            "EXTPROC_WORKERS": "2",
+            "MAX_ACTIVE_REQUESTS": "1",
+            "EXTPROC_MESSAGE_TIMEOUT_MS": "2000",
+            "EMULATOR_TOKEN_DELAY_MS": str(TOKEN_DELAY_S * 1000),
+        }
+    )
+    try:
+        stack.configure(repeat=True)
+        results: list[int] = []
+
+        def call() -> None:
+            results.append(_post(stack, _chat(False, 10))[0].status_code)  # 2 s, longer than the 1 s queue wait
+
+        with Sampler(stack) as sampler:
+            calls = [threading.Thread(target=call) for _ in range(4)]
+            for c in calls:
+                c.start()
+            for c in calls:
+                c.join()
+        assert sorted(results) == [200, 429, 429, 429]
         assert sampler.peak <= 1
     finally:
         stop_stack(stack)
