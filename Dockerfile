@@ -144,9 +144,10 @@ RUN shimmy --version && shimmy-gateway config > /dev/null
 WORKDIR /app
 USER 65534:65534
 EXPOSE 8000
-# Docker's own health check (Kubernetes ignores it and uses the probes in k8s/). 503 until the model has answered
-# the warm-up generation; urlopen raises on it. No proxy: this is our own loopback port.
+# Docker's own health check (Kubernetes ignores it and uses the probes in k8s/): liveness, like the kubelet's, so an
+# orchestrator that restarts unhealthy containers does not kill a Shimmy that is busy generating. 503 when Envoy,
+# the processor or the Shimmy process is gone; urlopen raises on it. No proxy: this is our own loopback port.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:' + os.environ.get('GATEWAY_PORT', '8000') + '/v1/health', timeout=4)"]
+  CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:' + os.environ.get('GATEWAY_PORT', '8000') + '/v1/health/live', timeout=4)"]
 ENTRYPOINT ["tini", "--"]
 CMD ["shimmy-gateway", "up"]

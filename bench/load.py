@@ -22,7 +22,7 @@ import aiohttp
 
 __all__ = ["RequestRun", "StreamFormat", "StreamRun", "percentile", "requests", "run", "streams"]
 
-StreamFormat = Literal["native", "openai"]
+StreamFormat = Literal["native", "openai", "anthropic", "responses"]
 _HEADERS = {"Content-Type": "application/json"}
 _TIMEOUT = aiohttp.ClientTimeout(total=30)
 T = TypeVar("T")
@@ -157,11 +157,16 @@ def _is_content(first_data_line: bytes, fmt: StreamFormat) -> bool:
 
     Native `/api/generate` events are the raw token text, so every event but `[DONE]` and `[ERROR] ...` is one.
     OpenAI chunks carry text as `"content":"<non-empty>"`; the role chunk (`""` or `null`) and the final chunk do
-    not. A substring test rather than a JSON decode keeps the client's cost per event small.
+    not. Anthropic Messages and OpenAI Responses streams carry it in typed delta events. A substring test rather
+    than a JSON decode keeps the client's cost per event small.
     """
     if fmt == "native":
         payload = first_data_line[6:].rstrip(b"\n")
         return payload != b"[DONE]" and not payload.startswith(b"[ERROR]")
+    if fmt == "anthropic":
+        return first_data_line.startswith(b'data: {"type":"content_block_delta"')
+    if fmt == "responses":
+        return first_data_line.startswith(b'data: {"type":"response.output_text.delta"')
     return b'"content":"' in first_data_line and b'"content":""' not in first_data_line
 
 

@@ -30,6 +30,7 @@ from bench.stack import (
     is_processor,
 )
 from bench.suite import (
+    API_STREAMS,
     CONTENDERS,
     FLAT_REQUESTS,
     LIVE_STREAM_DELAY_MS,
@@ -199,7 +200,11 @@ def _rss_rows(results: Results) -> Iterable[str]:
 def _errors(results: Results) -> list[str]:
     runs: list[tuple[str, RequestRun | StreamRun]] = [
         (f"{name} {kind} at {n}", m.run)
-        for kind, table in (("non-stream", results.nonstream), ("stream", results.stream))
+        for kind, table in (
+            ("non-stream", results.nonstream),
+            ("stream", results.stream),
+            ("stream", results.api_streams),
+        )
         for name, by_n in table.items()
         for n, m in by_n.items()
     ]
@@ -568,12 +573,51 @@ def markdown(results: Results, meta: dict[str, str], chart: str | None = None) -
     lines += ["", "Failed requests: " + ("; ".join(errors) if errors else "none") + "."]
     if results.missing:
         lines += ["", "Not measured: " + "; ".join(f"{name}: {why}" for name, why in results.missing.items()) + "."]
-    sections = (_targets_section, _finding_section, _memory_section, _profile_section, _workers_section, _steps_section)
+    sections = (
+        _targets_section,
+        _api_streams_section,
+        _finding_section,
+        _memory_section,
+        _profile_section,
+        _workers_section,
+        _steps_section,
+    )
     for section in sections:
         part = section(results)
         if part:
             lines += ["", *part]
     return "\n".join(lines) + "\n"
+
+
+def _api_streams_section(results: Results) -> list[str]:
+    """Issue 16: the gateway's Messages and Responses streams beside its chat streams, measured in the same rounds."""
+    chat = results.stream.get("gateway", {})
+    if not results.api_streams or not chat:
+        return []
+    apis = [c for c in API_STREAMS if c.name in results.api_streams]
+    lines = [
+        "## Client APIs on the gateway: stream relay rate",
+        "",
+        "The same 64-token streams through the gateway's chat, Anthropic Messages and OpenAI Responses routes, "
+        "interleaved in the same rounds (one generation core; only the adapters' framing differs). "
+        "In parentheses: the ratio to chat.",
+        "",
+        "| measure | gateway, chat | " + " | ".join(c.label for c in apis) + " |",
+        "|---|--:|" + "--:|" * len(apis),
+    ]
+    for n in STREAM_CONCURRENCY:
+        base = chat[n].run.tokens_per_s if n in chat else None
+        cells = [_number(base) if base is not None else "-"]
+        for c in apis:
+            m = results.api_streams[c.name].get(n)
+            cells.append(f"{_number(m.run.tokens_per_s)} ({_ratio(m.run.tokens_per_s, base)})" if m else "-")
+        lines.append(f"| token events/s, {n} stream{'s' if n > 1 else ''} | {' | '.join(cells)} |")
+    n = _CPU_STREAMS
+    cells = []
+    for m in (chat.get(n), *(results.api_streams[c.name].get(n) for c in apis)):
+        cells.append(_number(m.cpu_s[EXTPROC] / (m.run.tokens / 1000)) if m and m.run.tokens else "-")
+    lines.append(f"| processor CPU s per 1,000 tokens, {n} streams | {' | '.join(cells)} |")
+    return lines
 
 
 def _memory_section(results: Results) -> list[str]:
@@ -654,6 +698,7 @@ def json_document(results: Results, meta: dict[str, str]) -> dict[str, Any]:
         "stream": runs(results.stream),
         "nonstream_rounds": results.nonstream_rounds,
         "stream_rounds": results.stream_rounds,
+        "api_streams": runs(results.api_streams),
         "peak_rss_mib": results.peak_rss_mib,
         "contender_peak_rss_mib": {c.name: results.contender_peak_rss(c) for c in CONTENDERS},
         "rss_check": rss,

@@ -39,6 +39,7 @@ from bench.stack import (
 from extproc import templates
 
 __all__ = [
+    "API_STREAMS",
     "CONTENDERS",
     "MAX_CONCURRENCY",
     "SECTIONS",
@@ -97,7 +98,7 @@ class Contender:
     def url(self, stack: Stack) -> str:
         p = stack.ports
         port = {"direct": p.emulator, "plain": p.plain, "gateway": p.gateway, FLASK: p.flask, LITELLM: p.litellm}
-        return stack.url(port[self.name], self.path)
+        return stack.url(port[self.name.partition("-")[0]], self.path)  # gateway-messages: the gateway's port
 
     def body(self, stream: bool, max_tokens: int | None = None) -> bytes:
         """The same question for everyone: as the phi3 prompt the gateway would render, or as OpenAI messages."""
@@ -106,6 +107,9 @@ class Contender:
         ask: dict[str, object]
         if self.name == "direct":
             ask = {"prompt": templates.render("phi3", [("user", QUESTION)])}
+        elif self.stream_format == "responses":
+            body = {"model": MODEL, "input": QUESTION, "max_output_tokens": max_tokens, "stream": stream}
+            return json.dumps(body).encode()
         else:
             ask = {"messages": [{"role": "user", "content": QUESTION}]}
         return json.dumps({"model": MODEL, **ask, "max_tokens": max_tokens, "stream": stream}).encode()
@@ -127,6 +131,12 @@ CONTENDERS = (
     ),
 )
 GATEWAY = CONTENDERS[2]
+API_STREAMS = (
+    Contender("gateway-messages", "gateway, Messages", "/v1/messages", "anthropic", GATEWAY.processes),
+    Contender("gateway-responses", "gateway, Responses", "/v1/responses", "responses", GATEWAY.processes),
+)
+"""The gateway's other client APIs, streamed beside chat in the same rounds (the `stream` section): one generation
+core, so their token relay rate should match chat's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +206,7 @@ class Results:
     # Every round's req/s (token events/s) per contender and concurrency, ascending; the table shows the median.
     nonstream_rounds: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     stream_rounds: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    api_streams: dict[str, dict[int, Measured[StreamRun]]] = field(default_factory=dict)  # API_STREAMS' runs
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # per process (tree), after the comparison
     rss: RssCheck | None = None
     profile: profile.Profile | None = None
@@ -305,8 +316,14 @@ def _stream(stack: Stack, options: Options, results: Results) -> None:
     """With the emulators' `repeat` on, every stream runs to STREAM_MAX_TOKENS."""
     stack.configure_emulators(repeat=True)
     runners = {c.name: _stream_runner(stack, c) for c in active(stack)}
+    if GATEWAY.name in runners:
+        runners.update({c.name: _stream_runner(stack, c) for c in API_STREAMS})
     tokens: Callable[[StreamRun], float] = lambda run: run.tokens_per_s  # noqa: E731
     _compare(stack, options, runners, STREAM_CONCURRENCY, tokens, results.stream, results.stream_rounds)
+    for c in API_STREAMS:  # kept apart: the contenders' table has a column per contender, these are the gateway
+        if c.name in results.stream:
+            results.api_streams[c.name] = results.stream.pop(c.name)
+            results.stream_rounds.pop(c.name)
 
 
 class _Sampler:

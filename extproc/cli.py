@@ -5,6 +5,11 @@ It serves Envoy's ext_proc API and the gRPC health service on `EXTPROC_HOST:EXTP
 (`EXTPROC_TLS_CLIENT_CA`), with gRPC reflection on request (`EXTPROC_REFLECTION`). SIGTERM or SIGINT: health
 turns NOT_SERVING, no new stream is accepted, live streams get `EXTPROC_SHUTDOWN_GRACE_S` to finish, exit 0; a
 second signal cuts the grace short. envoy/standalone.example.yaml plugs it into an Envoy of your own.
+
+It reads exactly the settings in `SETTINGS` below. Two describe its surroundings: EXTPROC_WORKERS (more than one
+processor shares the generation slots through lock files) and EXTPROC_MESSAGE_TIMEOUT_MS (Envoy's limit on one
+answer, which bounds how long a request may queue for a slot). A bad setting, or an address it cannot bind, is one
+line and exit code 2.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ import grpc
 from extproc import templates, tokens
 from extproc.admission import Admission
 from extproc.health import ShimmyMonitor
+from extproc.limits import ContextLimits, parse_context_tokens
 from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
-from settings import Settings, load, parse_pairs
-from shimmy import versions
+from settings import PROCESSOR_MARGIN_S, Settings, fail, load, parse_pairs
+from shimmy.versions import BackendProfile, profile_for
 
-__all__ = ["grpc_address", "main", "tls_credentials"]
+__all__ = ["backend", "grpc_address", "main", "tls_credentials"]
+
+PROG = "shimmy-extproc"
 
 SETTINGS = (
     "EXTPROC_HOST",
@@ -44,6 +52,9 @@ SETTINGS = (
     "MODEL_NAME",
     "PROMPT_TEMPLATES",
     "TOKENIZER_GGUF",
+    "SHIMMY_VERSION",
+    "SHIMMY_MAX_CTX",
+    "MODEL_CONTEXT_TOKENS",
     "MODEL_ALIASES",
     "GENERATION_TIMEOUT_S",
     "HEALTH_INTERVAL_S",
@@ -53,7 +64,6 @@ SETTINGS = (
     "MAX_QUEUED_REQUESTS",
     "EXTPROC_MESSAGE_TIMEOUT_MS",
     "EXTPROC_WORKERS",
-    "SHIMMY_VERSION",
 )
 
 log = logging.getLogger("extproc")
@@ -157,6 +167,21 @@ async def _run(ctx: Context, server: GrpcServer, grace: float) -> None:
             loop.remove_signal_handler(sig)
 
 
+def backend(settings: Settings) -> tuple[BackendProfile, ContextLimits]:
+    """The profile of the Shimmy behind us (SHIMMY_VERSION, which `shimmy-gateway up` sets from the Shimmy it runs)
+    and each model's context limits: the release's, SHIMMY_MAX_CTX on 2.x, MODEL_CONTEXT_TOKENS per model."""
+    try:
+        profile = profile_for(settings.shimmy_version)
+    except ValueError as exc:
+        raise ValueError(f"SHIMMY_VERSION: {exc}") from None
+    limits = ContextLimits(  # SHIMMY_MAX_CTX is within 512 to 131072, the range Shimmy 2.x accepts (settings)
+        context_tokens=profile.context_tokens or settings.shimmy_max_ctx,
+        prompt_batch_tokens=profile.prompt_batch_tokens,
+        per_model=parse_context_tokens(parse_pairs(settings.model_context_tokens, "MODEL_CONTEXT_TOKENS")),
+    )
+    return profile, limits
+
+
 def build(settings: Settings) -> tuple[Context, GrpcServer]:
     """The processor's context and server from its settings; a bad setting is a ValueError naming it."""
     overrides = parse_pairs(settings.prompt_templates, "PROMPT_TEMPLATES")
@@ -164,22 +189,21 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         templates.check_overrides(overrides)
     except ValueError as exc:
         raise ValueError(f"PROMPT_TEMPLATES: {exc}") from None
-    shimmy_url = settings.shimmy_url.strip() or f"http://127.0.0.1:{settings.shimmy_port}"
-    if not shimmy_url.startswith(("http://", "https://")):
-        raise ValueError(f"SHIMMY_URL={shimmy_url!r}: expected an http:// or https:// URL")
-    if settings.extproc_shutdown_grace_s < 0:
-        raise ValueError("EXTPROC_SHUTDOWN_GRACE_S must not be negative")
-    admission = build_admission(settings, shimmy_url)
+    shimmy_url = settings.shimmy_url.strip() or f"http://127.0.0.1:{settings.shimmy_port}"  # load() checked it
+    profile, limits = backend(settings)
+    admission = build_admission(settings, shimmy_url, profile)
     monitor = ShimmyMonitor(
         shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup"), admission=admission
     )
     ctx = Context(
         templates=overrides,
         monitor=monitor,
-        generation_timeout=settings.generation_timeout_s,
+        generation_timeout=settings.generation_timeout_s - PROCESSOR_MARGIN_S,
         aliases=parse_pairs(settings.model_aliases, "MODEL_ALIASES"),
         prompt_counter=tokens.counter(settings.tokenizer_gguf, models={settings.model_name}),
         admission=admission,
+        profile=profile,
+        limits=limits,
     )
     credentials = tls_credentials(
         settings.extproc_tls_cert.strip(), settings.extproc_tls_key.strip(), settings.extproc_tls_client_ca.strip()
@@ -193,16 +217,12 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
     return ctx, server
 
 
-def build_admission(settings: Settings, shimmy_url: str) -> Admission:
+def build_admission(settings: Settings, shimmy_url: str, profile: BackendProfile) -> Admission:
     """Generation slots for the Shimmy at `shimmy_url`, following its version's profile (docs/admission.md).
 
     A queued request waits at most a second less than Envoy's message_timeout, which bounds the processor's answer
     to the request body. Several workers share one set of slots (lock files named after the Shimmy they serve).
     """
-    try:
-        profile = versions.profile_for(settings.shimmy_version)
-    except ValueError as exc:
-        raise ValueError(f"SHIMMY_VERSION: {exc}") from None
     message_timeout = settings.extproc_message_timeout_ms / 1000
     shared = None
     if settings.extproc_workers > 1:
@@ -219,20 +239,20 @@ def build_admission(settings: Settings, shimmy_url: str) -> Admission:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load(SETTINGS, argv, prog="shimmy-extproc", description=__doc__)
+    settings = load(SETTINGS, argv, prog=PROG, description=__doc__)
     logging.basicConfig(
         level=settings.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         ctx, server = build(settings)
     except ValueError as exc:
-        raise SystemExit(f"shimmy-extproc: {exc}") from None
+        fail(PROG, str(exc))
     grace = settings.extproc_shutdown_grace_s
     try:
         # asyncio's own loop: gRPC does its I/O in its C core, and uvloop measured no faster here (bench steps).
         asyncio.run(_run(ctx, server, grace))
-    except OSError as exc:  # the address cannot be bound
-        raise SystemExit(f"shimmy-extproc: {exc}") from None
+    except OSError as exc:  # the address cannot be bound: a setting to change (EXTPROC_PORT, EXTPROC_HOST)
+        fail(PROG, f"{exc}; change EXTPROC_PORT (or EXTPROC_HOST)")
     return 0
 
 

@@ -10,9 +10,12 @@ tokens, stop sequences, the deadline, the stop reason and the failures. `start` 
     Api                 an adapter's side of the contract: render a whole answer, frame a stream, shape an error
     Exchange            a Generation framed by its Api: `complete` for a buffered answer, `relay` for a stream
 
-Shimmy always streams to us (see shimmy_protocol): one event per engine token is the only exact completion count
-it offers. Prompt tokens: Shimmy reports none, so they are counted here by a `PromptCounter` (`extproc.tokens`):
-exact with the model's GGUF vocabulary, else estimated (`Generation.prompt_tokens_kind` says which).
+Shimmy streams to us (see shimmy_protocol): one event per engine token is the only exact completion count it
+offers. Except where the backend profile says a stream swallows failures (1.x): there a non-stream client's
+generation is asked for in one piece, so Shimmy's 502 tells a failure, and its completion is counted by tokenizing
+the answer (`Generation.completion_tokens_kind`). Prompt tokens: Shimmy reports none, so they are counted here by a
+`PromptCounter` (`extproc.tokens`): exact with the model's GGUF vocabulary, else estimated
+(`Generation.prompt_tokens_kind` says which), and checked against the model's context (`extproc.limits`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from typing import ClassVar, Literal, Protocol
 
 from extproc import templates
 from extproc.errors import GatewayError, ModelNotFound, Timeout, UpstreamError
-from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS, DONE, ERROR_PREFIX, generate_body
+from extproc.limits import ContextLimits
+from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS, DONE, ERROR_PREFIX, generate_body, response_text
 from extproc.sse import SSEDecoder, SSEError
 from extproc.stops import StopMatcher
-from extproc.tokens import ESTIMATE, ESTIMATED, PromptCounter, estimate_tokens
+from extproc.tokens import ESTIMATE, ESTIMATED, EXACT, PromptCounter, estimate_tokens
+from shimmy.versions import BackendProfile
 
-__all__ = ["Api", "Exchange", "Generation", "GenerationRequest", "StopReason", "start"]
+__all__ = ["Api", "Exchange", "Generation", "GenerationRequest", "StopReason", "count_prompt", "start"]
 
 StopReason = Literal["end", "length", "stop_sequence"]
 """How a generation ended: the model ended its turn, it reached `max_tokens`, or a client stop sequence matched."""
@@ -68,6 +73,10 @@ class Generation:
     error: str | None = None  # Shimmy's [ERROR] text, or our reason the stream is unusable
     first_content_at: float | None = None  # time.monotonic() of the first text released (time to first token)
     sse: SSEDecoder = field(default_factory=SSEDecoder)
+    upstream_stream: bool = True  # Shimmy streams; False: one `{"response": ...}` body (1.x, non-stream client)
+    completion_tokens_kind: str = EXACT  # the x-gateway-completion-tokens header value: one-piece answers are counted
+    counter: PromptCounter = ESTIMATE  # counts a one-piece answer's tokens
+    shimmy_model: str = ""  # Shimmy's name of the model (`model` is the client's), for the counter
 
     def feed(self, data: bytes, end: bool) -> list[str]:
         """Shimmy's SSE bytes -> the text pieces that may be released now, in order."""
@@ -128,7 +137,9 @@ class Generation:
         return self.stops.matched if self.stop_reason == "stop_sequence" else None
 
     def text(self, body: bytes) -> str:
-        """A whole buffered Shimmy SSE body -> the answer's text; GatewayError if Shimmy failed."""
+        """A whole buffered Shimmy body -> the answer's text; GatewayError if Shimmy failed."""
+        if not self.upstream_stream:
+            return self._whole(body)
         pieces = self.feed(body, end=True)
         if self.error is not None:
             raise UpstreamError(f"Shimmy failed during generation: {self.error}", code="generation_failed")
@@ -136,6 +147,24 @@ class Generation:
             raise UpstreamError("Shimmy's stream ended before [DONE]", code="upstream_truncated")
         pieces.append(self.flush())
         return "".join(pieces)
+
+    def _whole(self, body: bytes) -> str:
+        """A one-piece answer: stop sequences cut its text afterwards (Shimmy cannot end early on them), and its
+        tokens are counted up to the end of the stop sequence that matched, as the stream would have counted them.
+
+        The count never exceeds `max_tokens`, and reaching it is what makes the stop reason "length".
+        """
+        generated = response_text(body)
+        stops = self.stops
+        text = stops.feed(generated) + stops.flush()
+        if stops.stopped and stops.matched is not None:
+            generated = generated[: len(text) + len(stops.matched)]
+        count, kind = self.counter.count_text(self.shimmy_model, generated), self.counter.kind
+        if count is None:
+            count, kind = estimate_tokens(generated), ESTIMATED
+        self.completion_tokens, self.completion_tokens_kind = min(count, self.max_tokens), kind
+        self.upstream_done = True  # no first_content_at: a whole answer has no time to first token
+        return text
 
 
 class Api(Protocol):
@@ -185,6 +214,7 @@ class Exchange:
     finished: bool = False  # the stream's end went out; later bytes are dropped
     failure: str | None = None  # code of the failure that ended the stream, if one did
     pieces: list[str] = field(default_factory=list)  # a non-stream answer's text so far (`collect`)
+    chunks: list[bytes] = field(default_factory=list)  # a one-piece answer's body so far (`collect`, 1.x)
 
     def complete(self, body: bytes) -> bytes:
         """A whole buffered Shimmy SSE body -> the API's answer; GatewayError if Shimmy failed."""
@@ -197,6 +227,16 @@ class Exchange:
         if self.finished:
             return None
         gen = self.gen
+        if not gen.upstream_stream:  # a one-piece answer (1.x): nothing to read until Shimmy has sent it all
+            self.chunks.append(data)
+            if not end:
+                return None
+            self.finished = True
+            try:
+                return self.complete(b"".join(self.chunks))
+            except GatewayError as exc:
+                self.failure = exc.code or exc.type
+                raise
         self.pieces += gen.feed(data, end)
         failure = gen.failure(end)
         if failure is not None:
@@ -245,6 +285,8 @@ def start(
     aliases: Mapping[str, str] | None = None,
     *,
     counter: PromptCounter = ESTIMATE,
+    profile: BackendProfile | None = None,
+    limits: ContextLimits | None = None,
 ) -> tuple[bytes, Exchange]:
     """Shimmy's `/api/generate` body for `request`, and the Exchange that answers it through `api`.
 
@@ -252,29 +294,69 @@ def start(
     `timeout` is the generation deadline in seconds, enforced in-band on streams (Envoy answers 504 otherwise).
     `aliases` maps names clients use (`gpt-4o-mini`) to Shimmy's; answers carry the name the client sent.
     `counter` counts the prompt's tokens (Shimmy's model name); where it cannot, the estimate does.
+    `profile`: the Shimmy release behind us (None: streams always). Where its streams swallow failures and its
+    non-stream answer reports them, a non-stream client's generation is asked for in one piece.
+    `limits`: each model's context; a prompt over it is refused here, and `max_tokens` clamped to what fits.
     """
-    model = aliases.get(request.model, request.model) if aliases else request.model
-    if known_models is not None and model not in known_models:
-        raise ModelNotFound(request.model)
-    stops = request.stops
-    if request.prompt is not None:
-        prompt = request.prompt
-    else:
-        template = templates.template_for(model, template_overrides)
-        prompt = templates.render(template, request.messages)
-        stops += templates.STOP_MARKERS[template]
-    body = generate_body(model, prompt, request.max_tokens, request.temperature, request.top_p, request.top_k)
-    prompt_tokens, kind = counter.count(model, prompt), counter.kind
-    if prompt_tokens is None:
-        prompt_tokens, kind = estimate_tokens(prompt), ESTIMATED
+    model, prompt, stops = _prompt(request, template_overrides, known_models, aliases)
+    prompt_tokens, kind = _count(counter, model, prompt)
+    max_tokens = request.max_tokens
+    if limits is not None:
+        param = "prompt" if request.prompt is not None else "messages"
+        max_tokens = limits.fit(model, prompt_tokens, kind, max_tokens, param)
+    upstream_stream = (
+        request.stream or profile is None or profile.stream_errors_reported or not profile.nonstream_failure_502
+    )
+    body = generate_body(
+        model, prompt, max_tokens, request.temperature, request.top_p, request.top_k, stream=upstream_stream
+    )
     gen = Generation(
         model=request.model,
         stream=request.stream,
-        max_tokens=request.max_tokens,
+        max_tokens=max_tokens,
         prompt_tokens=prompt_tokens,
         prompt_tokens_kind=kind,
-        stops=StopMatcher(stops),
+        stops=StopMatcher(request.stops + stops),
         client_stops=frozenset(request.stops),
         deadline=time.monotonic() + timeout,
+        upstream_stream=upstream_stream,
+        completion_tokens_kind=EXACT if upstream_stream else kind,
+        counter=counter,
+        shimmy_model=model,
     )
     return body, Exchange(gen, api)
+
+
+def count_prompt(
+    request: GenerationRequest,
+    template_overrides: Mapping[str, str],
+    known_models: Collection[str] | None = None,
+    aliases: Mapping[str, str] | None = None,
+    *,
+    counter: PromptCounter = ESTIMATE,
+) -> int:
+    """The prompt tokens `start` would count for `request`, without a generation (Anthropic's count_tokens)."""
+    model, prompt, _ = _prompt(request, template_overrides, known_models, aliases)
+    return _count(counter, model, prompt)[0]
+
+
+def _prompt(
+    request: GenerationRequest,
+    template_overrides: Mapping[str, str],
+    known_models: Collection[str] | None,
+    aliases: Mapping[str, str] | None,
+) -> tuple[str, str, tuple[str, ...]]:
+    """(Shimmy's model name, the prompt it is sent, the template's end-of-turn markers to stop at)."""
+    model = aliases.get(request.model, request.model) if aliases else request.model
+    if known_models is not None and model not in known_models:
+        raise ModelNotFound(request.model)
+    if request.prompt is not None:
+        return model, request.prompt, ()
+    template = templates.template_for(model, template_overrides)
+    return model, templates.render(template, request.messages), templates.STOP_MARKERS[template]
+
+
+def _count(counter: PromptCounter, model: str, prompt: str) -> tuple[int, str]:
+    """(tokens, "exact" or "estimated"): the counter's, or the estimate where it has no vocabulary for `model`."""
+    tokens = counter.count(model, prompt)
+    return (tokens, counter.kind) if tokens is not None else (estimate_tokens(prompt), ESTIMATED)

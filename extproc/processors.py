@@ -6,13 +6,17 @@ processor needs:
 
     route    phases Envoy sends                          messages per request
     health   request headers                             1 (answered at once)
-    metrics  response body (BUFFERED)                    1 (Envoy's /stats/prometheus, ours appended)
+    metrics  response headers, response body (BUFFERED)  2 (Envoy's /stats/prometheus, ours appended)
     models   response headers, response body (BUFFERED)  2
+    model    request headers, response headers,          3 (GET /v1/models/{model})
+             response body (BUFFERED)
+    messages_count_tokens  request body (BUFFERED)       1 (answered at once: Shimmy is not asked)
     chat     request body (BUFFERED), response headers,  2 + one per Shimmy chunk (a non-stream answer's
     (every   response body (FULL_DUPLEX_STREAMED)        headers are answered with its whole body, which
-    API of extproc.apis alike)                           lets it end early and still carry an error status)
+    API of extproc.apis alike:                           lets it end early and still carry an error status)
+    messages, responses, completions)
 
-A chat request first needs a generation slot (`extproc.admission`): its request body may wait for one.
+A generation first needs a slot (`extproc.admission`): its request body may wait for one.
 
 A phase a processor does not override answers "continue unchanged" (the `Processor` base).
 """
@@ -24,6 +28,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
+from urllib.parse import unquote
 
 import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -31,11 +36,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from extproc import metrics, mutations
 from extproc.admission import AbandonReason, Admission, Busy, Ticket
 from extproc.apis import APIS
-from extproc.errors import GatewayError, InvalidRequest
-from extproc.generation import Api, Exchange, start
+from extproc.apis.messages import MessagesCountTokens
+from extproc.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
+from extproc.generation import Api, Exchange, count_prompt, start
 from extproc.health import ShimmyMonitor
+from extproc.limits import ContextLimits
 from extproc.shimmy_protocol import GENERATE_PATH, model_names, upstream_error
 from extproc.tokens import ESTIMATE, PromptCounter
+from shimmy.versions import BackendProfile
 
 __all__ = [
     "ROUTES",
@@ -43,8 +51,10 @@ __all__ = [
     "GenerationProcessor",
     "HealthProcessor",
     "MetricsProcessor",
+    "ModelProcessor",
     "ModelsProcessor",
     "Processor",
+    "TokenCountProcessor",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -60,6 +70,8 @@ class Context:
     aliases: Mapping[str, str] = field(default_factory=dict)  # client-facing name -> Shimmy's model
     prompt_counter: PromptCounter = ESTIMATE  # exact with TOKENIZER_GGUF, else the estimate
     admission: Admission | None = None  # generation slots; None admits everything (Envoy's breaker alone)
+    profile: BackendProfile | None = None  # the Shimmy behind us (cli.build: SHIMMY_VERSION's); None: always stream
+    limits: ContextLimits | None = None  # each model's context (cli.build sets it from the profile); None: unchecked
 
     @property
     def known_models(self) -> Collection[str] | None:
@@ -122,8 +134,13 @@ class Processor:
 
 
 class HealthProcessor(Processor):
+    """Liveness (`/v1/health/live`) and readiness (`/v1/health/ready`, `/v1/health`, `/health`), from the monitor's
+    last probe: answered at once, so a probe never waits on a busy Shimmy."""
+
     def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
-        status, body = self.ctx.monitor.answer()
+        monitor = self.ctx.monitor
+        live = _header(msg, ":path").partition("?")[0].endswith("/live")
+        status, body = monitor.liveness() if live else monitor.answer()
         return mutations.immediate(status, body)
 
 
@@ -147,22 +164,69 @@ class ModelsProcessor(Processor):
             names = model_names(msg.body)
         except GatewayError as exc:
             return _error(exc)
-        created = int(time.time())
         served = set(names)
         ids = sorted(served | {alias for alias, model in self.ctx.aliases.items() if model in served})
-        body = _encode(
-            {
-                "object": "list",
-                "data": [{"id": i, "object": "model", "created": created, "owned_by": "shimmy"} for i in ids],
-            }
-        )
+        try:
+            body = self.answer(ids, int(time.time()))
+        except GatewayError as exc:
+            return _error(exc)
         return mutations.response_body(body, [("content-type", "application/json"), ("content-length", str(len(body)))])
+
+    def answer(self, ids: list[str], created: int) -> bytes:
+        """The OpenAI list of the served models and their aliases."""
+        return _encode({"object": "list", "data": [_model(i, created) for i in ids]})
+
+
+def _model(model_id: str, created: int) -> dict[str, object]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "shimmy"}
+
+
+class ModelProcessor(ModelsProcessor):
+    """`GET /v1/models/{model}`: the one model from Shimmy's list (an alias counts), or 404 model_not_found."""
+
+    wanted = ""
+
+    def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        path = _header(msg, ":path").partition("?")[0]
+        self.wanted = unquote(path.rpartition("/")[2])
+        return super().request_headers(msg)
+
+    def answer(self, ids: list[str], created: int) -> bytes:
+        if self.wanted not in ids:
+            raise ModelNotFound(self.wanted)
+        return _encode(_model(self.wanted, created))
+
+
+class TokenCountProcessor(Processor):
+    """`POST /v1/messages/count_tokens`: the prompt is rendered and counted exactly as a generation would be
+    (`generation.count_prompt`), and the count is the answer; Shimmy is never asked."""
+
+    def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        ctx, api = self.ctx, MessagesCountTokens
+        try:
+            request = api.parse(msg.body)
+            tokens = count_prompt(request, ctx.templates, ctx.known_models, ctx.aliases, counter=ctx.prompt_counter)
+        except GatewayError as exc:
+            return mutations.immediate(exc.status, api.error_body(exc))
+        return mutations.immediate(200, api.render(tokens))
 
 
 class MetricsProcessor(Processor):
-    """Envoy's `/stats/prometheus` (Envoy rewrote the path to its admin) with the processor's metrics appended."""
+    """Envoy's `/stats/prometheus` (Envoy rewrote the path to its admin) with the processor's metrics appended.
+
+    Only to admin's 200: any other answer on this route (the API key filter's 401, admin unreachable) is Envoy's
+    own reply and passes through untouched, so the metrics never leak past the key.
+    """
+
+    passthrough = True  # until the response headers say admin answered 200
+
+    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        self.passthrough = _status(msg) != 200
+        return mutations.continue_response_headers()
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        if self.passthrough:
+            return mutations.continue_response_body()
         return mutations.response_body(msg.body + metrics.exposition())
 
 
@@ -206,6 +270,8 @@ class GenerationProcessor(Processor):
                 ctx.generation_timeout,
                 ctx.aliases,
                 counter=ctx.prompt_counter,
+                profile=ctx.profile,
+                limits=ctx.limits,
             )
         except GatewayError as exc:
             return self._failed(exc)
@@ -258,10 +324,16 @@ class GenerationProcessor(Processor):
             response = mutations.continue_response_headers()
             return response if exchange is None else self._record(response, "error", f"http_{status}")
         gen = exchange.gen
+        if status == 502 and not gen.upstream_stream:  # 1.x one-piece answer: its only way to say it failed
+            message = "Shimmy failed to generate the answer (502: the generation failed, or the model's load did)"
+            return self._failed(UpstreamError(message, code="generation_failed"))
         if status != 200:
             self._shimmy_progress(end=True)  # Shimmy refused or failed before generating
             return self._failed(upstream_error(status, b"", gen.model))
-        counted = (("x-gateway-prompt-tokens", gen.prompt_tokens_kind),)  # "exact" or "estimated"
+        counted = (  # "exact" or "estimated"
+            ("x-gateway-prompt-tokens", gen.prompt_tokens_kind),
+            ("x-gateway-completion-tokens", gen.completion_tokens_kind),
+        )
         if gen.stream:
             return mutations.response_headers(_STREAM_HEADERS + counted, ["content-length"], mutations.DUPLEX_RESPONSE)
         if not self.response_duplex:  # BUFFERED: the whole body comes in one message, headers still held by Envoy
@@ -343,18 +415,23 @@ class GenerationProcessor(Processor):
         """Count the request's end once, and put its summary in Envoy's dynamic metadata for the access log."""
         self.outcome = outcome
         duration = time.monotonic() - self.started
-        exchange, model = self.exchange, self.model or "unknown"
-        metrics.REQUESTS.labels(model, outcome, error_type).inc()
-        fields: dict[str, object] = {"model": model, "outcome": outcome, "duration_ms": round(duration * 1000, 1)}
+        exchange, model, api = self.exchange, self.model or "unknown", self.api.route
+        metrics.REQUESTS.labels(model, outcome, error_type, api).inc()
+        fields: dict[str, object] = {
+            "api": api,
+            "model": model,
+            "outcome": outcome,
+            "duration_ms": round(duration * 1000, 1),
+        }
         if exchange is not None:
             gen = exchange.gen
-            metrics.REQUEST_DURATION.labels(model, "true" if gen.stream else "false").observe(duration)
-            metrics.TOKENS.labels(model, "input").inc(gen.prompt_tokens)
-            metrics.TOKENS.labels(model, "output").inc(gen.completion_tokens)
+            metrics.REQUEST_DURATION.labels(model, "true" if gen.stream else "false", api).observe(duration)
+            metrics.TOKENS.labels(model, "input", api).inc(gen.prompt_tokens)
+            metrics.TOKENS.labels(model, "output", api).inc(gen.completion_tokens)
             fields.update(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
             if gen.stream and gen.first_content_at is not None:  # a non-stream client sees no first token
                 ttft = gen.first_content_at - self.started
-                metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
+                metrics.TIME_TO_FIRST_TOKEN.labels(model, api).observe(ttft)
                 fields["ttft_ms"] = round(ttft * 1000, 1)
         if response is not None:
             mutations.set_metadata(response, fields)
@@ -367,6 +444,8 @@ ResponseT = TypeVar("ResponseT", ep.ProcessingResponse, None)
 ROUTES: dict[str, Callable[[Context], Processor]] = {
     **{route: partial(GenerationProcessor, api=api) for route, api in APIS.items()},
     "models": ModelsProcessor,
+    "model": ModelProcessor,
+    MessagesCountTokens.route: TokenCountProcessor,
     "health": HealthProcessor,
     "metrics": MetricsProcessor,
 }

@@ -1,8 +1,9 @@
 """Shimmy's native API as the gateway speaks it (see shared/reference/shimmy-api.md §2, §3, §6, §11).
 
-- We always call `POST /api/generate` with a pre-rendered `prompt` and an explicit `"stream": true`, even for a
-  non-stream client: Shimmy's stream sends one event per engine token, which is the only exact completion
-  count it offers, and its non-stream body carries nothing else we need.
+- We call `POST /api/generate` with a pre-rendered `prompt` and an explicit `"stream"`. Streaming is preferred,
+  even for a non-stream client: one event per engine token is the only exact completion count Shimmy offers. But
+  where the release swallows a stream's failure (1.x sends `[DONE]` after it) a non-stream client's request goes
+  as `"stream": false`, whose failure is an honest 502; its body `{"response": text}` is all there is.
 - Stream events are raw token text; `[DONE]` ends the stream; `[ERROR] <text>` (2.x) reports a failure.
 - Error answers are empty (404 unknown model, 502 load/generation failure) or axum plain text (400/413/415/422).
 """
@@ -20,6 +21,7 @@ __all__ = [
     "GENERATE_PATH",
     "generate_body",
     "model_names",
+    "response_text",
     "upstream_error",
 ]
 
@@ -39,6 +41,10 @@ class _Generate(msgspec.Struct, omit_defaults=True):
     top_k: int | None = None
 
 
+class _Response(msgspec.Struct):
+    response: str
+
+
 class _ModelInfo(msgspec.Struct):
     name: str
 
@@ -49,6 +55,7 @@ class _ModelList(msgspec.Struct):
 
 _encode = msgspec.json.Encoder().encode
 _decode_models = msgspec.json.Decoder(_ModelList).decode
+_decode_response = msgspec.json.Decoder(_Response).decode
 
 
 def generate_body(
@@ -58,9 +65,18 @@ def generate_body(
     temperature: float | None,
     top_p: float | None,
     top_k: int | None,
+    stream: bool = True,
 ) -> bytes:
     """The `/api/generate` body. Unset sampling fields are left out, so Shimmy's defaults apply."""
-    return _encode(_Generate(model, prompt, max_tokens, True, temperature, top_p, top_k))
+    return _encode(_Generate(model, prompt, max_tokens, stream, temperature, top_p, top_k))
+
+
+def response_text(body: bytes) -> str:
+    """The text of a non-stream `/api/generate` answer, `{"response": "..."}`."""
+    try:
+        return _decode_response(body).response
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise UpstreamError(f"Shimmy sent an unreadable answer: {exc}", code="upstream_unreadable") from None
 
 
 def model_names(body: bytes) -> list[str]:

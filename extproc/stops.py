@@ -2,56 +2,148 @@
 
 Text is released as soon as it can no longer be the start of a stop sequence, so a stream is held back only by
 the few characters that might still complete one, never by a whole token.
+
+The matcher is an Aho-Corasick automaton fed one character at a time: its state is the longest suffix of the output
+that is a prefix of some stop sequence, so the work per character is constant (amortised over the failure links)
+however long the stop sequences are, and the client cannot make the processor's work grow with output x stop length.
+No library fits: the Aho-Corasick packages on PyPI search a whole string, none resumes between tokens.
 """
 
 from __future__ import annotations
 
+from collections import deque
+
 __all__ = ["StopMatcher"]
 
 
-class StopMatcher:
-    """Per-request: feed token text in order, get back the text that is safe to emit."""
+class _Automaton:
+    """The trie of the stop sequences with failure links; node 0 is the root (the empty prefix)."""
 
-    __slots__ = ("_firsts", "_held", "_stops", "matched", "stopped")
+    __slots__ = ("depth", "fail", "goto", "longest_match", "stop_at")
 
     def __init__(self, stops: tuple[str, ...]) -> None:
-        """`stops` are non-empty strings (the request schema refuses empty ones)."""
-        self._stops = stops
+        self.goto: list[dict[str, int]] = [{}]
+        self.depth = [0]
+        self.longest_match = [0]  # length of the longest stop sequence that ends at this node, 0 if none
+        self.stop_at: list[str | None] = [None]  # that stop sequence itself
+        for stop in stops:
+            node = 0
+            for char in stop:
+                nxt = self.goto[node].get(char)
+                if nxt is None:
+                    nxt = len(self.goto)
+                    self.goto[node][char] = nxt
+                    self.goto.append({})
+                    self.depth.append(self.depth[node] + 1)
+                    self.longest_match.append(0)
+                    self.stop_at.append(None)
+                node = nxt
+            self.longest_match[node] = len(stop)
+            self.stop_at[node] = stop
+        self.fail = [0] * len(self.goto)
+        queue = deque(self.goto[0].values())
+        while queue:  # breadth first, so a node's failure target is finished before the node
+            node = queue.popleft()
+            for char, child in self.goto[node].items():
+                queue.append(child)
+                target = self.fail[node]
+                while target and char not in self.goto[target]:
+                    target = self.fail[target]
+                self.fail[child] = self.goto[target].get(char, 0)
+                # A stop sequence ending at the failure target also ends here; the longest starts earliest.
+                if not self.longest_match[child]:
+                    self.longest_match[child] = self.longest_match[self.fail[child]]
+                    self.stop_at[child] = self.stop_at[self.fail[child]]
+
+
+class StopMatcher:
+    """Per-request: feed token text in order, get back the text that is safe to emit.
+
+    The result is exactly the whole output cut at the earliest position where any stop sequence starts, however
+    the output is split into tokens: when a short stop sequence completes while a longer one that started earlier
+    is still possible, the text is held (not emitted) until the longer one completes or fails.
+    """
+
+    __slots__ = ("_auto", "_cut", "_firsts", "_held", "_held_len", "_node", "_pos", "matched", "stopped")
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        """`stops` are non-empty strings (the request schema refuses empty ones and caps their length)."""
+        self._auto = _Automaton(stops) if stops else None
         self._firsts = tuple({s[0] for s in stops})  # most tokens contain none of these: the fast path
-        self._held = ""
+        self._node = 0
+        self._pos = 0  # characters fed so far
+        self._held: deque[str] = deque()  # the text fed but not yet emitted, in pieces
+        self._held_len = 0
+        self._cut = -1  # earliest start of a completed stop sequence, while a longer one may still start earlier
         self.stopped = False
-        self.matched: str | None = None  # the stop sequence that ended the text, once one has
+        self.matched: str | None = None  # the stop sequence starting at the cut, once one has completed
 
     def feed(self, text: str) -> str:
         """Text to emit now. After a stop sequence matches, `stopped` is set and nothing more is emitted."""
+        auto = self._auto
         if self.stopped:
             return ""
-        if not self._stops:
+        if auto is None:
             return text
-        buf = self._held + text
-        if not any(c in buf for c in self._firsts):  # no stop can start anywhere in buf, not even as a suffix
-            self._held = ""
-            return buf
-        cut, self.matched = min(((i, s) for s in self._stops if (i := buf.find(s)) >= 0), default=(-1, None))
-        if cut >= 0:
-            self.stopped = True
-            self._held = ""
-            return buf[:cut]
-        keep = self._partial_suffix(buf)
-        self._held = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep]
+        if self._node == 0 and self._cut < 0 and not any(c in text for c in self._firsts):
+            self._pos += len(text)  # nothing held, and no stop can start anywhere in this text
+            return text
+        goto, fail, depth, longest = auto.goto, auto.fail, auto.depth, auto.longest_match
+        node, pos, cut = self._node, self._pos, self._cut
+        for char in text:
+            while node and char not in goto[node]:
+                node = fail[node]
+            node = goto[node].get(char, 0)
+            pos += 1
+            if longest[node]:
+                start = pos - longest[node]
+                if cut < 0 or start < cut:
+                    cut, self.matched = start, auto.stop_at[node]
+            if cut >= 0 and pos - depth[node] >= cut:  # nothing still possible starts before the cut
+                self._pos += len(text)
+                self._held.append(text)
+                self._held_len += len(text)
+                return self._stop(cut)
+        self._node, self._pos, self._cut = node, pos, cut
+        self._held.append(text)
+        self._held_len += len(text)
+        release = pos - depth[node] if cut < 0 else min(cut, pos - depth[node])
+        return self._release(release)
 
     def flush(self) -> str:
-        """At the end of generation, the held text was not a stop sequence after all."""
-        held, self._held = self._held, ""
-        return "" if self.stopped else held
+        """At the end of generation: the held text, up to a stop sequence that completed while a longer one was
+        still possible (then `stopped` is set), or all of it (it was not a stop sequence after all)."""
+        if self.stopped:
+            return ""
+        if self._cut >= 0:
+            return self._stop(self._cut)
+        out = "".join(self._held)
+        self._held.clear()
+        self._held_len = 0
+        return out
 
-    def _partial_suffix(self, buf: str) -> int:
-        """Length of the longest suffix of `buf` that is a proper prefix of some stop sequence."""
-        best = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(buf)), best, -1):
-                if buf.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
+    def _stop(self, cut: int) -> str:
+        out = self._release(cut)
+        self.stopped = True
+        self._held.clear()
+        self._held_len = 0
+        return out
+
+    def _release(self, upto: int) -> str:
+        """Take the held text before absolute position `upto`; each character is taken once, so this is linear."""
+        count = upto - (self._pos - self._held_len)
+        if count <= 0:
+            return ""
+        out: list[str] = []
+        held = self._held
+        self._held_len -= count
+        while count:
+            piece = held[0]
+            if len(piece) <= count:
+                out.append(held.popleft())
+                count -= len(piece)
+            else:
+                out.append(piece[:count])
+                held[0] = piece[count:]
+                count = 0
+        return "".join(out)

@@ -7,14 +7,50 @@ and tells the gateway which end-of-turn strings to enforce as stop sequences, wh
 No template emits a BOS marker, not even Llama 3's ``<|begin_of_text|>``: Shimmy tokenizes with ``AddBos::Always``
 and special-token parsing on, so a literal marker would become a second BOS token, which llama.cpp warns about and
 which degrades the output. llama.cpp's built-in llama3 template leaves it out for the same reason.
+
+Prompt safety: Shimmy tokenizes the prompt with special-token parsing on, so text that spells a control token
+(`<end_of_turn>`, `<|im_start|>`, `<|eot_id|>`) becomes that token and would let a message forge turns. `neutralize`
+inserts U+200B (ZERO WIDTH SPACE) right after the opening `<` of every such string in every message's text, whatever
+the model's template (an override may be wrong, and a vocabulary may hold another family's markers): the result no
+longer equals any special token, so llama.cpp tokenizes it as plain text, and to a reader it looks unchanged.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["STOP_MARKERS", "TEMPLATES", "check_overrides", "render", "template_for"]
+__all__ = [
+    "CONTROL",
+    "NEUTRALIZER",
+    "STOP_MARKERS",
+    "TEMPLATES",
+    "check_overrides",
+    "neutralize",
+    "render",
+    "template_for",
+]
+
+NEUTRALIZER = "\u200b"
+"""What `neutralize` inserts after a control string's `<`: invisible, not a token boundary llama.cpp's special-token
+matcher can see through (it matches exact strings), and no vocabulary's special token contains it."""
+
+CONTROL = re.compile(
+    r"<(?="
+    r"\|[^\s<>|]{1,64}\|>"  # every <|...|> marker: ChatML, Phi-3, Llama 3 (and its reserved tokens), GPT-style
+    r"|/?(?:s|unk|pad|bos|eos|mask)>"  # SentencePiece BOS/EOS/UNK (TinyLlama, Mistral), Gemma's <bos> <eos> <pad>
+    r"|(?:start|end)_of_(?:turn|image)>"  # Gemma's turn and image markers
+    r"|unused\d{1,5}>"  # Gemma's unused control tokens
+    r")"
+)
+"""The `<` of every control string a served vocabulary may parse out of text: templates' markers and their
+families' other special tokens. The lookahead keeps the match to the `<`, where the neutralizer goes."""
+
+
+def neutralize(text: str) -> str:
+    """`text` with no control string left in it: U+200B after the `<` of each (see the module docstring)."""
+    return CONTROL.sub("<" + NEUTRALIZER, text) if "<" in text else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +160,7 @@ def render(template: str, messages: Sequence[tuple[str, str]]) -> str:
             raise ValueError(f"unsupported message role {role!r}")
         if fmt.trim:
             text = text.strip()
+        text = neutralize(text)
         header = headers.get(canonical)
         if header is None:
             system.append(text)

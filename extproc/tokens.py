@@ -1,6 +1,8 @@
-"""Counting prompt tokens: exactly with the served model's vocabulary when we have it, else an estimate.
+"""Counting tokens: exactly with the served model's vocabulary when we have it, else an estimate.
 
-Shimmy reports no token counts, so `usage.prompt_tokens` is ours. With `TOKENIZER_GGUF` (the GGUF Shimmy serves
+Shimmy reports no token counts, so `usage.prompt_tokens` is ours, and so is `usage.completion_tokens` where Shimmy
+answers in one piece (1.x non-stream, `extproc.generation`): the answer's text is tokenized as the model would
+have produced it, without BOS. With `TOKENIZER_GGUF` (the GGUF Shimmy serves
 the model from, or any GGUF with the same vocabulary) the processor counts with llama.cpp's tokenizer exactly as
 Shimmy tokenizes a prompt: BOS always added (`AddBos::Always`) and special tokens parsed, so a template's
 `<|im_start|>` is one token. Without it, the estimate is UTF-8 bytes / 4, rounded up. `x-gateway-prompt-tokens`
@@ -29,12 +31,19 @@ class PromptCounter(Protocol):
         """Tokens of the rendered `prompt` for Shimmy's `model`; None: no tokenizer for that model (estimate)."""
         ...
 
+    def count_text(self, model: str, text: str) -> int | None:
+        """Tokens of generated `text` (no BOS); None: no tokenizer for that model (estimate)."""
+        ...
+
 
 class Estimate:
     kind = ESTIMATED
 
     def count(self, model: str, prompt: str) -> int | None:
         return estimate_tokens(prompt)
+
+    def count_text(self, model: str, text: str) -> int | None:
+        return estimate_tokens(text)
 
 
 ESTIMATE = Estimate()
@@ -66,13 +75,20 @@ class GgufCounter:
         self.path = path
         self.models = frozenset(models) if models is not None else None
 
-    def tokenize(self, prompt: str) -> list[int]:
-        return list(self._vocab.tokenize(prompt.encode(), add_bos=True, special=True))
+    def tokenize(self, text: str, bos: bool = True, special: bool = True) -> list[int]:
+        """As Shimmy tokenizes a prompt by default: BOS added, special-token text parsed into control tokens."""
+        return list(self._vocab.tokenize(text.encode(), add_bos=bos, special=special))
 
     def count(self, model: str, prompt: str) -> int | None:
         if self.models is not None and model not in self.models:
             return None
         return len(self.tokenize(prompt))
+
+    def count_text(self, model: str, text: str) -> int | None:
+        """Generated text re-tokenized: the model's own tokens for it in all but rare non-canonical splits."""
+        if self.models is not None and model not in self.models:
+            return None
+        return len(self.tokenize(text, bos=False)) if text else 0
 
 
 def counter(tokenizer_gguf: str, models: Collection[str] | None = None) -> PromptCounter:

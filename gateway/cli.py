@@ -1,14 +1,18 @@
-"""`shimmy-gateway`: `up` runs the whole stack in the foreground; `config` prints the rendered Envoy config."""
+"""`shimmy-gateway`: `up` runs the whole stack in the foreground; `config` prints the rendered Envoy config.
+
+Every setting is checked before anything starts (settings.load): a bad one is a single line on stderr and exit code 2.
+A port already in use is one line naming the port and its setting, and exit code 2 too (gateway.supervisor).
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from functools import partial
@@ -16,14 +20,21 @@ from pathlib import Path
 
 import aiohttp
 
+from extproc import templates
 from gateway import probes
 from gateway.envoy_config import extproc_addresses, render
-from gateway.supervisor import Child, supervise
-from settings import Settings, load, parse_pairs
+from gateway.supervisor import Child, Port, supervise
+from settings import SETTINGS, Parser, SettingError, Settings, fail, load, parse_pairs
 from shimmy import binary
 from shimmy.llama_engine import EngineChoice, choose_engine, llama_importable
 
 __all__ = ["main"]
+
+PROG = "shimmy-gateway"
+# Inside the stack the processor always listens on loopback in plaintext (see children()): the settings of a
+# standalone processor's address and TLS are shimmy-extproc's alone, and shimmy-gateway refuses them as flags.
+_STANDALONE_ONLY = {"EXTPROC_HOST", "EXTPROC_TLS_CERT", "EXTPROC_TLS_KEY", "EXTPROC_TLS_CLIENT_CA"}
+NAMES = tuple(s.env for s in SETTINGS if s.env not in _STANDALONE_ONLY)
 
 ENVOY_LOG_LEVELS = {"debug": "debug", "info": "warn", "warning": "warn", "error": "error"}
 
@@ -43,14 +54,14 @@ def envoy_binary() -> str:
 
 def choose_backend(settings: Settings, say: logging.Logger) -> str:
     """`shimmy` or `emulator`, per SHIMMY_BACKEND; `auto` says in one line why it picked the emulator."""
-    wanted = settings.shimmy_backend
-    if wanted not in {"auto", "shimmy", "emulator", "external"}:
-        raise SystemExit(f"SHIMMY_BACKEND must be auto, shimmy, emulator or external, not {wanted!r}")
+    wanted = settings.shimmy_backend  # one of auto, shimmy, emulator, external: settings.load checked it
     if wanted == "external":
         return wanted
     real = binary.available(settings.shimmy_bin, settings.shimmy_base_gguf, settings.shimmy_model_dir)
     if wanted == "shimmy" and not real:
-        raise SystemExit("SHIMMY_BACKEND=shimmy needs a shimmy binary on PATH and SHIMMY_BASE_GGUF or SHIMMY_MODEL_DIR")
+        raise SettingError(
+            "SHIMMY_BACKEND=shimmy needs a shimmy binary on PATH and SHIMMY_BASE_GGUF or SHIMMY_MODEL_DIR"
+        )
     if wanted == "auto" and not real:
         say.info(
             "SHIMMY_BACKEND=auto: no '%s' binary on PATH with a model configured; using the Shimmy emulator",
@@ -90,18 +101,25 @@ def backend_child(settings: Settings, backend: str, env: dict[str, str]) -> list
     else:
         argv = [sys.executable, "-m", "shimmy"]
     ready = partial(probes.http_ok, f"http://127.0.0.1:{settings.shimmy_port}/health")
-    return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0)]
+    # A Shimmy that dies after it was ready (1.x OOM-killed by the kernel, a crash) is restarted here with backoff
+    # rather than taking the pod down: Envoy and the processor stay up, so clients get a quick 503
+    # backend_unavailable with Retry-After instead of refused connections, and recovery skips the kubelet's
+    # CrashLoopBackOff. A Shimmy that keeps dying fails /v1/health/live (its port stays closed), which restarts the pod.
+    port = Port("SHIMMY_PORT", "127.0.0.1", settings.shimmy_port)
+    return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0, ports=(port,), restart=True)]
 
 
 def extproc_children(settings: Settings, env: dict[str, str]) -> list[Child]:
     """The processor workers. A dead one is restarted with backoff; meanwhile Envoy answers 500/503 JSON."""
     workers = []
     for i, address in enumerate(extproc_addresses(settings)):
+        ports: tuple[Port, ...] = ()
         if "pipe" in address:
             port = target = f"unix:{address['pipe']['path']}"
         else:
             port = str(address["socket_address"]["port_value"])
             target = f"127.0.0.1:{port}"
+            ports = (Port("EXTPROC_PORT" if i == 0 else f"EXTPROC_PORT+{i}", "127.0.0.1", int(port)),)
         workers.append(
             Child(
                 "extproc" if i == 0 else f"extproc-{i + 1}",
@@ -109,6 +127,7 @@ def extproc_children(settings: Settings, env: dict[str, str]) -> list[Child]:
                 partial(probes.grpc_serving, target),
                 env={**env, "EXTPROC_PORT": port},
                 restart=True,
+                ports=ports,
             )
         )
     return workers
@@ -179,22 +198,62 @@ def children(
             partial(probes.envoy_ready, settings.envoy_admin_port),
             env=env,
             drain=partial(drain_envoy, settings.envoy_admin_port, settings.drain_timeout_s),
+            ports=(
+                Port("GATEWAY_PORT", "0.0.0.0", settings.gateway_port),
+                Port("ENVOY_ADMIN_PORT", "127.0.0.1", settings.envoy_admin_port),
+                *([Port("METRICS_PORT", "127.0.0.1", settings.metrics_port)] if settings.metrics_port else []),
+            ),
         ),
     ]
+
+
+def check(settings: Settings) -> None:
+    """What no single setting can check: the stack's ports are distinct, the templates exist. SettingError if not."""
+    ports = {
+        "GATEWAY_PORT": settings.gateway_port,
+        "ENVOY_ADMIN_PORT": settings.envoy_admin_port,
+        "SHIMMY_PORT": settings.shimmy_port,  # an external Shimmy listens there too
+    }
+    if settings.metrics_port:
+        ports["METRICS_PORT"] = settings.metrics_port
+    extproc = str(settings.extproc_port)
+    if extproc.startswith("unix:"):
+        if settings.extproc_workers != 1:
+            raise SettingError(f"EXTPROC_WORKERS={settings.extproc_workers}: more than 1 needs a TCP EXTPROC_PORT")
+    else:
+        last = int(extproc) + settings.extproc_workers - 1
+        if last > 65535:
+            raise SettingError(
+                f"EXTPROC_PORT={extproc} with EXTPROC_WORKERS={settings.extproc_workers}: the workers' ports would "
+                f"end at {last}; expected them all within 1 to 65535"
+            )
+        for i in range(settings.extproc_workers):
+            ports["EXTPROC_PORT" if i == 0 else f"EXTPROC_PORT+{i}"] = int(extproc) + i
+    seen: dict[int, str] = {}
+    for name, number in ports.items():
+        if number in seen:
+            raise SettingError(f"{seen[number]} and {name} are both {number}: expected a port of its own for each")
+        seen[number] = name
+    try:
+        templates.check_overrides(parse_pairs(settings.prompt_templates, "PROMPT_TEMPLATES"))
+    except ValueError as exc:
+        raise SettingError(f"PROMPT_TEMPLATES={settings.prompt_templates!r}: {exc}") from None
 
 
 def up(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stdout, format="[supervisor] %(message)s")
     say = logging.getLogger("gateway")
-    if settings.envoy_workers < 1 or settings.extproc_workers < 1:
-        raise SystemExit("ENVOY_WORKERS and EXTPROC_WORKERS must be at least 1")
-    backend = choose_backend(settings, say)
-    engine = None
-    if backend == "emulator":
-        try:
-            engine = choose_engine(settings.emulator_engine, settings.emulator_gguf)
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
+    try:
+        backend = choose_backend(settings, say)
+        engine = None
+        if backend == "emulator":
+            try:
+                engine = choose_engine(settings.emulator_engine, settings.emulator_gguf)
+            except ValueError as exc:
+                raise SettingError(str(exc)) from None
+    except SettingError as exc:
+        fail(PROG, str(exc))
+    if engine is not None:
         say.info("emulator %s", engine.reason)
     version = backend_version(settings, backend)
     say.info("Shimmy %s (%s backend): the processor follows its profile", version, backend)
@@ -216,11 +275,17 @@ def up(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shimmy-gateway", description=__doc__)
+    parser = Parser(prog=PROG, description=__doc__)
     parser.add_argument("command", choices=["up", "config"], help="up: run the stack; config: print Envoy's config")
-    settings = load(argv=argv, parser=parser)
+    settings = load(NAMES, argv=argv, parser=parser)
     command = parser.parse_known_args(argv)[0].command
+    try:
+        check(settings)
+    except SettingError as exc:
+        fail(PROG, str(exc))
     if command == "config":
+        # Like cat: a reader that stops early (`| head`) ends us quietly by SIGPIPE, not a BrokenPipeError traceback.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         print(json.dumps(render(settings), indent=2))
         return 0
     return up(settings)

@@ -1,9 +1,16 @@
 """Run Shimmy, the processor and Envoy as children of one long-lived process, and stop them together.
 
-Envoy sets PR_SET_PDEATHSIG and dies when the thread that started it exits, so the children are spawned from the
-event loop's thread and this process lives as long as they do. Each child gets its own session: a terminal's Ctrl-C
-reaches only the supervisor, which then stops the children in reverse order. Signalling the child's whole process
-group also takes any grandchildren with it, so nothing is left behind.
+Each child gets its own session: a terminal's Ctrl-C or hangup reaches only the supervisor, which then stops the
+children in reverse order (SIGHUP, the terminal closing, is a stop like SIGTERM). Signalling the child's whole process
+group also takes any grandchildren with it, so nothing is left behind. Should the supervisor itself be killed
+(SIGKILL), no handler runs: on Linux each child is started through a few lines of Python that set PR_SET_PDEATHSIG
+before they exec the real program, so the kernel kills the child when the thread that spawned it dies. Children are
+spawned from the event loop's thread, which lives as long as they do (Envoy sets its own death signal too).
+
+"Ready" means every child's probe passed and, where the child declares ports, that the child itself listens on
+them: a probe answered by some other process already on that port does not count. A port already in use is found
+before anything starts, or when a child dies at start because another process took its port meanwhile; either way
+the supervisor says which port and which setting, and returns 2.
 
 Children are spawned with `loop.subprocess_exec` and a protocol rather than `create_subprocess_exec`: on Python 3.11
 `Process.wait()` returns only once the output pipe closes, so a grandchild holding stdout would hide the child's exit.
@@ -13,20 +20,63 @@ The protocol hears about the exit itself, and splits output into lines without a
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import shutil
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from subprocess import DEVNULL, PIPE, STDOUT
-from typing import Literal
+from typing import Literal, NamedTuple
 
-__all__ = ["Backoff", "Child", "format_line", "supervise"]
+from gateway import probes
+
+__all__ = ["PORT_IN_USE", "Backoff", "Child", "Port", "format_line", "supervise"]
 
 _POLL_INTERVAL = 0.1
 _MAX_LINE = 64 * 1024  # a longer unterminated run of output is printed in pieces, so memory stays bounded
 _DRAIN_TIMEOUT = 1.0  # output still open this long after the group died belongs to an escaped process: give up
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _SUPERVISOR = "supervisor"
+PORT_IN_USE = 2  # the supervisor's exit code when a port is taken: a setting to change, like a bad value
+
+# Run as `python -c _GUARD <supervisor pid> <program path> <argv...>`: die with the supervisor, then become the child.
+# A supervisor already gone by the time the death signal is set (getppid changed) means the child must not start.
+_GUARD = """\
+import ctypes, os, signal, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+    sys.exit("cannot set PR_SET_PDEATHSIG: " + os.strerror(ctypes.get_errno()))
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[3:])
+"""
+
+
+def _guarded(argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
+    """`argv` behind the death-signal guard on Linux (the only kernel with PR_SET_PDEATHSIG); as is elsewhere.
+
+    The program is looked up here, so a missing one is the same OSError as without the guard.
+    """
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    program = shutil.which(argv[0], path=(os.environ if env is None else env).get("PATH", os.defpath))
+    if program is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+    return [sys.executable, "-I", "-S", "-c", _GUARD, str(os.getpid()), program, *argv]
+
+
+class Port(NamedTuple):
+    """A port a child listens on, and the setting that chose it (named in the error when the port is taken)."""
+
+    setting: str
+    host: str
+    number: int
+
+
+class _Failure(NamedTuple):
+    message: str
+    code: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +91,7 @@ class Child:
     restart: bool = False  # restart it with backoff when it dies after being ready, instead of stopping everything
     on_state: Callable[[Literal["up", "down"]], None] | None = None  # told when a restarting child goes down/up
     drain: Callable[[], Awaitable[None]] | None = None  # awaited before SIGTERM on a shutdown: finish in-flight work
+    ports: Sequence[Port] = ()  # checked free before anything starts; ready only once the child itself listens
 
 
 @dataclass(slots=True)
@@ -69,7 +120,23 @@ def format_line(name: str, width: int, line: str) -> str:
 
 
 def _print_line(line: str) -> None:
-    print(line, flush=True)
+    try:
+        print(line, flush=True)
+    except OSError:  # the terminal is gone (SIGHUP) or the reader left: stopping the children matters more
+        pass
+
+
+def _in_use(port: Port) -> str:
+    return f"port {port.number} ({port.setting}) is already in use: stop what holds it, or set {port.setting}"
+
+
+def _taken(children: Iterable[Child]) -> str | None:
+    """The first port of `children` that another process holds, as the supervisor's one-line error."""
+    for child in children:
+        for port in child.ports:
+            if not probes.port_free(port.host, port.number):
+                return _in_use(port)
+    return None
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -175,10 +242,13 @@ class _Supervisor:
             _resolve(self._kill_now)
 
     async def _work(self, on_ready: Callable[[], None]) -> int:
+        if (taken := _taken(self._children)) is not None:
+            self._say(taken)
+            return PORT_IN_USE
         for child in self._children:
             if (failure := await self._launch(child)) is not None:
-                self._say(failure)
-                return 1
+                self._say(failure.message)
+                return failure.code
         on_ready()
         watchers = [asyncio.create_task(self._watch(child)) for child in self._children]
         try:
@@ -189,14 +259,14 @@ class _Supervisor:
                 watcher.cancel()
             await asyncio.wait(watchers)
 
-    async def _launch(self, child: Child) -> str | None:
-        """Start `child` and wait until its probe passes; return why it failed, or None."""
+    async def _launch(self, child: Child) -> _Failure | None:
+        """Start `child` and wait until its probe passes on its own ports; return why it failed, or None."""
         loop = asyncio.get_running_loop()
         output = _Output(lambda line: self._emit(child.name, line))
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: output,
-                *child.argv,
+                *_guarded(child.argv, child.env),
                 stdin=DEVNULL,
                 stdout=PIPE,
                 stderr=STDOUT,
@@ -204,19 +274,27 @@ class _Supervisor:
                 start_new_session=True,
             )
         except OSError as exc:
-            return f"cannot start {child.name}: {exc}"
+            return _Failure(f"cannot start {child.name}: {exc}")
         running = self._running[child.name] = _Running(child, transport, output)
         try:
             async with asyncio.timeout(child.ready_timeout):
                 # Polling is the contract: a probe is the only way to know a child is serving.
-                while not output.exited.done() and not await child.ready():  # noqa: ASYNC110
+                while not output.exited.done() and not await self._serving(running):  # noqa: ASYNC110
                     await asyncio.sleep(_POLL_INTERVAL)
         except TimeoutError:
-            return f"{child.name} not ready after {child.ready_timeout:g} s"
+            return _Failure(f"{child.name} not ready after {child.ready_timeout:g} s")
         if output.exited.done():
             await self._reap(running)
-            return f"{child.name} {_describe(running.returncode)} before it was ready"
+            if (taken := _taken([child])) is not None:  # someone took the port between our check and its bind
+                return _Failure(f"{child.name} {_describe(running.returncode)}: {taken}", PORT_IN_USE)
+            return _Failure(f"{child.name} {_describe(running.returncode)} before it was ready")
         return None
+
+    async def _serving(self, running: _Running) -> bool:
+        """The probe passes and the answer came from this child: it listens on each of its ports itself."""
+        if not await running.child.ready():
+            return False
+        return all(probes.listens(running.pid, port.number) is not False for port in running.child.ports)
 
     async def _watch(self, child: Child) -> int:
         """Wait for a ready child to exit; restart it if it may be, else return the supervisor's exit code."""
@@ -233,11 +311,11 @@ class _Supervisor:
             self._notify(child, "down")
             delay = backoff.delay(up_for=loop.time() - up_since)
             while (failure := await self._restart(child, delay)) is not None:
-                self._say(failure)
+                self._say(failure.message)
                 delay = backoff.delay(up_for=0.0)
             self._notify(child, "up")
 
-    async def _restart(self, child: Child, delay: float) -> str | None:
+    async def _restart(self, child: Child, delay: float) -> _Failure | None:
         self._say(f"restarting {child.name} in {delay:g} s")
         await asyncio.sleep(delay)
         if (failure := await self._launch(child)) is not None:
@@ -296,7 +374,8 @@ async def supervise(
 ) -> int:
     """Start `children` in order, each once the one before is ready, and keep them running.
 
-    Returns 1 when a child fails to start or exits (a restarting child is restarted instead), and 130/143 after
-    SIGINT/SIGTERM. Whatever happens, every child is stopped before this returns or raises.
+    Returns 2 when a port is already in use, 1 when a child fails to start or exits (a restarting child is
+    restarted instead), and 129/130/143 after SIGHUP/SIGINT/SIGTERM. Whatever happens, every child is stopped
+    before this returns or raises.
     """
     return await _Supervisor(children, printer, stop_timeout).run(on_ready)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -31,6 +30,7 @@ _NAMES = [
     "EMULATOR_ENGINE",
     "EMULATOR_GGUF",
 ]
+_PROG = "shimmy-emulator"
 # Real Shimmy has no graceful shutdown; in-flight generations get this long before they are cancelled.
 _SHUTDOWN_TIMEOUT_S = 0.5
 
@@ -69,13 +69,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shimmy-emulator", description="Protocol-faithful Shimmy emulator.")
+    parser = settings.Parser(prog=_PROG, description="Protocol-faithful Shimmy emulator.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to bind. Default: '127.0.0.1'.")
-    s = settings.load(names=_NAMES, argv=argv, prog="shimmy-emulator", parser=parser)
+    s = settings.load(names=_NAMES, argv=argv, parser=parser)  # one line and exit 2 for a bad setting
     host = parser.parse_known_args(argv)[0].host
-    level = str(s.log_level).upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise SystemExit(f"LOG_LEVEL={s.log_level!r}: expected debug, info, warning or error")
+    level = s.log_level.upper()
     logging.basicConfig(stream=sys.stderr, level=level, format="%(levelname)s %(message)s")
     try:
         choice = choose_engine(s.emulator_engine, s.emulator_gguf)
@@ -90,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             gguf=choice.gguf,
         )
     except ValueError as e:
-        log.error("%s", e)
-        return 2
+        settings.fail(_PROG, str(e))
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve(config, host, s.shimmy_port, access_log=level == "DEBUG"))
     return 130

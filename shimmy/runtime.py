@@ -75,7 +75,7 @@ class EmulatorConfig:
     openai_stream_default: bool = True  # /v1/chat/completions without `stream` (real Shimmy: SSE)
     fail_load: bool = False  # every generation: 502 empty (500 on /v1/messages)
     error_after: int | None = None  # generation fails after k tokens (or at its end)
-    drop_after: int | None = None  # the TCP connection closes after k tokens (or at the end), nothing more
+    drop_after: int | None = None  # the TCP connection closes after k tokens (0: before the response), nothing more
     hang: bool = False  # generations never answer, until the client goes away
     # `fixed` replays `reply`; `llama` runs a GGUF with llama.cpp (`gguf`; empty = the packaged Gemma 3 270M).
     # Engine faults (`reply`, `repeat`, `*_delay_ms`, `fail_load`, `error_after`) apply to the fixed engine only.
@@ -326,13 +326,13 @@ class Runtime:
     ) -> web.StreamResponse:
         """A streaming generation: one chunk per token, written as soon as the engine yields it."""
         async with self._generating(request, params) as gen:
+            drop_after = self.config.drop_after
+            if drop_after == 0:  # before the response starts, as in collect(): not even the status line goes out
+                _drop(request)
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
             sink = _Sink(response)
             await sink.send(frames.head)
-            drop_after = self.config.drop_after
-            if drop_after == 0:
-                _drop(request)
             sent = 0
             try:
                 async with aclosing(self._tokens(gen, max_tokens, params)) as tokens:

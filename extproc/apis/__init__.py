@@ -8,8 +8,11 @@ Adding an API is one module here, its entry in `APIS`, and its route in envoy/ga
 from __future__ import annotations
 
 from extproc.apis.chat import ChatCompletions
+from extproc.apis.completions import Completions
+from extproc.apis.messages import Messages
+from extproc.apis.responses import Responses
 from extproc.generation import Api
 
 __all__ = ["APIS"]
 
-APIS: dict[str, type[Api]] = {api.route: api for api in (ChatCompletions,)}
+APIS: dict[str, type[Api]] = {api.route: api for api in (ChatCompletions, Messages, Responses, Completions)}

@@ -15,16 +15,18 @@ from extproc.openai_schema import parse_chat_request
 from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS
 from extproc.sse import DONE, encode_event
 
-__all__ = ["ChatCompletions"]
+__all__ = ["ChatCompletions", "finish_reason", "usage"]
 
 _encode = msgspec.json.Encoder().encode
 
 
-def _finish_reason(gen: Generation) -> str:
+def finish_reason(gen: Generation) -> str:
+    """OpenAI's finish_reason (chat and legacy completions): a stop sequence is "stop" too."""
     return "length" if gen.stop_reason == "length" else "stop"
 
 
-def _usage(gen: Generation) -> dict[str, int]:
+def usage(gen: Generation) -> dict[str, int]:
+    """OpenAI's usage object (chat and legacy completions)."""
     return {
         "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": gen.completion_tokens,
@@ -86,10 +88,10 @@ class ChatCompletions:
                         "index": 0,
                         "message": {"role": "assistant", "content": text, "refusal": None},
                         "logprobs": None,
-                        "finish_reason": _finish_reason(gen),
+                        "finish_reason": finish_reason(gen),
                     }
                 ],
-                "usage": _usage(gen),
+                "usage": usage(gen),
             }
         )
 
@@ -105,9 +107,9 @@ class ChatCompletions:
 
     def stream_end(self, gen: Generation) -> bytes:
         head, tail = self._head, self._tail
-        out = head + b'[{"index":0,"delta":{},"finish_reason":"%s"}]' % _finish_reason(gen).encode() + tail
+        out = head + b'[{"index":0,"delta":{},"finish_reason":"%s"}]' % finish_reason(gen).encode() + tail
         if self.include_usage:
-            out += head + b'[],"usage":' + _encode(_usage(gen)) + tail
+            out += head + b'[],"usage":' + _encode(usage(gen)) + tail
         return out + DONE
 
     def stream_error(self, gen: Generation, exc: GatewayError) -> bytes:

@@ -22,6 +22,10 @@ import httpx
 import pytest
 
 from bench.stack import free_port_pair
+from shimmy.versions import PINNED
+
+# Shimmy lines that differ where clients feel it (docs/shimmy-versions.md): the image's 1.x and 2.x HEAD.
+SHIMMY_VERSIONS = (PINNED, "2.5.0")
 
 
 def free_port() -> int:
@@ -49,6 +53,10 @@ class Stack:
 
     def configure(self, **changes: object) -> None:
         httpx.put(f"{self.emulator}/config", json=changes).raise_for_status()
+
+    def shimmy_version(self) -> str:
+        """The version the emulator mimics (and, for a `versioned_stack`, the one the processor was told)."""
+        return str(httpx.get(f"{self.emulator}/config").json()["version"])
 
     def emulator_stats(self) -> dict:
         return httpx.get(f"{self.emulator}/stats").json()
@@ -138,12 +146,22 @@ def stack() -> Iterator[Stack]:
     started.log.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session", params=SHIMMY_VERSIONS, ids=lambda v: f"shimmy-{v}")
+def versioned_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """A stack per Shimmy version (the emulator mimics it, the processor is told it), for version-dependent tests."""
+    started = start_stack({"EMULATOR_VERSION": request.param})
+    yield started
+    stop_stack(started)
+    started.log.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def _reset_emulator(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    if "stack" in request.fixturenames:
-        stack: Stack = request.getfixturevalue("stack")
-        httpx.post(f"{stack.emulator}/reset").raise_for_status()
+    for name in ("stack", "versioned_stack"):
+        if name in request.fixturenames:
+            stack: Stack = request.getfixturevalue(name)
+            httpx.post(f"{stack.emulator}/reset").raise_for_status()
 
 
 def sse_events(lines: list[str]) -> list[dict | str]:

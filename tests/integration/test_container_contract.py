@@ -109,8 +109,13 @@ def container(dockerfile: Dockerfile, tmp_path_factory: pytest.TempPathFactory) 
         Path(env[name]).mkdir(parents=True)
     ports = {name: free_port() for name in ("GATEWAY_PORT", "SHIMMY_PORT", "ENVOY_ADMIN_PORT", "EXTPROC_PORT")}
     # No Shimmy binary or model file here: the emulator stands in, with its fixed-reply engine (a real model is
-    # tests/integration/test_real_model.py's business).
-    env.update({name: str(port) for name, port in ports.items()}, SHIMMY_BACKEND="emulator", EMULATOR_ENGINE="fixed")
+    # tests/integration/test_real_model.py's business), as the Shimmy release the image pins.
+    env.update(
+        {name: str(port) for name, port in ports.items()},
+        SHIMMY_BACKEND="emulator",
+        EMULATOR_ENGINE="fixed",
+        EMULATOR_VERSION=dockerfile.global_args["SHIMMY_VERSION"],
+    )
     before = snapshot(workdir)
 
     log = base / "container.log"
@@ -153,6 +158,12 @@ def test_health(client: httpx.Client) -> None:
     reply = client.get("/v1/health")
     assert reply.status_code == 200
     assert reply.json() == {"status": "healthy", "shimmy_status": "healthy"}
+
+
+def test_the_emulator_is_the_pinned_shimmy(container: Container, dockerfile: Dockerfile) -> None:
+    shimmy = f"http://127.0.0.1:{container.stack.shimmy_port}/health"
+    assert httpx.get(shimmy, timeout=5).json()["version"] == dockerfile.global_args["SHIMMY_VERSION"]
+    assert "Shimmy " + dockerfile.global_args["SHIMMY_VERSION"] + " (emulator backend)" in container.stack.output()
 
 
 def test_models(client: httpx.Client, container: Container) -> None:

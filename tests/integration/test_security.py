@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -10,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.integration.conftest import Stack, free_port, start_stack, stop_stack
 
 CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}]}
 
@@ -66,7 +68,7 @@ def test_admin_listens_on_loopback_only_and_the_gateway_on_every_interface(stack
     assert _listen_addresses(stack.gateway_port) == {"00000000"}  # 0.0.0.0
 
 
-def test_client_x_envoy_headers_are_stripped(stack: Stack) -> None:
+def test_no_x_envoy_header_reaches_shimmy_or_the_client(stack: Stack) -> None:
     stack.configure(token_delay_ms=50)
     resp = httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 3}, headers={
         "x-envoy-upstream-rq-timeout-ms": "1",  # would cut the request at 1 ms if honoured
@@ -75,11 +77,11 @@ def test_client_x_envoy_headers_are_stripped(stack: Stack) -> None:
         "X-Envoy-Force-Trace": "1",
     })
     assert resp.status_code == 200
-    sent = {name.lower(): value for name, value in stack.emulator_stats()["last_generate_headers"].items()}
-    # Envoy's own x-envoy-* headers may go upstream; none of the client's values survive.
-    assert not {"x-envoy-upstream-rq-timeout-ms", "x-envoy-retry-on", "x-envoy-max-retries",
-                "x-envoy-force-trace"} & set(sent), sent
-    assert sent.get("x-envoy-original-path") == "/v1/chat/completions"  # Envoy's, from the rewrite
+    sent = {name.lower() for name in stack.emulator_stats()["last_generate_headers"]}
+    # Neither the client's nor Envoy's own (expected-rq-timeout-ms, original-path) reach Shimmy.
+    assert not {name for name in sent if name.startswith("x-envoy-")}, sent
+    for answer in (resp, httpx.get(f"{stack.url}/v1/models"), httpx.get(f"{stack.url}/v1/health")):
+        assert not [name for name in answer.headers if name.lower().startswith("x-envoy-")], answer.headers
 
 
 def test_bare_cr_in_a_header_never_reaches_shimmy(stack: Stack) -> None:
@@ -103,7 +105,8 @@ def test_malformed_http_is_a_json_400(stack: Stack) -> None:
 @pytest.mark.parametrize("path", ["/v1%2Fmodels", "/v1/chat%2Fcompletions", "/v1%5Cmodels", "/v1/models%2f"])
 def test_encoded_slashes_are_rejected(stack: Stack, path: str) -> None:
     status, body = json_error_status(raw_request(stack, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()))
-    assert status == 400 and b"path_normalization_failed" in body
+    assert status == 400 and b'"bad_request"' in body
+    assert b"path_normalization_failed" not in body  # Envoy's detail string belongs in the access log only
 
 
 def test_body_over_the_limit_is_413_without_sending_it_all(stack: Stack) -> None:
@@ -121,16 +124,20 @@ def test_body_over_the_limit_is_413_without_sending_it_all(stack: Stack) -> None
     assert status == 413 and b'"request_too_large"' in body
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def keyed() -> Iterator[Stack]:
-    stack = start_stack({"GATEWAY_API_KEYS": "k-one, k-two"})
+    stack = start_stack({"GATEWAY_API_KEYS": "k-one, k-two", "METRICS_PORT": str(METRICS_PORT)})
     try:
         yield stack
     finally:
         stop_stack(stack)
 
 
-@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic azE6azI="])
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic azE6azI=", "k-one", "bearer k-one", "Bearer  k-one",
+                                  "Bearer", "Token k-one"])
 def test_api_keys_refuse_requests_without_a_valid_key(keyed: Stack, auth: str | None) -> None:
     headers = {"authorization": auth} if auth else {}
     for method, path, payload in (("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None)):
@@ -153,3 +160,33 @@ def test_gateway_keeps_serving_after_abuse(stack: Stack) -> None:
     started = time.monotonic()
     assert httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT).status_code == 200
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/v1/metrics"])
+def test_metrics_need_the_key_and_envoys_401_passes_through_untouched(keyed: Stack, path: str) -> None:
+    refused = httpx.get(f"{keyed.url}{path}")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    assert refused.json()["error"]["code"] == "invalid_api_key"  # whole, valid JSON: nothing appended
+    assert "gen_ai" not in refused.text
+    served = httpx.get(f"{keyed.url}{path}", headers={"authorization": "Bearer k-one"})
+    assert served.status_code == 200 and "gen_ai_live_streams" in served.text
+
+
+def test_the_loopback_metrics_port_serves_scrapers_without_a_key_and_nothing_else(keyed: Stack) -> None:
+    assert _listen_addresses(METRICS_PORT) == {"0100007F"}  # 127.0.0.1 only
+    local = f"http://127.0.0.1:{METRICS_PORT}"
+    resp = httpx.get(f"{local}/metrics")
+    assert resp.status_code == 200 and "gen_ai_live_streams" in resp.text and "envoy_cluster_" in resp.text
+    for path in ("/v1/models", "/v1/health", "/stats", "/config_dump"):
+        assert httpx.get(f"{local}{path}").status_code == 404, path
+    assert httpx.post(f"{local}/v1/chat/completions", json=CHAT).status_code == 404
+
+
+def test_error_bodies_carry_no_envoy_internals(stack: Stack) -> None:
+    answers = [raw_request(stack, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n"),
+               raw_request(stack, b"GET /v1%2Fmodels HTTP/1.1\r\nHost: x\r\n\r\n"),
+               raw_request(stack, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n")]
+    for answer in answers:
+        _, body = json_error_status(answer)
+        message = json.loads(body)["error"]["message"]
+        assert not re.search(r"\w[._]\w", message), message  # no http1.codec_error, path_normalization_failed

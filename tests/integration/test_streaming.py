@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 
 import httpx
@@ -104,8 +105,11 @@ def test_a_stop_sequence_ends_the_http_response_while_shimmy_still_generates(sta
     assert stack.emulator_stats()["active_generations"] == 1  # Shimmy is still at it, unheard
 
 
-def test_upstream_error_event_becomes_in_band_error_then_done(stack: Stack) -> None:
-    stack.configure(reply=REPLY, version="2.5.0", error_after=2)
+def test_upstream_error_event_becomes_in_band_error_then_done(versioned_stack: Stack) -> None:
+    stack = versioned_stack
+    if stack.shimmy_version().startswith("1."):
+        pytest.skip("1.x sends no error event: test_shimmy_1x_swallows_errors_so_the_stream_just_ends")
+    stack.configure(reply=REPLY, error_after=2)
     resp, lines = stream_lines(stack, CHAT)
     assert resp.status_code == 200
     events = sse_events(lines)
@@ -121,8 +125,12 @@ def test_upstream_error_event_becomes_in_band_error_then_done(stack: Stack) -> N
     client.close()
 
 
-def test_shimmy_1x_swallows_errors_so_the_stream_just_ends(stack: Stack) -> None:
-    stack.configure(reply=REPLY, version="1.7.2", error_after=2)
+def test_shimmy_1x_swallows_errors_so_the_stream_just_ends(versioned_stack: Stack) -> None:
+    """What the gateway cannot fix: a 1.x stream failure looks like a normal end (docs/shimmy-versions.md)."""
+    stack = versioned_stack
+    if not stack.shimmy_version().startswith("1."):
+        pytest.skip("2.x reports the failure: test_upstream_error_event_becomes_in_band_error_then_done")
+    stack.configure(reply=REPLY, error_after=2)
     events = sse_events(stream_lines(stack, CHAT)[1])
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
@@ -138,11 +146,17 @@ def test_error_before_the_first_byte_keeps_its_status(stack: Stack) -> None:
 
 
 def test_drop_before_the_first_token_reaches_the_client_is_still_a_json_error(stack: Stack) -> None:
-    stack.configure(reply=REPLY, drop_after=1)  # unpaced: Shimmy is gone before the processor let headers out
+    """Shimmy's connection closes before its response starts: the streaming client gets a JSON error, not a 200.
+
+    Not `drop_after=1`, which failed 2 runs in 15: once Shimmy's 200 and first token are on the wire, whether Envoy
+    has let the client's headers out when the reset arrives is a race between the processor's answer to the
+    response headers and the reset, so the client sees either a 502 or a 200 cut short. Neither is a success;
+    test_dropped_upstream_connection_ends_the_response_without_a_hang covers the second."""
+    stack.configure(reply=REPLY, drop_after=0)
     resp, lines = stream_lines(stack, CHAT)
-    assert resp.status_code == 502
+    assert resp.status_code == 503
     assert resp.headers["content-type"] == "application/json"
-    assert '"upstream_error"' in "".join(lines)
+    assert json.loads("".join(lines))["error"]["code"] == "backend_unavailable"  # Envoy's flag UC: no response
 
 
 def _ext_proc_open_streams(stack: Stack) -> int:

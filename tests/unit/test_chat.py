@@ -91,6 +91,8 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
         pytest.param(body(temperature=2.5), "temperature", "invalid_value", id="temperature-range"),
         pytest.param(body(top_p=1.5), "top_p", "invalid_value", id="top-p-range"),
         pytest.param(body(stop=["a", "b", "c", "d", "e"]), "stop", "invalid_value", id="too-many-stops"),
+        pytest.param(body(stop="x" * 257), "stop", "invalid_value", id="stop-too-long"),
+        pytest.param(body(stop=["a", "x" * 257]), "stop[1]", "invalid_value", id="one-stop-too-long"),
         pytest.param(body(model=""), "model", "invalid_value", id="empty-model"),
         pytest.param(body(n=2), "n", "unsupported_parameter", id="n"),
         pytest.param(body(tools=[{"type": "function"}]), "tools", "unsupported_parameter", id="tools"),
@@ -270,6 +272,36 @@ def test_stop_matcher_equals_cutting_the_whole_text(tokens: list[str], stops: li
     emitted = "".join(matcher.feed(t) for t in tokens) + matcher.flush()
     assert emitted == (text if cut < 0 else text[:cut])
     assert matcher.stopped is (cut >= 0)
+
+
+def _naive_emitted(stops: list[str], fed: str) -> str:
+    """The reference hold-back: all of `fed` but its longest suffix that is a proper prefix of a stop sequence."""
+    keep = max((n for s in stops for n in range(1, len(s)) if fed.endswith(s[:n])), default=0)
+    return fed[: len(fed) - keep]
+
+
+@given(tokens=st.lists(st.text(alphabet="ab<|e>x", max_size=6), max_size=20),
+       stops=st.lists(st.text(alphabet="ab<|e>", min_size=1, max_size=5), min_size=1, max_size=4))
+def test_stop_matcher_releases_text_as_soon_as_it_cannot_start_a_stop(tokens: list[str], stops: list[str]) -> None:
+    """After each token, what was emitted equals a naive recomputation over everything fed so far."""
+    matcher = StopMatcher(tuple(stops))
+    fed = emitted = ""
+    for token in tokens:
+        emitted += matcher.feed(token)
+        fed += token
+        if any(s in fed for s in stops):
+            break  # from here the cut decides (the test above)
+        assert emitted == _naive_emitted(stops, fed)
+
+
+def test_stop_matcher_waits_for_a_longer_stop_that_started_earlier() -> None:
+    matcher = StopMatcher(("bc", "abcd"))
+    assert [matcher.feed(t) for t in "xabc"] == ["x", "", "", ""]  # "bc" matched, but "abcd" may still start at a
+    assert not matcher.stopped
+    assert matcher.feed("d") == "" and matcher.stopped
+    early = StopMatcher(("bc", "abcd"))
+    assert [early.feed(t) for t in "xabc"] + [early.flush()] == ["x", "", "", "", "a"]  # the end: "bc" cuts "xabc"
+    assert early.stopped
 
 
 # -- re-chunking ----------------------------------------------------------------------------------------

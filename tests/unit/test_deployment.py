@@ -36,7 +36,7 @@ K8S = ROOT / "k8s"
 TEMPLATE = K8S / "shimmy-serving-template.yaml"
 INFERENCE_SERVICE = K8S / "inferenceservice.yaml"
 CONFIGURATION = K8S / "configuration.example.json"
-GUIDE = ROOT / "README.md"
+GUIDE = ROOT / "k8s" / "README.md"
 
 GATEWAY_PORT = 8000
 UID_GID = "65534:65534"
@@ -235,10 +235,10 @@ def test_exposes_only_the_gateway_port(dockerfile: Dockerfile) -> None:
     assert dockerfile.final.env({})["GATEWAY_PORT"] == str(GATEWAY_PORT)
 
 
-def test_healthcheck_probes_v1_health_on_loopback(dockerfile: Dockerfile) -> None:
+def test_healthcheck_probes_liveness_on_loopback(dockerfile: Dockerfile) -> None:
     command = healthcheck_command(dockerfile.final.last("HEALTHCHECK"))
     assert command[:2] == ["python", "-c"]
-    assert "'http://127.0.0.1:'" in command[2] and "/v1/health" in command[2]
+    assert "'http://127.0.0.1:'" in command[2] and "'/v1/health/live'" in command[2]
     assert "GATEWAY_PORT" in command[2]
     compile(command[2], "<healthcheck>", "exec")
 
@@ -460,14 +460,16 @@ def quantity(value: str | int) -> float:
 def _probe_problems(container: dict[str, Any], port: int) -> Iterator[str]:
     if "startupProbe" in container:
         yield "startupProbe: AI Core's Knative version may predate it"
-    for kind in ("readinessProbe", "livenessProbe"):
+    # Readiness asks whether Shimmy can serve now; liveness only whether the gateway's processes exist, so a Shimmy
+    # busy with a long generation (whose /health may stall) is not killed mid-answer.
+    for kind, path in (("readinessProbe", "/v1/health/ready"), ("livenessProbe", "/v1/health/live")):
         probe = container.get(kind)
         if probe is None:
             yield f"{kind} missing"
             continue
         get = probe.get("httpGet", {})
-        if get.get("port") != port or not re.fullmatch(r"/v\d+/health", get.get("path", "")):
-            yield f"{kind} must GET /v<n>/health on the container port, not {get}"
+        if get.get("port") != port or get.get("path") != path:
+            yield f"{kind} must GET {path} on the container port, not {get}"
         if probe.get("periodSeconds", 1) == 0 and {"failureThreshold", "timeoutSeconds"} & set(probe):
             yield f"{kind}: Knative forbids failureThreshold/timeoutSeconds with periodSeconds 0"
     liveness = container.get("livenessProbe", {})
@@ -672,6 +674,8 @@ def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], None]]]:
         ("numeric env", lambda d: container(d)["env"].append({"name": "LOG_LEVEL", "value": 1})),
         ("request over limit", lambda d: container(d)["resources"]["requests"].update(memory="16Gi")),
         ("root health path", lambda d: container(d)["readinessProbe"]["httpGet"].update(path="/health")),
+        ("liveness on readiness", lambda d: container(d)["livenessProbe"]["httpGet"].update(path="/v1/health/ready")),
+        ("readiness on liveness", lambda d: container(d)["readinessProbe"]["httpGet"].update(path="/v1/health/live")),
         ("eager liveness", lambda d: container(d)["livenessProbe"].update(initialDelaySeconds=0)),
         ("string replicas", lambda d: d["spec"]["predictor"].update(minReplicas="1")),
         ("timeout too long", lambda d: d["spec"]["predictor"].update(timeout=3600)),

@@ -99,9 +99,13 @@ def test_shimmy_url_defaults_to_the_local_port() -> None:
     assert server.address == "127.0.0.1:50051" and not server.reflection
 
 
-def test_a_shimmy_url_without_a_scheme_is_refused() -> None:
-    with pytest.raises(ValueError, match="SHIMMY_URL"):
-        cli.build(load(cli.SETTINGS, ["--shimmy-url", "shimmy:8080"], environ={}))
+def test_a_shimmy_url_without_a_scheme_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--shimmy-url", "shimmy:8080"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "shimmy-extproc: SHIMMY_URL='shimmy:8080': expected an http:// or https:// URL, or nothing\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the socket file

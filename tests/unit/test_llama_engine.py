@@ -13,7 +13,7 @@ import pytest
 from extproc import tokens
 from gateway import cli
 from settings import load
-from shimmy import llama_engine, models
+from shimmy import binary, llama_engine, models
 from shimmy.engine import GenParams
 from shimmy.llama_engine import EngineChoice, Utf8Pieces, choose_engine
 from tests.unit.translate import start_chat
@@ -206,3 +206,22 @@ def test_children_with_an_own_gguf_or_the_fixed_engine() -> None:
     assert (extproc["PROMPT_TEMPLATES"], extproc["TOKENIZER_GGUF"]) == ("", "/m/qwen.gguf")
     shimmy, extproc = _envs(EngineChoice("fixed", "", False, "why"))
     assert shimmy["EMULATOR_ENGINE"] == "fixed" and extproc["TOKENIZER_GGUF"] == ""
+
+
+def test_the_processor_is_told_the_shimmy_version(tmp_path: Path) -> None:
+    """The emulator's EMULATOR_VERSION, an external Shimmy's SHIMMY_VERSION, a started binary's `--version`."""
+    _, extproc = _envs(EngineChoice("fixed", "", False, "why"), EMULATOR_VERSION="2.5.0", SHIMMY_VERSION="1.7.4")
+    assert extproc["SHIMMY_VERSION"] == "2.5.0"
+    _, extproc = _envs(None, "external", EMULATOR_VERSION="2.5.0", SHIMMY_VERSION="1.7.4")
+    assert extproc["SHIMMY_VERSION"] == "1.7.4"
+    _, extproc = _envs(None, "external")
+    assert extproc["SHIMMY_VERSION"] == binary.SHIMMY_VERSION
+    fake = tmp_path / "shimmy"
+    fake.write_text("#!/bin/sh\necho 'shimmy 1.7.4'\n")
+    fake.chmod(0o755)
+    settings = load(argv=[], environ={"SHIMMY_BIN": str(fake), "SHIMMY_VERSION": "2.5.0"})
+    version = cli.backend_version(settings, "shimmy")
+    kids = {c.name: c for c in cli.children(settings, "shimmy", Path("/dev/null"), None, version)}
+    assert kids["extproc"].env["SHIMMY_VERSION"] == "1.7.4"
+    with pytest.raises(SystemExit, match="could not run"):
+        cli.backend_version(load(argv=[], environ={"SHIMMY_BIN": str(tmp_path / "absent")}), "shimmy")

@@ -284,7 +284,7 @@ def test_shimmy_error_statuses_are_mapped(rpc_factory, status: int, code: str, e
 def test_an_envoy_local_reply_passes_through_and_is_counted(rpc_factory) -> None:
     from extproc import metrics
 
-    labels = ("phi3-lora", "error", "http_429")
+    labels = ("phi3-lora", "error", "http_429", "chat")
     before = metrics.REQUESTS.labels(*labels)._value.get()
     rpc = rpc_factory(CHAT)
     rpc.send_request(duplex_body(CHAT_BODY))

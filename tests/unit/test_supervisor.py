@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from gateway import cli
-from gateway.probes import envoy_ready, grpc_serving, http_ok
-from gateway.supervisor import Backoff, Child, format_line, supervise
+from gateway.probes import envoy_ready, grpc_serving, http_ok, listens, port_free
+from gateway.supervisor import Backoff, Child, Port, format_line, supervise
 from settings import load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,6 +159,100 @@ async def test_a_program_that_cannot_start_is_reported() -> None:
     run = Run()
     assert await run(Child("a", ["/nonexistent/program"], never)) == 1
     assert run.lines[0].startswith("[supervisor] cannot start a: [Errno 2]")
+
+
+# Listens on argv[1] (127.0.0.1), then writes the ready file argv[2] and sleeps.
+HOLDER = textwrap.dedent("""
+    import pathlib, socket, sys, time
+    sock = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+    pathlib.Path(sys.argv[2]).touch()
+    time.sleep(60)
+""")
+# Tries to listen on argv[1]; when it cannot, exits 1 if argv[2] says so, else stays up without listening.
+TAKER = textwrap.dedent("""
+    import socket, sys, time
+    try:
+        socket.create_server(("127.0.0.1", int(sys.argv[1])))
+    except OSError as exc:
+        print(exc, flush=True)
+        if sys.argv[2] == "exit":
+            sys.exit(1)
+    time.sleep(60)
+""")
+
+
+def connects(port: int) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
+
+    return probe
+
+
+async def test_a_port_in_use_before_the_start_is_named_and_nothing_starts(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        port = other.getsockname()[1]
+        run = Run()
+        code = await run(
+            Child("a", python(SLEEPER, tmp_path / "a"), exists(tmp_path / "a")),
+            Child("b", python(TAKER, port, "exit"), connects(port), ports=(Port("B_PORT", "127.0.0.1", port),)),
+        )
+    assert code == 2 and run.ready_calls == 0
+    assert run.lines == [f"[supervisor] port {port} (B_PORT) is already in use: stop what holds it, or set B_PORT"]
+
+
+async def test_a_child_that_dies_because_its_port_was_taken_meanwhile_names_the_port(tmp_path: Path) -> None:
+    port = free_port()  # free when the supervisor checks; `a` takes it before `b` starts
+    run = Run()
+    code = await run(
+        Child("a", python(HOLDER, port, tmp_path / "a"), exists(tmp_path / "a")),
+        Child("b", python(TAKER, port, "exit"), connects(port), ports=(Port("B_PORT", "127.0.0.1", port),)),
+    )
+    assert code == 2 and run.ready_calls == 0
+    assert run.lines[-1] == (
+        f"[supervisor] b exited with code 1: port {port} (B_PORT) is already in use: stop what holds it, or set B_PORT"
+    )
+
+
+async def test_a_probe_answered_by_another_process_on_the_port_is_not_ready(tmp_path: Path) -> None:
+    port = free_port()
+    run = Run()
+    code = await run(
+        Child("a", python(HOLDER, port, tmp_path / "a"), exists(tmp_path / "a")),
+        Child("b", python(TAKER, port, "stay"), connects(port), ports=(Port("B_PORT", "127.0.0.1", port),),
+              ready_timeout=1.0),
+    )
+    assert code == 1 and run.ready_calls == 0  # `a` answered b's probe all along, but b never listened
+    assert run.lines[-1] == "[supervisor] b not ready after 1 s"
+
+
+def test_listens_tells_whose_port_it_is_even_behind_a_wrapper_script() -> None:
+    """A SHIMMY_BIN that is a shell script running the real program (no exec) still counts as listening."""
+    program = "import socket, time; s = socket.create_server(('127.0.0.1', 0)); print(s.getsockname()[1], flush=True)"
+    with subprocess.Popen(["sh", "-c", f'{sys.executable} -c "{program}; time.sleep(30)"; true'],
+                          stdout=subprocess.PIPE, start_new_session=True, text=True) as wrapper:
+        try:
+            assert wrapper.stdout is not None
+            port = int(wrapper.stdout.readline())
+            assert listens(wrapper.pid, port) is True
+            assert listens(os.getpid(), port) is False
+            assert not port_free("127.0.0.1", port)
+        finally:
+            os.killpg(wrapper.pid, signal.SIGKILL)
+
+
+async def test_a_supervisor_killed_with_sigkill_takes_its_children_along(tmp_path: Path) -> None:
+    async with supervisor_process("asyncio", 5, "shimmy:sleep", "extproc:sleep") as supervisor:
+        await supervisor.read_until(ready_with(2))
+        supervisor.process.kill()
+        await supervisor.process.wait()
+        children = pids(supervisor.lines)
+        assert all([await dies(pid) for pid in children])
 
 
 async def test_a_child_that_ignores_sigterm_is_killed_after_stop_timeout(tmp_path: Path) -> None:
@@ -313,7 +407,7 @@ def ready_with(count: int) -> Callable[[list[str]], bool]:
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 async def test_a_signal_stops_all_children_with_the_shell_exit_code(loop: str, sig: signal.Signals, code: int) -> None:
     async with supervisor_process(loop, 5, "shimmy:sleep", "extproc:sleep", "envoy:sleep") as supervisor:
         await supervisor.read_until(ready_with(3))
@@ -422,8 +516,10 @@ def test_envoy_gets_the_configured_worker_count() -> None:
 
 @pytest.mark.parametrize("name", ["ENVOY_WORKERS", "EXTPROC_WORKERS"])
 def test_worker_counts_below_one_are_refused(name: str) -> None:
-    env = {**os.environ, name: "0", "SHIMMY_BACKEND": "none-such"}  # were the check gone, nothing would start
+    env = {**os.environ, name: "0"}
     done = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "up"], env=env, capture_output=True, text=True, timeout=30, check=False
     )
-    assert done.returncode == 1 and "ENVOY_WORKERS and EXTPROC_WORKERS must be at least 1" in done.stderr
+    assert done.returncode == 2
+    high = {"ENVOY_WORKERS": 256, "EXTPROC_WORKERS": 64}[name]
+    assert done.stderr == f"shimmy-gateway: {name}='0': expected an integer from 1 to {high}\n"

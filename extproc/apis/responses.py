@@ -1,0 +1,172 @@
+"""OpenAI Responses (`POST /v1/responses`), stateless: `response` objects and the typed event stream.
+
+Nothing is stored: `store` is accepted and answered `false`, `previous_response_id` is refused, and
+`GET /v1/responses/{id}` is answered by Envoy (envoy/gateway.yaml), because the gateway's replicas share no state.
+The answer is one `message` output item with one `output_text` part. A stream sends, each event with its
+`sequence_number`: response.created, response.in_progress, response.output_item.added,
+response.content_part.added, response.output_text.delta..., response.output_text.done,
+response.content_part.done, response.output_item.done, then response.completed, or response.incomplete
+(`incomplete_details.reason: max_output_tokens`), or response.failed (with `error`) instead of all after the deltas.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, ClassVar
+
+import msgspec
+
+from extproc.errors import GatewayError
+from extproc.generation import Generation, GenerationRequest
+from extproc.openai_schema import ResponsesRequest, parse_responses_request
+from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS
+
+__all__ = ["Responses"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+def _event(kind: str, payload: dict[str, Any]) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), _encode({"type": kind, **payload}))
+
+
+class Responses:
+    """One response's framing. It keeps the text it streamed: the closing events repeat it whole."""
+
+    route: ClassVar[str] = "responses"
+    __slots__ = ("_delta", "_seq", "created_at", "id", "item_id", "request", "texts")
+
+    def __init__(self, request: ResponsesRequest) -> None:
+        self.request = request
+        self.id = f"resp_{random.getrandbits(128):032x}"
+        self.item_id = f"msg_{random.getrandbits(128):032x}"
+        self.created_at = int(time.time())
+        self.texts: list[str] = []  # a stream's text so far
+        self._seq = 0
+        self._delta = (
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","item_id":"%s",'
+            b'"output_index":0,"content_index":0,"logprobs":[],"delta":' % self.item_id.encode()
+        )
+
+    @classmethod
+    def parse(cls, body: bytes) -> tuple[GenerationRequest, Responses]:
+        request = parse_responses_request(body)
+        limit = request.max_output_tokens
+        generation = GenerationRequest(
+            model=request.model,
+            messages=request.messages,
+            max_tokens=limit if limit is not None else DEFAULT_MAX_TOKENS,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stream=bool(request.stream),
+        )
+        return generation, cls(request)
+
+    @staticmethod
+    def error_body(exc: GatewayError) -> bytes:
+        return exc.body()
+
+    # -- the objects -------------------------------------------------------------------------------
+
+    def _part(self, text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def _item(self, status: str, text: str | None) -> dict[str, Any]:
+        content = [] if text is None else [self._part(text)]
+        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+    def _response(self, gen: Generation, status: str, output: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+        r = self.request
+        finished = status != "in_progress"
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": fields.get("error"),
+            "incomplete_details": fields.get("incomplete_details"),
+            "instructions": r.instructions,
+            "max_output_tokens": r.max_output_tokens,
+            "model": r.model,
+            "output": output,
+            "parallel_tool_calls": False,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "store": False,  # whatever the client asked: nothing is stored
+            "temperature": r.temperature if r.temperature is not None else 1.0,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "none",
+            "tools": [],
+            "top_p": r.top_p if r.top_p is not None else 1.0,
+            "truncation": "disabled",
+            "usage": self._usage(gen) if finished else None,
+            "user": r.user,
+            "metadata": r.metadata or {},
+        }
+
+    @staticmethod
+    def _usage(gen: Generation) -> dict[str, Any]:
+        return {
+            "input_tokens": gen.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": gen.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+        }
+
+    def _ending(self, gen: Generation) -> tuple[str, dict[str, Any]]:
+        """(status, the fields that go with it): a generation cut at its limit is `incomplete`."""
+        if gen.stop_reason == "length":
+            return "incomplete", {"incomplete_details": {"reason": "max_output_tokens"}}
+        return "completed", {}
+
+    def render(self, gen: Generation, text: str) -> bytes:
+        status, fields = self._ending(gen)
+        return _encode(self._response(gen, status, [self._item(status, text)], **fields))
+
+    # -- the stream --------------------------------------------------------------------------------
+
+    def _next(self, kind: str, payload: dict[str, Any]) -> bytes:
+        payload["sequence_number"] = self._seq
+        self._seq += 1
+        return _event(kind, payload)
+
+    def stream_start(self, gen: Generation) -> bytes:
+        at = {"output_index": 0}
+        part = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        return b"".join(
+            (
+                self._next("response.created", {"response": self._response(gen, "in_progress", [])}),
+                self._next("response.in_progress", {"response": self._response(gen, "in_progress", [])}),
+                self._next("response.output_item.added", {**at, "item": self._item("in_progress", None)}),
+                self._next("response.content_part.added", {**part, "part": self._part("")}),
+            )
+        )
+
+    def stream_text(self, gen: Generation, pieces: list[str]) -> bytes:
+        self.texts += pieces
+        out = []
+        for piece in pieces:
+            out.append(self._delta + _encode(piece) + b',"sequence_number":%d}\n\n' % self._seq)
+            self._seq += 1
+        return b"".join(out)
+
+    def stream_end(self, gen: Generation) -> bytes:
+        text = "".join(self.texts)
+        status, fields = self._ending(gen)
+        part = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        item = self._item(status, text)
+        return b"".join(
+            (
+                self._next("response.output_text.done", {**part, "text": text, "logprobs": []}),
+                self._next("response.content_part.done", {**part, "part": self._part(text)}),
+                self._next("response.output_item.done", {"output_index": 0, "item": item}),
+                self._next(f"response.{status}", {"response": self._response(gen, status, [item], **fields)}),
+            )
+        )
+
+    def stream_error(self, gen: Generation, exc: GatewayError) -> bytes:
+        error = {"code": exc.code or exc.type, "message": exc.message}
+        item = self._item("incomplete", "".join(self.texts))
+        return self._next("response.failed", {"response": self._response(gen, "failed", [item], error=error)})

@@ -1,0 +1,49 @@
+"""Issue 13: the chaos run (bench/chaos.py, the same code as `python -m bench.chaos`), short, on both emulator profiles.
+
+Short and long requests and clients that vanish, while Shimmy hangs (SIGSTOP), resumes, is killed and restarted by
+the supervisor: every client gets a complete answer or an OpenAI error within the outer limit, nothing leaks, the
+processor's memory stays flat. The cap on generations inside Shimmy is a test of its own, expected to fail until
+admission counts Shimmy's real work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from bench import chaos
+from tests.integration.conftest import start_stack, stop_stack
+
+SECONDS = 12.0
+
+
+@pytest.fixture(scope="module", params=["1.7.2", "2.5.0"])
+def report(request: pytest.FixtureRequest) -> Iterator[chaos.ChaosReport]:
+    stack = start_stack(chaos.stack_env(request.param))
+    try:
+        result = chaos.run(stack, stack.proc.pid, request.param, SECONDS)
+    finally:
+        stop_stack(stack)
+        stack.log.unlink(missing_ok=True)
+    print(result.figures())  # shown with -s, and on failure
+    yield result
+
+
+def test_every_client_is_answered_and_nothing_leaks(report: chaos.ChaosReport) -> None:
+    assert report.problems == [], report.figures()
+    ran = {o.kind for o in report.outcomes if o.result != "late"}
+    assert ran == set(chaos.KINDS)
+    details = {o.detail for o in report.outcomes if o.result == "error"}
+    assert "backend_unavailable" in details, "the hang and the kill were answered with 503s"
+    assert any(o.result == "complete" and o.started > report.faults["killed"] for o in report.outcomes), (
+        "served again after the restart"
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 item 1: Envoy's cap counts HTTP requests, so a client that vanishes "
+                   "leaves its generation running in Shimmy outside the cap; remove this mark once admission "
+                   "counts Shimmy's real work")
+def test_never_more_generations_in_shimmy_than_the_cap(report: chaos.ChaosReport) -> None:
+    assert report.generations_seen, "the emulator was sampled"
+    assert report.max_generations <= report.cap, report.figures()

@@ -1,0 +1,402 @@
+"""Issue 14: a hostile (or merely unusual) client against the running stack, loopback only, bounded in count and time.
+
+Each class of probe from the issue has a test here: bursts past the processor cluster's old limit, every legal framing
+of a chat body, methods Envoy used to hold or cut, Envoy's own edge limits (connection cap, header timeout), HTTP/2
+floods and rapid reset, request smuggling, path tricks toward admin, Shimmy's native API and the emulator's control
+routes, JSON abuse. The stack runs with small limits (settings below) so that every probe stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import httpx
+import pytest
+
+from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.integration.test_security import json_error_status, raw_request
+
+CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+BODY = json.dumps(CHAT).encode()
+MAX_CONNECTIONS = 100
+HEADERS_TIMEOUT_S = 1
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[Stack]:
+    stack = start_stack({
+        "MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "REQUEST_HEADERS_TIMEOUT_S": str(HEADERS_TIMEOUT_S),
+        "MAX_ACTIVE_REQUESTS": "2",
+        "MAX_QUEUED_REQUESTS": "4",
+    })
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
+
+
+def assert_openai_error(status: int, headers: dict[str, str], body: bytes) -> dict:
+    assert headers.get("content-type") == "application/json", (status, headers, body)
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    return error
+
+
+# -- HTTP/2 by hand (the h2 library), so a test controls every frame ---------------------------------------------
+
+
+@dataclass
+class H2Answer:
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    reset: bool = False
+
+
+class H2Client:
+    """One HTTP/2 connection to the gateway; `send` queues frames, `collect` reads until the given streams end."""
+
+    def __init__(self, port: int, timeout: float = 10) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.flush()
+        self.answers: dict[int, H2Answer] = {}
+        self.closed = False
+
+    def flush(self) -> None:
+        self.sock.sendall(self.conn.data_to_send())
+
+    def request(self, method: str, path: str, headers: list[tuple[str, str]] | None = None,
+                body: bytes | None = None, end: bool = True) -> int:
+        stream = self.conn.get_next_available_stream_id()
+        head = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "gateway"),
+                *(headers or [])]
+        self.conn.send_headers(stream, head, end_stream=end and body is None)
+        if body is not None:
+            self.conn.send_data(stream, body, end_stream=end)
+        self.answers[stream] = H2Answer()
+        return stream
+
+    def collect(self, streams: list[int], deadline: float) -> dict[int, H2Answer]:
+        pending = set(streams)
+        while pending and not self.closed and time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not data:
+                self.closed = True
+                break
+            for event in self.conn.receive_data(data):
+                answer = self.answers.get(getattr(event, "stream_id", 0))
+                if isinstance(event, h2.events.ResponseReceived) and answer:
+                    answer.headers = dict(event.headers)
+                    answer.status = int(answer.headers.pop(":status"))
+                elif isinstance(event, h2.events.DataReceived) and answer:
+                    answer.body += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)) and answer:
+                    answer.reset = isinstance(event, h2.events.StreamReset)
+                    pending.discard(event.stream_id)
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    self.closed = True
+            self.sock.sendall(self.conn.data_to_send())
+        return {s: self.answers[s] for s in streams}
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- 3: no 500 from load alone ------------------------------------------------------------------------------------
+
+
+def test_a_burst_past_1024_requests_gets_no_500_and_every_refusal_has_retry_after(hostile: Stack) -> None:
+    """2,000 health checks at once (20 HTTP/2 connections x 100 streams) and 50 chats during them."""
+    hostile.configure(token_delay_ms=20)
+    clients = [H2Client(hostile.gateway_port) for _ in range(20)]
+    start = threading.Barrier(len(clients) + 50)
+    health: list[H2Answer] = []
+    chats: list[httpx.Response | Exception] = []
+
+    def burst(client: H2Client) -> None:
+        streams = [client.request("GET", "/v1/health") for _ in range(100)]
+        frames = client.conn.data_to_send()  # encoded beforehand, so the 2,000 requests arrive together
+        start.wait()
+        client.sock.sendall(frames)
+        health.extend(client.collect(streams, time.monotonic() + 30).values())
+
+    def chat() -> None:
+        start.wait()
+        try:
+            chats.append(httpx.post(f"{hostile.url}/v1/chat/completions", json=CHAT, timeout=30))
+        except httpx.HTTPError as exc:
+            chats.append(exc)
+
+    threads = [threading.Thread(target=burst, args=(c,)) for c in clients] + [
+        threading.Thread(target=chat) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for c in clients:
+        c.close()
+    assert len(health) == 2000 and len(chats) == 50
+    statuses = sorted({a.status for a in health}) + sorted({getattr(r, "status_code", 0) for r in chats})
+    assert 500 not in statuses, statuses
+    for answer in health:
+        assert answer.status == 200 or (answer.status == 503 and "retry-after" in answer.headers), answer
+    served = 0
+    for resp in chats:
+        assert isinstance(resp, httpx.Response), resp
+        if resp.status_code == 200:
+            served += 1
+            continue
+        assert resp.status_code in (429, 503) and "retry-after" in resp.headers, (resp.status_code, resp.text)
+        assert_openai_error(resp.status_code, dict(resp.headers), resp.content)
+    assert served >= 6  # two at a time into Shimmy, four queued: the queue serves, the rest get 429
+
+
+# -- 4: every legal framing --------------------------------------------------------------------------------------
+
+
+def test_a_chunked_chat_body_is_accepted(hostile: Stack) -> None:
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    half = len(BODY) // 2
+    chunks = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, BODY[:half], len(BODY) - half, BODY[half:])
+    answer = raw_request(hostile, head + chunks)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["object"] == "chat.completion"
+
+
+def test_an_http2_chat_body_without_content_length_is_accepted_and_no_body_is_missing_body(hostile: Stack) -> None:
+    client = H2Client(hostile.gateway_port)
+    try:
+        json_type = [("content-type", "application/json")]
+        with_body = client.request("POST", "/v1/chat/completions", json_type, BODY)
+        without = client.request("POST", "/v1/chat/completions", json_type)
+        client.flush()
+        answers = client.collect([with_body, without], time.monotonic() + 10)
+    finally:
+        client.close()
+    assert answers[with_body].status == 200, answers[with_body]
+    assert json.loads(answers[with_body].body)["object"] == "chat.completion"
+    missing = answers[without]
+    assert missing.status == 400 and assert_openai_error(400, missing.headers, missing.body)["code"] == "missing_body"
+
+
+def test_an_http1_post_without_length_or_chunks_is_missing_body_and_never_reaches_shimmy(hostile: Stack) -> None:
+    before = hostile.emulator_stats()
+    answer = raw_request(hostile, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                  b"\r\nConnection: close\r\n\r\n")
+    status, body = json_error_status(answer)
+    assert status == 400 and json.loads(body)["error"]["code"] == "missing_body"
+    assert hostile.emulator_stats() == before
+
+
+def test_a_chunked_body_over_the_limit_is_413(hostile: Stack) -> None:
+    chunk = b"x" * 65536
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", hostile.gateway_port), timeout=5) as conn:
+        conn.sendall(head)
+        try:
+            for _ in range(20):  # 1.25 MiB, past the 1 MiB limit
+                conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:
+            pass  # Envoy may answer and close before taking it all
+        answer = conn.recv(65536)
+    status, body = json_error_status(answer)
+    assert status == 413 and b'"request_too_large"' in body
+
+
+@pytest.mark.parametrize("request_line", [b"CONNECT 127.0.0.1:22 HTTP/1.1", b"CONNECT gateway:443 HTTP/1.1",
+                                          b"FOO /v1/models HTTP/1.1", b"PROPFIND /v1/chat/completions HTTP/1.1"])
+def test_connect_and_unknown_methods_are_an_immediate_405(hostile: Stack, request_line: bytes) -> None:
+    started = time.monotonic()
+    answer = raw_request(hostile, request_line + b"\r\nHost: 127.0.0.1:22\r\n\r\n")
+    assert time.monotonic() - started < 2, "held instead of answered"
+    status, body = json_error_status(answer)
+    assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
+
+
+def test_an_http2_connect_is_an_immediate_405(hostile: Stack) -> None:
+    client = H2Client(hostile.gateway_port)
+    try:
+        stream = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream, [(":method", "CONNECT"), (":authority", "127.0.0.1:22")])
+        client.answers[stream] = H2Answer()
+        client.flush()
+        answer = client.collect([stream], time.monotonic() + 2)[stream]
+    finally:
+        client.close()
+    assert answer.status == 405, answer
+    assert assert_openai_error(405, answer.headers, answer.body)["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("encoding", [b"gzip", b"chunked, chunked", b"identity", b"chunked\r\nTransfer-Encoding: x"])
+def test_invalid_transfer_encoding_is_a_400_in_openai_shape(hostile: Stack, encoding: bytes) -> None:
+    answer = raw_request(hostile, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                  b"\r\nTransfer-Encoding: " + encoding + b"\r\n\r\n0\r\n\r\n")
+    status, body = json_error_status(answer)
+    assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+# -- 5: Envoy's own edge limits ----------------------------------------------------------------------------------
+
+
+def _served(conn: socket.socket) -> bool:
+    """Whether a request on `conn` gets an answer (False: Envoy closed or reset the connection)."""
+    try:
+        conn.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        return conn.recv(65536).startswith(b"HTTP/1.1 ")
+    except OSError:
+        return False
+
+
+def test_connections_past_the_cap_are_closed_and_the_gateway_recovers(hostile: Stack) -> None:
+    deadline = time.monotonic() + 10  # earlier tests' connections are closed, and Envoy has counted them out
+    while hostile.envoy_stats("http.gateway.downstream_cx_active").get("http.gateway.downstream_cx_active", 0):
+        assert time.monotonic() < deadline, "connections from earlier tests still open"
+        time.sleep(0.05)
+    held: list[socket.socket] = []
+    try:
+        refused = None
+        for _ in range(MAX_CONNECTIONS + 5):
+            conn = socket.create_connection(("127.0.0.1", hostile.gateway_port), timeout=5)
+            if not _served(conn):
+                refused = conn
+                break
+            held.append(conn)
+        assert refused is not None, "no connection was refused past the cap"
+        refused.close()
+        # The supervisor's readiness probe may hold a slot meanwhile.
+        assert MAX_CONNECTIONS - 2 <= len(held) <= MAX_CONNECTIONS
+    finally:
+        for conn in held:
+            conn.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", hostile.gateway_port), timeout=5) as conn:
+            if _served(conn):
+                return
+        time.sleep(0.1)
+    raise AssertionError("the gateway did not serve again after the connections closed")
+
+
+def test_a_client_sending_headers_too_slowly_is_cut_off(hostile: Stack) -> None:
+    """One byte every 0.2 s keeps the connection busy (no idle timeout), but the headers never end."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", hostile.gateway_port), timeout=1) as conn:
+        conn.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        closed = False
+        while not closed and time.monotonic() - started < HEADERS_TIMEOUT_S + 5:
+            try:
+                conn.sendall(b"a")
+                conn.settimeout(0.2)
+                closed = conn.recv(65536) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+    assert closed, "the connection was still open"
+    assert time.monotonic() - started < HEADERS_TIMEOUT_S + 3
+
+
+# -- HTTP/2 floods and rapid reset -------------------------------------------------------------------------------
+
+
+def test_http2_rapid_reset_leaves_the_gateway_serving(hostile: Stack) -> None:
+    client = H2Client(hostile.gateway_port)
+    try:
+        for _ in range(10):  # 10 rounds of 100 streams opened and cancelled at once
+            for _ in range(100):
+                try:
+                    stream = client.request("POST", "/v1/chat/completions", [("content-type", "application/json")],
+                                            BODY, end=False)
+                    client.conn.reset_stream(stream)
+                except h2.exceptions.ProtocolError:
+                    break  # Envoy already sent GOAWAY
+            try:
+                client.flush()
+            except OSError:
+                break
+    finally:
+        client.close()
+    assert httpx.get(f"{hostile.url}/health").status_code == 200
+    assert httpx.post(f"{hostile.url}/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_http2_control_frame_flood_is_cut_and_the_gateway_keeps_serving(hostile: Stack) -> None:
+    client = H2Client(hostile.gateway_port)
+    try:
+        for i in range(20_000):  # PINGs whose ACKs are never read: Envoy's outbound-frame limit closes us
+            client.conn.ping(i.to_bytes(8, "big"))
+            if i % 1000 == 999:
+                try:
+                    client.flush()
+                except OSError:
+                    break
+    finally:
+        client.close()
+    assert httpx.get(f"{hostile.url}/health").status_code == 200
+
+
+# -- smuggling, paths, JSON abuse --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smuggle", [
+    b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /_emulator/stats HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"Content-Length: 0\r\nContent-Length: 44\r\n\r\nGET /api/models HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+    b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+])
+def test_request_smuggling_never_reaches_shimmy(hostile: Stack, smuggle: bytes) -> None:
+    before = hostile.emulator_stats()
+    answer = raw_request(hostile, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Type: application/json\r\n" + smuggle)
+    assert answer.count(b"HTTP/1.1 ") <= 1, answer  # never a second, smuggled answer
+    status, _ = json_error_status(answer)
+    assert 400 <= status < 500
+    assert hostile.emulator_stats() == before
+
+
+@pytest.mark.parametrize("path", [
+    "/api/generate", "/api/models", "/_emulator/stats", "/_emulator/config", "/v1/../api/generate",
+    "/v1/chat/completions/../../_emulator/reset", "/%2e%2e/_emulator/stats", "/stats/prometheus", "/config_dump",
+    "//_emulator/stats", "/v1/models/..%2f..%2fapi%2fgenerate", "/metrics/../_emulator/stats",
+])
+def test_no_path_reaches_shimmy_native_api_admin_or_the_emulator_controls(hostile: Stack, path: str) -> None:
+    before = hostile.emulator_stats()
+    for method in ("GET", "POST", "PUT"):
+        answer = raw_request(hostile, f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                      "Connection: close\r\n\r\n".encode())
+        status, _ = json_error_status(answer)
+        assert status in (400, 404, 405), (method, path, answer)
+    assert hostile.emulator_stats() == before
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"phi3-lora","messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"model":"phi3-lora","model":"x","messages":[{"role":"user","content":"x"}],"stop":' + b'"a",' * 10 + b"}",
+    b'{"model":"phi3-lora","messages":[{"role":"user","content":"\\ud800"}]}',
+    b'{"model":"phi3-lora","messages":[{"role":"user","content":"x"}],"max_tokens":1e400}',
+    b'{"model":"phi3-lora","messages":[{"role":"user","content":"x"}],"stop":"' + b"s" * 50_000 + b'"}',
+    b"\xef\xbb\xbf" + BODY,
+])
+def test_json_abuse_is_a_400_in_openai_shape(hostile: Stack, body: bytes) -> None:
+    resp = httpx.post(f"{hostile.url}/v1/chat/completions", content=body,
+                      headers={"content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert assert_openai_error(400, dict(resp.headers), resp.content)["type"] == "invalid_request_error"

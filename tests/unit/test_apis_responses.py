@@ -1,0 +1,120 @@
+"""The OpenAI Responses adapter on the generation core: parsing, the response object, the typed event stream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extproc.apis.responses import Responses
+from extproc.errors import InvalidRequest
+from tests.unit.translate import shimmy_stream, start_api
+
+TOKENS = ("The", " quick", " brown", " fox")
+
+
+def body(**fields: object) -> bytes:
+    return json.dumps({"model": "phi3-lora", "input": "Hi", **fields}).encode()
+
+
+def typed(sse: bytes) -> list[dict]:
+    out = []
+    for block in filter(None, sse.decode().split("\n\n")):
+        event, data = block.split("\n")
+        payload = json.loads(data.removeprefix("data: "))
+        assert payload["type"] == event.removeprefix("event: ")
+        out.append(payload)
+    return out
+
+
+def test_instructions_and_input_items_render_with_the_template() -> None:
+    shimmy, _ = start_api(Responses, body(instructions="Be brief", max_output_tokens=9, temperature=0.3, top_p=0.4,
+                                          input=[{"role": "user", "content": "Hi"},
+                                                 {"type": "message", "role": "assistant", "id": "msg_1",
+                                                  "status": "completed",
+                                                  "content": [{"type": "output_text", "text": "Yo",
+                                                               "annotations": []}]}]))
+    sent = json.loads(shimmy)
+    assert sent["prompt"] == ("<|system|>\nBe brief<|end|>\n<|user|>\nHi<|end|>\n"
+                              "<|assistant|>\nYo<|end|>\n<|assistant|>\n")
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"]) == (9, 0.3, 0.4)
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (body(previous_response_id="resp_1"), "previous_response_id"),
+        (body(conversation="conv_1"), "conversation"),
+        (body(tools=[{"type": "web_search"}]), "tools"),
+        (body(tool_choice="required"), "tool_choice"),
+        (body(max_output_tokens=0), "max_output_tokens"),
+        (body(input=""), "input"),
+        (body(input=[{"type": "reasoning", "summary": []}]), "input[0].type"),
+        (body(text={"format": {"type": "json_schema"}}), "text.format"),
+        (body(stop=["x"], top_logprobs=2), "top_logprobs"),
+    ],
+)
+def test_refusals_name_the_param(raw: bytes, param: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        Responses.parse(raw)
+    assert json.loads(refused.value.body())["error"]["param"] == param
+
+
+def test_stateless_refusal_says_why() -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        Responses.parse(body(previous_response_id="resp_1"))
+    assert "share no state" in refused.value.message
+
+
+def test_accepted_without_effect() -> None:
+    request, _ = Responses.parse(body(store=True, metadata={"k": "v"}, reasoning={"effort": "low"}, truncation="auto",
+                                      include=["reasoning.encrypted_content"], parallel_tool_calls=False,
+                                      tool_choice="auto", text={"format": {"type": "text"}}, user="u"))
+    assert request.messages == [("user", "Hi")]
+
+
+def test_render_completed_with_usage_and_nothing_stored() -> None:
+    _, exchange = start_api(Responses, body(store=True, metadata={"k": "v"}))
+    response = json.loads(exchange.complete(shimmy_stream(*TOKENS)))
+    assert (response["object"], response["status"], response["store"]) == ("response", "completed", False)
+    assert response["output"][0]["content"][0] == {"type": "output_text", "text": "The quick brown fox",
+                                                   "annotations": [], "logprobs": []}
+    assert response["output"][0]["status"] == "completed" and response["metadata"] == {"k": "v"}
+    usage = response["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"]) == (exchange.gen.prompt_tokens, 4)
+    assert usage["total_tokens"] == usage["input_tokens"] + 4
+
+
+def test_render_at_the_limit_is_incomplete() -> None:
+    _, exchange = start_api(Responses, body(max_output_tokens=2))
+    response = json.loads(exchange.complete(shimmy_stream("The", " quick")))
+    assert response["status"] == "incomplete" and response["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert response["output"][0]["status"] == "incomplete"
+
+
+def test_stream_sends_typed_events_in_order_with_sequence_numbers() -> None:
+    _, exchange = start_api(Responses, body(stream=True))
+    out = exchange.relay(shimmy_stream("The", " quick", done=False), False)
+    out += exchange.relay(shimmy_stream(" brown"), True)
+    events = typed(out)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed",
+    ]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    item_id = events[2]["item"]["id"]
+    assert {e["item_id"] for e in events if "item_id" in e} == {item_id}
+    assert events[0]["response"]["status"] == "in_progress" and events[0]["response"]["usage"] is None
+    assert events[7]["text"] == events[8]["part"]["text"] == "The quick brown"
+    final = events[-1]["response"]
+    assert final["output"][0]["id"] == item_id and final["usage"]["output_tokens"] == 3
+
+
+def test_stream_failure_is_response_failed() -> None:
+    _, exchange = start_api(Responses, body(stream=True))
+    events = typed(exchange.relay(b"data: The\n\n", True))  # cut short: no [DONE]
+    assert [e["type"] for e in events][-2:] == ["response.output_text.delta", "response.failed"]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
+    assert failed["output"][0]["content"][0]["text"] == "The"
