@@ -302,7 +302,7 @@ class GenerationProcessor(Processor):
         if ticket is None:
             return
         gen = self.exchange.gen if self.exchange is not None else None
-        if gen is not None:
+        if gen is not None and gen.upstream_stream:  # a one-piece answer (1.x) arrives whole: no pace to learn
             ticket.progress(gen.completion_tokens)
         if end or (gen is not None and (gen.upstream_done or gen.upstream_failed)):
             ticket.finish()  # Shimmy's [DONE] or [ERROR]: the ext_proc stream may close before its last byte

@@ -17,11 +17,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from settings import ENVOY_MARGIN_S, PROCESSOR_MARGIN_S
 from tests.integration.conftest import Stack, sse_events, start_stack, stop_stack
 
 TOKEN_DELAY_S = 0.2
 CAP = 2
-DEADLINE_S = 3
+DEADLINE_S = 5  # GENERATION_TIMEOUT_S: the processor's deadline is PROCESSOR_MARGIN_S earlier, Envoy's 1 s earlier
 PROFILES = [os.environ.get("ADMISSION_EMULATOR_VERSION", "")] if os.environ.get("ADMISSION_EMULATOR_VERSION") else [
     "1.7.2",
     "2.5.0",
@@ -31,7 +32,7 @@ PROFILES = [os.environ.get("ADMISSION_EMULATOR_VERSION", "")] if os.environ.get(
 @pytest.fixture(scope="module", params=PROFILES)
 def busy_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """A stack with room for two generations, a 1 s queue wait (message_timeout 2 s), paced tokens and a deadline
-    (3 s) shorter than a 30-token generation (6 s)."""
+    (the processor's 3 s) shorter than a 30-token generation (6 s)."""
     stack = start_stack(
         {
             "MAX_ACTIVE_REQUESTS": str(CAP),
@@ -229,6 +230,8 @@ def _post(stack: Stack, body: dict) -> tuple[httpx.Response, float]:
 
 
 def test_a_stop_sequence_ends_a_non_stream_answer_without_shimmys_rest(busy_stack: Stack) -> None:
+    if busy_stack.version.startswith("1."):  # type: ignore[attr-defined]
+        pytest.skip("1.x answers a non-stream request in one piece (so its failures show): nothing to end early")
     busy_stack.configure(reply="one two three four five six seven eight", repeat=True)
     r, took = _post(busy_stack, _chat(False, 30, stop=[" three"]))
     assert r.status_code == 200, r.text
@@ -244,13 +247,16 @@ def test_the_deadline_ends_a_non_stream_answer_with_the_processors_504(busy_stac
     late_before = _counter(busy_stack, late)
     r, took = _post(busy_stack, _chat(False, 30))
     assert r.status_code == 504, r.text
+    # 1.x answers a non-stream request in one piece: no token reaches the processor, Envoy's backstop answers.
+    one_piece = busy_stack.version.startswith("1.")  # type: ignore[attr-defined]
     assert r.json()["error"] == {
-        "message": "The generation took longer than the gateway allows",
+        "message": f"The {'request' if one_piece else 'generation'} took longer than the gateway allows",
         "type": "server_error",
         "param": None,
         "code": "timeout",
     }
-    assert DEADLINE_S <= took < 30 * TOKEN_DELAY_S
+    margin = ENVOY_MARGIN_S if one_piece else PROCESSOR_MARGIN_S
+    assert DEADLINE_S - margin <= took < 30 * TOKEN_DELAY_S
     assert _counter(busy_stack, late) - late_before == 1
 
 
