@@ -6,23 +6,28 @@ It serves Envoy's ext_proc API and the gRPC health service on `EXTPROC_HOST:EXTP
 turns NOT_SERVING, no new stream is accepted, live streams get `EXTPROC_SHUTDOWN_GRACE_S` to finish, exit 0; a
 second signal cuts the grace short. envoy/standalone.example.yaml plugs it into an Envoy of your own.
 
-It reads exactly the settings in `SETTINGS` below; the stack's EXTPROC_WORKERS and EXTPROC_MESSAGE_TIMEOUT_MS
-belong to `shimmy-gateway` (how many processors it starts, and Envoy's limit per message), so here they are refused
-as flags and ignored in the environment. A bad setting, or an address it cannot bind, is one line and exit code 2.
+It reads exactly the settings in `SETTINGS` below. Two describe its surroundings: EXTPROC_WORKERS (more than one
+processor shares the generation slots through lock files) and EXTPROC_MESSAGE_TIMEOUT_MS (Envoy's limit on one
+answer, which bounds how long a request may queue for a slot). A bad setting, or an address it cannot bind, is one
+line and exit code 2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import signal
 import ssl
 import sys
+import tempfile
+from pathlib import Path
 
 import grpc
 
 from extproc import templates, tokens
+from extproc.admission import Admission
 from extproc.health import ShimmyMonitor
 from extproc.limits import ContextLimits, parse_context_tokens
 from extproc.processors import Context
@@ -55,6 +60,10 @@ SETTINGS = (
     "HEALTH_INTERVAL_S",
     "WARMUP",
     "LOG_LEVEL",
+    "MAX_ACTIVE_REQUESTS",
+    "MAX_QUEUED_REQUESTS",
+    "EXTPROC_MESSAGE_TIMEOUT_MS",
+    "EXTPROC_WORKERS",
 )
 
 log = logging.getLogger("extproc")
@@ -182,8 +191,9 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         raise ValueError(f"PROMPT_TEMPLATES: {exc}") from None
     shimmy_url = settings.shimmy_url.strip() or f"http://127.0.0.1:{settings.shimmy_port}"  # load() checked it
     profile, limits = backend(settings)
+    admission = build_admission(settings, shimmy_url, profile)
     monitor = ShimmyMonitor(
-        shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup")
+        shimmy_url, settings.model_name, settings.health_interval_s, warmup=settings.flag("warmup"), admission=admission
     )
     ctx = Context(
         templates=overrides,
@@ -191,6 +201,7 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         generation_timeout=settings.generation_timeout_s - PROCESSOR_MARGIN_S,
         aliases=parse_pairs(settings.model_aliases, "MODEL_ALIASES"),
         prompt_counter=tokens.counter(settings.tokenizer_gguf, models={settings.model_name}),
+        admission=admission,
         profile=profile,
         limits=limits,
     )
@@ -204,6 +215,27 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         reflection=settings.flag("extproc_reflection"),
     )
     return ctx, server
+
+
+def build_admission(settings: Settings, shimmy_url: str, profile: BackendProfile) -> Admission:
+    """Generation slots for the Shimmy at `shimmy_url`, following its version's profile (docs/admission.md).
+
+    A queued request waits at most a second less than Envoy's message_timeout, which bounds the processor's answer
+    to the request body. Several workers share one set of slots (lock files named after the Shimmy they serve).
+    """
+    message_timeout = settings.extproc_message_timeout_ms / 1000
+    shared = None
+    if settings.extproc_workers > 1:
+        key = hashlib.sha256(shimmy_url.encode()).hexdigest()[:16]
+        shared = Path(tempfile.gettempdir()) / f"shimmy-gateway-slots-{key}"
+    return Admission(
+        settings.max_active_requests,
+        settings.max_queued_requests,
+        max(message_timeout - 1, message_timeout * 0.5),
+        serialized=profile.serialized,
+        context_tokens=profile.context_tokens,
+        shared_dir=shared,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,7 @@ class Generation:
     prompt_tokens_kind: str = ESTIMATED  # "exact" or "estimated": the x-gateway-prompt-tokens header value
     completion_tokens: int = 0  # one per Shimmy SSE event, counted until a stop sequence cuts the text
     upstream_done: bool = False  # Shimmy sent [DONE]; without it the stream was cut short
+    upstream_failed: bool = False  # Shimmy sent [ERROR]: its generation is over too
     error: str | None = None  # Shimmy's [ERROR] text, or our reason the stream is unusable
     first_content_at: float | None = None  # time.monotonic() of the first text released (time to first token)
     tooling: Tooling = NO_TOOLING
@@ -111,6 +112,7 @@ class Generation:
                 self.upstream_done = True
             elif event.startswith(ERROR_PREFIX):
                 self.error = event[len(ERROR_PREFIX) :].strip() or "generation failed"
+                self.upstream_failed = True
             elif not stops.stopped:
                 self.completion_tokens += 1
                 piece = stops.feed(event)
@@ -155,7 +157,11 @@ class Generation:
     def text(self, body: bytes) -> str:
         """A whole buffered Shimmy body -> the answer's content (its tool calls in `calls`); GatewayError if Shimmy
         failed or the output fails what the request demands."""
-        text = self._whole(body) if not self.upstream_stream else self._streamed(body)
+        return self.answer(self._whole(body) if not self.upstream_stream else self._streamed(body))
+
+    def answer(self, text: str) -> str:
+        """The whole output -> the answer's content, its tool calls read into `calls` where the request offered
+        tools or asked for a schema; OutputError if the output fails what the request demands."""
         if not self.tooling.active:
             return text
         parsed = parse_output(text, self.tooling)
@@ -241,6 +247,8 @@ class Exchange:
     started: bool = False  # the stream's opening went out
     finished: bool = False  # the stream's end went out; later bytes are dropped
     failure: str | None = None  # code of the failure that ended the stream, if one did
+    pieces: list[str] = field(default_factory=list)  # a non-stream answer's text so far (`collect`)
+    chunks: list[bytes] = field(default_factory=list)  # a one-piece answer's body so far (`collect`, 1.x)
     detector: CallDetector | None = None  # streams whose output is read back: holds what may be a call
 
     def __post_init__(self) -> None:
@@ -250,6 +258,40 @@ class Exchange:
     def complete(self, body: bytes) -> bytes:
         """A whole buffered Shimmy SSE body -> the API's answer; GatewayError if Shimmy failed."""
         return self.api.render(self.gen, self.gen.text(body))
+
+    def collect(self, data: bytes, end: bool) -> bytes | None:
+        """A non-stream answer fed Shimmy's SSE bytes chunk by chunk: the whole answer as soon as it is complete
+        (Shimmy's `[DONE]`, or a stop sequence: Shimmy's later tokens are not waited for), else None.
+        GatewayError if Shimmy failed, its stream ended short, or the deadline passed."""
+        if self.finished:
+            return None
+        gen = self.gen
+        if not gen.upstream_stream:  # a one-piece answer (1.x): nothing to read until Shimmy has sent it all
+            self.chunks.append(data)
+            if not end:
+                return None
+            self.finished = True
+            try:
+                return self.complete(b"".join(self.chunks))
+            except GatewayError as exc:
+                self.failure = exc.code or exc.type
+                raise
+        self.pieces += gen.feed(data, end)
+        failure = gen.failure(end)
+        if failure is not None:
+            if failure.code == "generation_failed" and gen.error is None:
+                failure.code = "upstream_truncated"
+            self.finished, self.failure = True, failure.code or failure.type
+            raise failure
+        if not gen.done:
+            return None
+        self.finished = True
+        self.pieces.append(gen.flush())
+        try:
+            return self.api.render(gen, gen.answer("".join(self.pieces)))
+        except GatewayError as exc:
+            self.failure = exc.code or exc.type
+            raise
 
     def relay(self, data: bytes, end: bool) -> bytes:
         """Shimmy's SSE bytes (one body chunk) -> the client's stream bytes to send now (possibly empty)."""

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
+from extproc.admission import Admission, Busy
 from extproc.errors import UpstreamError
 from extproc.shimmy_protocol import model_names
 
@@ -38,7 +39,13 @@ class ShimmyMonitor:
     """Probes Shimmy every `interval` seconds; `healthy`, `reason` and `models` describe the last probe."""
 
     def __init__(
-        self, base_url: str, model: str, interval: float, timeout: float = 2.0, warmup: bool = False
+        self,
+        base_url: str,
+        model: str,
+        interval: float,
+        timeout: float = 2.0,
+        warmup: bool = False,
+        admission: Admission | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -48,6 +55,7 @@ class ShimmyMonitor:
         self.healthy = False
         self.reason = "not probed yet"
         self.models: frozenset[str] | None = None
+        self.admission = admission  # the warm-up is a generation like any other: it takes a slot
         self.process_up = False  # Shimmy answered /health, or at least its port accepted a connection
         self._answered = False  # the current probe got an HTTP answer from /health
 
@@ -81,6 +89,8 @@ class ShimmyMonitor:
                     return False, f"/api/models answered {resp.status}"
                 self.models = frozenset(model_names(await resp.read()))
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError) and self.admission is not None:
+                self.admission.shimmy_gone()  # refused: no process, so none of its generations runs on
             return False, f"unreachable: {exc.__class__.__name__} {exc}".strip()
         except UpstreamError as exc:
             return False, exc.message
@@ -109,12 +119,22 @@ class ShimmyMonitor:
         self.reason = "warming up: waiting for Shimmy's first generation (the model loads at the first request)"
         body = {"model": self.model, "prompt": "Hello", "max_tokens": 1, "stream": False}
         try:
+            ticket = None if self.admission is None else await self.admission.admit(self.model, 1)
+        except Busy:
+            return False, "warm-up generation waits for a free generation slot"
+        try:
             async with session.post(self.base_url + "/api/generate", json=body, timeout=WARMUP_TIMEOUT) as resp:
                 if resp.status != 200:
                     return False, f"warm-up generation answered {resp.status}"
                 await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if ticket is not None:
+                ticket.abandon("error")  # Shimmy may still be loading or generating it
+                ticket = None
             return False, f"warm-up generation failed: {exc.__class__.__name__} {exc}".strip()
+        finally:
+            if ticket is not None:
+                ticket.finish()
         self.warmed = True
         return True, "ok"
 

@@ -8,9 +8,26 @@ port serves Envoy's `/stats/prometheus` with these appended (the `metrics` proce
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["LIVE_STREAMS", "REGISTRY", "REQUESTS", "REQUEST_DURATION", "TIME_TO_FIRST_TOKEN", "TOKENS", "exposition"]
+if TYPE_CHECKING:
+    from extproc.admission import Admission
+
+__all__ = [
+    "ABANDONED",
+    "ADMISSION_REJECTED",
+    "LIVE_STREAMS",
+    "REGISTRY",
+    "REQUESTS",
+    "REQUEST_DURATION",
+    "TIME_PER_OUTPUT_TOKEN",
+    "TIME_TO_FIRST_TOKEN",
+    "TOKENS",
+    "exposition",
+    "watch_admission",
+]
 
 REGISTRY = CollectorRegistry(auto_describe=False)
 
@@ -45,6 +62,52 @@ TIME_TO_FIRST_TOKEN = Histogram(
     registry=REGISTRY,
 )
 LIVE_STREAMS = Gauge("gen_ai_live_streams", "ext_proc streams (HTTP requests) in progress.", registry=REGISTRY)
+
+# Admission (extproc.admission): Shimmy's occupancy as the processor models it. Gauges are this worker's.
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "gen_ai_server_time_per_output_token_seconds",
+    "Time per output token after the first, measured on each generation; the pace the occupancy model uses.",
+    ["gen_ai_request_model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
+ABANDONED = Counter(
+    "shimmy_abandoned_generations",
+    "Generations Shimmy kept running after nobody read them any more, by why: "
+    "client_gone, stop_sequence, deadline, error.",
+    ["reason"],
+    registry=REGISTRY,
+)
+ADMISSION_REJECTED = Counter(
+    "shimmy_admission_rejected",
+    "Requests answered 429 by the processor's admission: queue_full, or queue_timeout (no slot in time).",
+    ["reason"],
+    registry=REGISTRY,
+)
+SLOTS = Gauge("shimmy_slots", "Generation slots (MAX_ACTIVE_REQUESTS).", registry=REGISTRY)
+SLOTS_BUSY = Gauge(
+    "shimmy_slots_busy", "Slots held by generations still inside Shimmy, read or abandoned.", registry=REGISTRY
+)
+ABANDONED_NOW = Gauge(
+    "shimmy_abandoned_generations_running",
+    "Abandoned generations still counted as running inside Shimmy.",
+    registry=REGISTRY,
+)
+BACKLOG = Gauge(
+    "shimmy_backlog_seconds",
+    "Estimated seconds until Shimmy is through with the abandoned generations.",
+    registry=REGISTRY,
+)
+QUEUED = Gauge("shimmy_admission_queued", "Requests waiting for a generation slot.", registry=REGISTRY)
+
+
+def watch_admission(admission: Admission) -> None:
+    """Read the admission gauges from `admission` at every scrape."""
+    SLOTS.set(admission.capacity)
+    SLOTS_BUSY.set_function(lambda: admission.busy)
+    ABANDONED_NOW.set_function(lambda: admission.abandoned)
+    BACKLOG.set_function(admission.backlog)
+    QUEUED.set_function(lambda: admission.queued)
 
 
 def exposition() -> bytes:

@@ -11,9 +11,12 @@ processor needs:
     model    request headers, response headers,          3 (GET /v1/models/{model})
              response body (BUFFERED)
     messages_count_tokens  request body (BUFFERED)       1 (answered at once: Shimmy is not asked)
-    chat     request body (BUFFERED), response headers,  3 non-stream; 2 + one per Shimmy chunk when streaming
-    (every   response body (BUFFERED, or FULL_DUPLEX_STREAMED by mode_override for stream=true)
-    API of extproc.apis alike: messages, responses, completions)
+    chat     request body (BUFFERED), response headers,  2 + one per Shimmy chunk (a non-stream answer's
+    (every   response body (FULL_DUPLEX_STREAMED)        headers are answered with its whole body, which
+    API of extproc.apis alike:                           lets it end early and still carry an error status)
+    messages, responses, completions)
+
+A generation first needs a slot (`extproc.admission`): its request body may wait for one.
 
 A phase a processor does not override answers "continue unchanged" (the `Processor` base).
 """
@@ -21,7 +24,7 @@ A phase a processor does not override answers "continue unchanged" (the `Process
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -31,6 +34,7 @@ import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc import metrics, mutations
+from extproc.admission import AbandonReason, Admission, Busy, Ticket
 from extproc.apis import APIS
 from extproc.apis.messages import MessagesCountTokens
 from extproc.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
@@ -65,6 +69,7 @@ class Context:
     generation_timeout: float  # seconds; a stream still running then ends with an in-band error
     aliases: Mapping[str, str] = field(default_factory=dict)  # client-facing name -> Shimmy's model
     prompt_counter: PromptCounter = ESTIMATE  # exact with TOKENIZER_GGUF, else the estimate
+    admission: Admission | None = None  # generation slots; None admits everything (Envoy's breaker alone)
     profile: BackendProfile | None = None  # the Shimmy behind us (cli.build: SHIMMY_VERSION's); None: always stream
     limits: ContextLimits | None = None  # each model's context (cli.build sets it from the profile); None: unchecked
 
@@ -97,8 +102,16 @@ def _error(exc: GatewayError) -> ep.ProcessingResponse:
     return mutations.immediate(exc.status, exc.body())
 
 
+def _retry_after(exc: GatewayError) -> list[mutations.Header]:
+    return [("retry-after", str(exc.retry_after))] if isinstance(exc, Busy) else []
+
+
 class Processor:
     """Pass-through: every phase continues unchanged."""
+
+    # The route's response body mode is FULL_DUPLEX_STREAMED (Envoy's protocol_config on the stream's first
+    # message says so); else BUFFERED, as in an Envoy of the user's own that keeps the older chat route.
+    response_duplex = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -240,8 +253,11 @@ class GenerationProcessor(Processor):
         self.started = time.monotonic()
         self.model = ""  # as the client named it, once the body is read
         self.outcome: str | None = None  # set once the request's end is recorded
+        self.ticket: Ticket | None = None  # this generation's slot, until Shimmy is done with it
+        self.held_headers: list[mutations.Header] | None = None  # a non-stream answer's headers, until it is whole
 
-    def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+    def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]:
+        """Shimmy's request, once a generation slot is free: at once, or (awaitable) after queueing for one."""
         ctx = self.ctx
         try:
             request, api = self.api.parse(msg.body)
@@ -259,12 +275,39 @@ class GenerationProcessor(Processor):
             )
         except GatewayError as exc:
             return self._failed(exc)
-        return mutations.request_body(
+        forward = mutations.request_body(
             body,
             [(":path", GENERATE_PATH), ("content-type", "application/json"), ("content-length", str(len(body)))],
         )
+        admission, gen = ctx.admission, self.exchange.gen
+        if admission is None:
+            return forward
+        self.ticket = admission.try_admit(gen.model, gen.max_tokens, gen.prompt_tokens)
+        return forward if self.ticket is not None else self._queue(admission, forward)
 
-    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+    async def _queue(self, admission: Admission, forward: ep.ProcessingResponse) -> ep.ProcessingResponse:
+        """Wait for a slot (bounded below Envoy's message_timeout), else 429 with Retry-After."""
+        gen = self.exchange.gen if self.exchange is not None else None
+        assert gen is not None
+        try:
+            self.ticket = await admission.admit(gen.model, gen.max_tokens, gen.prompt_tokens)
+        except Busy as exc:
+            self.exchange = None  # nothing reached Shimmy
+            return self._failed(exc)
+        return forward
+
+    def _shimmy_progress(self, end: bool) -> None:
+        """Tell the slot how far Shimmy got; `end`: Shimmy's response is over, so is its generation."""
+        ticket = self.ticket
+        if ticket is None:
+            return
+        gen = self.exchange.gen if self.exchange is not None else None
+        if gen is not None and gen.upstream_stream:  # a one-piece answer (1.x) arrives whole: no pace to learn
+            ticket.progress(gen.completion_tokens)
+        if end or (gen is not None and (gen.upstream_done or gen.upstream_failed)):
+            ticket.finish()  # Shimmy's [DONE] or [ERROR]: the ext_proc stream may close before its last byte
+
+    def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse | None:
         exchange = self.exchange
         status = _status(msg)
         if exchange is None or (status != 200 and _local_reply(msg)):
@@ -273,6 +316,11 @@ class GenerationProcessor(Processor):
             if exchange is None and 200 <= status < 300:
                 return self._failed(InvalidRequest("The request body is missing", code="missing_body"))
             self.exchange = None  # Shimmy generated nothing: no tokens to count
+            if self.ticket is not None:
+                if status == 504:  # Envoy's deadline: Shimmy may still be generating
+                    self.ticket.abandon("deadline")
+                else:  # Envoy answered instead of Shimmy, or Shimmy's connection died
+                    self.ticket.finish()
             response = mutations.continue_response_headers()
             return response if exchange is None else self._record(response, "error", f"http_{status}")
         gen = exchange.gen
@@ -280,6 +328,7 @@ class GenerationProcessor(Processor):
             message = "Shimmy failed to generate the answer (502: the generation failed, or the model's load did)"
             return self._failed(UpstreamError(message, code="generation_failed"))
         if status != 200:
+            self._shimmy_progress(end=True)  # Shimmy refused or failed before generating
             return self._failed(upstream_error(status, b"", gen.model))
         counted = (  # "exact" or "estimated"
             ("x-gateway-prompt-tokens", gen.prompt_tokens_kind),
@@ -287,32 +336,80 @@ class GenerationProcessor(Processor):
         )
         if gen.stream:
             return mutations.response_headers(_STREAM_HEADERS + counted, ["content-length"], mutations.DUPLEX_RESPONSE)
-        return mutations.response_headers(_JSON_HEADERS + counted, ["content-length"])
+        if not self.response_duplex:  # BUFFERED: the whole body comes in one message, headers still held by Envoy
+            return mutations.response_headers(_JSON_HEADERS + counted, ["content-length"])
+        # Non-stream: the headers wait until the answer is whole, so its status can still be an error (a Shimmy
+        # failure mid-generation is a 502, never a 200 with a broken body). Envoy streams Shimmy's body to us
+        # meanwhile (FULL_DUPLEX_STREAMED): a stop sequence or the deadline ends the answer without Shimmy's rest.
+        self.held_headers = [*_JSON_HEADERS, *counted]
+        return None
 
-    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | None:
+    def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | list[ep.ProcessingResponse] | None:
         exchange = self.exchange
-        if exchange is None:  # an Envoy local reply passing through (see response_headers)
+        if exchange is None:  # an Envoy local reply passing through (see response_headers): full duplex echoes it
+            if self.response_duplex:
+                return mutations.streamed_body(msg.body, msg.end_of_stream)
             return mutations.continue_response_body()
+        if exchange.finished:  # the client's answer is complete; Shimmy's late chunks only count its tokens
+            if self.ticket is not None:
+                self.ticket.progress(self.ticket.tokens + msg.body.count(b"\n\n"))  # about one per event
+            self._shimmy_progress(msg.end_of_stream)
+            return None
         if exchange.gen.stream:
-            if exchange.finished:  # the client's response is complete; Shimmy's late chunks go nowhere
-                return None
             out = exchange.relay(msg.body, msg.end_of_stream)
+            self._shimmy_progress(msg.end_of_stream)
             if not exchange.finished:
                 return mutations.streamed_body(out, False) if out else None
             outcome = ("error", exchange.failure) if exchange.failure else ("ok", "")
             return self._record(mutations.streamed_body(out, True), *outcome)
+        if not self.response_duplex:
+            try:
+                body = exchange.complete(msg.body)
+            except GatewayError as exc:
+                return self._failed(exc)
+            finally:
+                self._shimmy_progress(end=True)  # a buffered body is Shimmy's whole answer
+            return self._record(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "")
         try:
-            body = exchange.complete(msg.body)
+            body = exchange.collect(msg.body, msg.end_of_stream)
         except GatewayError as exc:
-            return self._failed(exc)
-        return self._record(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "")
+            # The headers were held, so the error gets its own status. Not an immediate response: Envoy's
+            # local-reply mappers would rewrite a 504 of ours as its own gateway_error.
+            self.held_headers = [(":status", str(exc.status)), *_JSON_HEADERS]
+            answer = self._release_held(self.api.error_body(exc))
+            self._record(answer[-1], "error", exc.code or exc.type)
+            return answer
+        finally:
+            self._shimmy_progress(msg.end_of_stream)
+        if body is None:
+            return None
+        answer = self._release_held(body)
+        self._record(answer[-1], "ok", "")
+        return answer
+
+    def _release_held(self, body: bytes) -> list[ep.ProcessingResponse]:
+        """The held headers and the whole body, which ends the response (chunked: full duplex drops lengths)."""
+        headers, self.held_headers = self.held_headers or [], None
+        return [mutations.response_headers(headers, ["content-length"]), mutations.streamed_body(body, True)]
 
     def close(self) -> None:
         if self.outcome is None and self.exchange is not None:  # the client or Envoy went away mid-request
             self._record(None, "cancelled", "")
+        ticket = self.ticket
+        if ticket is not None and not ticket.released:  # Shimmy goes on generating for nobody
+            ticket.abandon(self._abandon_reason())
+
+    def _abandon_reason(self) -> AbandonReason:
+        exchange = self.exchange
+        if exchange is None or not exchange.finished:
+            return "client_gone"
+        if exchange.failure is not None:
+            return "deadline" if exchange.failure == "timeout" else "error"
+        return "stop_sequence"
 
     def _failed(self, exc: GatewayError) -> ep.ProcessingResponse:
-        return self._record(mutations.immediate(exc.status, self.api.error_body(exc)), "error", exc.code or exc.type)
+        response = mutations.immediate(exc.status, self.api.error_body(exc), _retry_after(exc))
+        return self._record(response, "error", exc.code or exc.type)
 
     def _record(self, response: ResponseT, outcome: str, error_type: str) -> ResponseT:
         """Count the request's end once, and put its summary in Envoy's dynamic metadata for the access log."""
@@ -332,7 +429,7 @@ class GenerationProcessor(Processor):
             metrics.TOKENS.labels(model, "input", api).inc(gen.prompt_tokens)
             metrics.TOKENS.labels(model, "output", api).inc(gen.completion_tokens)
             fields.update(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
-            if gen.stream and gen.first_content_at is not None:  # a buffered answer has no first token to time
+            if gen.stream and gen.first_content_at is not None:  # a non-stream client sees no first token
                 ttft = gen.first_content_at - self.started
                 metrics.TIME_TO_FIRST_TOKEN.labels(model, api).observe(ttft)
                 fields["ttft_ms"] = round(ttft * 1000, 1)

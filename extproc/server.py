@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
 
 import grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -28,6 +30,7 @@ log = logging.getLogger("extproc")
 
 ROUTE_METADATA = "x-gateway-route"
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 MAX_MESSAGE_BYTES = 8 << 20  # above the largest body Envoy may buffer (MAX_REQUEST_BYTES)
 
 
@@ -47,8 +50,13 @@ class ExternalProcessor:
         return Processor(self.ctx)
 
     @staticmethod
-    def dispatch(processor: Processor, msg: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
-        """The processor's answer to one message, or None to answer nothing (full-duplex bodies only)."""
+    def dispatch(
+        processor: Processor, msg: ep.ProcessingRequest
+    ) -> ep.ProcessingResponse | list[ep.ProcessingResponse] | Awaitable[ep.ProcessingResponse] | None:
+        """The processor's answer to one message, or None to answer nothing yet (full duplex only); an awaitable
+        when the answer must wait (a request queued for a generation slot); a list answers held messages too."""
+        if msg.HasField("protocol_config"):  # on the stream's first message: the route's body modes
+            processor.response_duplex = msg.protocol_config.response_body_mode == FULL_DUPLEX
         match msg.WhichOneof("request"):
             case "request_headers":
                 return processor.request_headers(msg.request_headers)
@@ -75,7 +83,12 @@ class ExternalProcessor:
         try:
             async for msg in requests:
                 response = self.dispatch(processor, msg)
-                if response is not None:
+                if inspect.isawaitable(response):
+                    response = await response
+                if isinstance(response, list):  # held headers released with the body they waited for
+                    for each in response:
+                        yield each
+                elif response is not None:
                     yield response
         finally:
             self.live_streams -= 1

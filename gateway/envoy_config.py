@@ -211,10 +211,12 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
 
     shimmy = _named(resources["clusters"], "shimmy")
     _endpoint(shimmy)["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": settings.shimmy_port}}
-    # HTTP/1.1 carries one request per connection, so the connection limit is what caps Shimmy's concurrency.
-    # max_requests must not be that tight: Envoy still counts a request as active while the processor works on
-    # its buffered response, after the connection went back to the pool, and a queued request picked up on that
-    # connection would overflow with a spurious 429.
+    # The processor admits generations (extproc/admission.py: a slot until Shimmy is done, queue, 429); this is the
+    # backstop behind it. HTTP/1.1 carries one request per connection, so the connection limit caps the requests
+    # Shimmy sees at once even if the processor were wrong about a live one; the pending queue only bridges the
+    # moment a finished request's connection returns to the pool. max_requests must not be that tight: Envoy still
+    # counts a request as active while the processor works on its response, after the connection went back to the
+    # pool, and a queued request picked up on that connection would overflow with a spurious 429.
     [limits] = shimmy["circuit_breakers"]["thresholds"]
     limits["max_connections"] = settings.max_active_requests
     limits["max_pending_requests"] = settings.max_queued_requests

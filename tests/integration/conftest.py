@@ -138,7 +138,9 @@ def stop_stack(stack: Stack) -> int:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    started = start_stack()
+    # Generations a test abandons (a stop sequence, a client that leaves) keep their slot for as long as Shimmy
+    # would go on with them (docs/admission.md); room for several keeps the next tests of the session unqueued.
+    started = start_stack({"MAX_ACTIVE_REQUESTS": "8"})
     yield started
     stop_stack(started)
     started.log.unlink(missing_ok=True)
@@ -146,8 +148,9 @@ def stack() -> Iterator[Stack]:
 
 @pytest.fixture(scope="session", params=SHIMMY_VERSIONS, ids=lambda v: f"shimmy-{v}")
 def versioned_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """A stack per Shimmy version (the emulator mimics it, the processor is told it), for version-dependent tests."""
-    started = start_stack({"EMULATOR_VERSION": request.param})
+    """A stack per Shimmy version (the emulator mimics it, the processor is told it), for version-dependent tests;
+    room for several generations, as the session's `stack` has."""
+    started = start_stack({"EMULATOR_VERSION": request.param, "MAX_ACTIVE_REQUESTS": "8"})
     yield started
     stop_stack(started)
     started.log.unlink(missing_ok=True)

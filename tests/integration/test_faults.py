@@ -82,9 +82,12 @@ def _reset(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if "faulty" not in request.fixturenames:
         return
-    emulator = request.getfixturevalue("faulty")[1]
+    stack, emulator = request.getfixturevalue("faulty")
     if emulator.proc is not None and emulator.proc.poll() is None:
         httpx.post(f"http://127.0.0.1:{emulator.port}/_emulator/reset").raise_for_status()
+    # A generation a test left behind keeps Shimmy's only slot until Shimmy is through with it (docs/admission.md).
+    with contextlib.suppress(httpx.TransportError):
+        wait_for(lambda: "shimmy_slots_busy 0.0" in httpx.get(f"{stack.url}/metrics").text, timeout=60)
 
 
 def wait_for(check, timeout: float = 15.0) -> None:
@@ -159,7 +162,9 @@ def test_shimmy_that_never_answers_gets_504(faulty: tuple[Stack, Emulator]) -> N
         emulator.start()
     wait_for(lambda: chat_ok(stack))
     emulator.configure(hang=True)
-    for payload in (CHAT, {**CHAT, "stream": True}):
+    # 8 tokens: the generation Envoy gave up on keeps the only slot for as long as Shimmy could go on with it
+    # (docs/admission.md), which must end before the next request's queue wait does.
+    for payload in ({**CHAT, "max_tokens": 8}, {**CHAT, "stream": True, "max_tokens": 8}):
         started = time.monotonic()
         resp = httpx.post(f"{stack.url}/v1/chat/completions", json=payload, timeout=20)
         assert_openai_error(resp, 504, "timeout")
@@ -171,9 +176,9 @@ def test_shimmy_that_never_answers_gets_504(faulty: tuple[Stack, Emulator]) -> N
 
 def test_stream_past_the_generation_deadline_ends_in_band(faulty: tuple[Stack, Emulator]) -> None:
     stack, emulator = faulty
-    emulator.configure(hang=False, token_delay_ms=250, repeat=True)
+    emulator.configure(hang=False, token_delay_ms=250, repeat=True)  # 20 tokens take 5 s, the deadline is 3 s
     with httpx.stream("POST", f"{stack.url}/v1/chat/completions",
-                      json={**CHAT, "stream": True, "max_tokens": 100}, timeout=20) as resp:
+                      json={**CHAT, "stream": True, "max_tokens": 20}, timeout=20) as resp:
         lines = [line for line in resp.iter_lines() if line]
     assert resp.status_code == 200
     assert lines[-1] == "data: [DONE]"

@@ -158,13 +158,16 @@ def test_openai_sdk_sees_typed_errors(stack: Stack) -> None:
     client.close()
 
 
-def test_non_stream_request_costs_three_ext_proc_messages(stack: Stack) -> None:
+def test_non_stream_request_costs_two_ext_proc_messages_and_one_per_shimmy_chunk(stack: Stack) -> None:
+    """Shimmy's body is streamed to the processor (so a non-stream answer can end early): 1 token, 1 chunk."""
     prefix = "http.gateway.ext_proc.shimmy."
     before = stack.envoy_stats(prefix)
     httpx.post(f"{stack.url}/v1/chat/completions",
-               json={"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}]}).raise_for_status()
+               json={"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+               ).raise_for_status()
     after = stack.envoy_stats(prefix)
-    assert after[prefix + "stream_msgs_sent"] - before.get(prefix + "stream_msgs_sent", 0) == 3
+    # request body, response headers, then Shimmy's chunks: the token, [DONE], the end (Envoy may merge them)
+    assert 3 <= after[prefix + "stream_msgs_sent"] - before.get(prefix + "stream_msgs_sent", 0) <= 5
     assert after[prefix + "streams_started"] - before.get(prefix + "streams_started", 0) == 1
 
 

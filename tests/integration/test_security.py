@@ -35,6 +35,8 @@ def raw_request(stack: Stack, data: bytes) -> bytes:
 def json_error_status(answer: bytes) -> tuple[int, bytes]:
     head, _, body = answer.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():  # the chat route's response is streamed (full duplex)
+        body = body.partition(b"\r\n")[2]
     assert b"content-type: application/json" in head.lower(), answer
     assert body.startswith(b'{"error":'), answer
     return status, body

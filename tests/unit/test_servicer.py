@@ -45,7 +45,9 @@ class SyncAdapter:
         processor = self.inner.processor_for(ctx.invocation_metadata())
         for msg in requests:
             response = self.inner.dispatch(processor, msg)
-            if response is not None:
+            if isinstance(response, list):
+                yield from response
+            elif response is not None:
                 yield response
 
 
@@ -80,6 +82,7 @@ CHAT_BODY = b'{"model":"phi3-lora","messages":[{"role":"user","content":"Hi"}],"
 
 
 def test_non_stream_chat_takes_three_messages(rpc_factory) -> None:
+    """A route that keeps the response BUFFERED (an Envoy of the user's own): the whole body in one message."""
     rpc = rpc_factory(CHAT)
     rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
     first = rpc.take_response().request_body.response
@@ -101,6 +104,66 @@ def test_non_stream_chat_takes_three_messages(rpc_factory) -> None:
     assert set_headers(third.header_mutation)["content-length"] == str(len(third.body_mutation.body))
     rpc.requests_closed()
     assert rpc.termination()[1] == grpc.StatusCode.OK
+
+
+DUPLEX = ep.ProtocolConfiguration(response_body_mode=processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED)
+
+
+def duplex_body(body: bytes) -> ep.ProcessingRequest:
+    """The stream's first message on the chat route of envoy/gateway.yaml, which says its response is full duplex."""
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True), protocol_config=DUPLEX)
+
+
+def test_non_stream_chat_holds_its_headers_until_the_answer_is_whole(rpc_factory) -> None:
+    rpc = rpc_factory(CHAT)
+    rpc.send_request(duplex_body(CHAT_BODY))
+    first = rpc.take_response().request_body.response
+    sent = set_headers(first.header_mutation)
+    assert sent[":path"] == "/api/generate"
+    assert int(sent["content-length"]) == len(first.body_mutation.body)
+    assert json.loads(first.body_mutation.body)["stream"] is True
+
+    rpc.send_request(status_headers(200))  # no answer yet: the status depends on how the generation ends
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: Hi\n\n")))  # nor yet
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(
+        body=b"data:  there\n\ndata: [DONE]\n\n", end_of_stream=True)))
+    headers = set_headers(rpc.take_response().response_headers.response.header_mutation)
+    body = rpc.take_response().response_body.response.body_mutation.streamed_response
+    assert headers["content-type"] == "application/json"
+    assert body.end_of_stream
+    assert json.loads(body.body)["choices"][0]["message"]["content"] == "Hi there"
+    rpc.requests_closed()
+    assert rpc.termination()[1] == grpc.StatusCode.OK
+
+
+def test_non_stream_chat_failing_midway_is_a_502_not_a_200(rpc_factory) -> None:
+    rpc = rpc_factory(CHAT)
+    rpc.send_request(duplex_body(CHAT_BODY))
+    rpc.take_response()
+    rpc.send_request(status_headers(200))
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: Hi\n\ndata: [ERROR] boom\n\n")))
+    headers = set_headers(rpc.take_response().response_headers.response.header_mutation)
+    assert (headers[":status"], headers["content-type"]) == ("502", "application/json")
+    answer = rpc.take_response().response_body.response.body_mutation.streamed_response
+    assert answer.end_of_stream
+    assert json.loads(answer.body)["error"]["code"] == "generation_failed"
+    rpc.requests_closed()
+    rpc.termination()
+
+
+def test_non_stream_chat_ends_at_a_stop_sequence_without_shimmys_rest(rpc_factory) -> None:
+    rpc = rpc_factory(CHAT)
+    body = CHAT_BODY.replace(b'"max_tokens":4', b'"max_tokens":40,"stop":[" there"]')
+    rpc.send_request(duplex_body(body))
+    rpc.take_response()
+    rpc.send_request(status_headers(200))
+    rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: Hi\n\ndata:  there\n\n")))
+    assert rpc.take_response().HasField("response_headers")
+    answer = json.loads(rpc.take_response().response_body.response.body_mutation.streamed_response.body)
+    assert answer["choices"][0]["message"]["content"] == "Hi"
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    rpc.requests_closed()
+    rpc.termination()
 
 
 def test_stream_chat_switches_this_response_to_full_duplex(rpc_factory) -> None:
@@ -224,7 +287,7 @@ def test_an_envoy_local_reply_passes_through_and_is_counted(rpc_factory) -> None
     labels = ("phi3-lora", "error", "http_429", "chat")
     before = metrics.REQUESTS.labels(*labels)._value.get()
     rpc = rpc_factory(CHAT)
-    rpc.send_request(ep.ProcessingRequest(request_body=ep.HttpBody(body=CHAT_BODY, end_of_stream=True)))
+    rpc.send_request(duplex_body(CHAT_BODY))
     rpc.take_response()
     local = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=b"429"),
                                         base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")])
@@ -232,7 +295,8 @@ def test_an_envoy_local_reply_passes_through_and_is_counted(rpc_factory) -> None
     answer = rpc.take_response()
     assert answer.HasField("response_headers") and not answer.HasField("immediate_response")  # untouched
     rpc.send_request(ep.ProcessingRequest(response_body=ep.HttpBody(body=b'{"error":{}}', end_of_stream=True)))
-    assert not rpc.take_response().response_body.response.HasField("body_mutation")
+    echoed = rpc.take_response().response_body.response.body_mutation.streamed_response  # full duplex: echoed
+    assert (echoed.body, echoed.end_of_stream) == (b'{"error":{}}', True)
     rpc.requests_closed()
     rpc.termination()
     assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
