@@ -6,7 +6,7 @@ processor needs:
 
     route    phases Envoy sends                          messages per request
     health   request headers                             1 (answered at once)
-    metrics  response headers, response body (BUFFERED)  2 (Envoy's /stats/prometheus, ours appended)
+    metrics  response headers, response body (STREAMED)  2 + one per chunk of admin's stats (ours after the last)
     models   response headers, response body (BUFFERED)  2
     model    request headers, response headers,          3 (GET /v1/models/{model})
              response body (BUFFERED)
@@ -215,17 +215,21 @@ class MetricsProcessor(Processor):
     """Envoy's `/stats/prometheus` (Envoy rewrote the path to its admin) with the processor's metrics appended.
 
     Only to admin's 200: any other answer on this route (the API key filter's 401, admin unreachable) is Envoy's
-    own reply and passes through untouched, so the metrics never leak past the key.
+    own reply and passes through untouched, so the metrics never leak past the key. The body is STREAMED, not
+    BUFFERED: Envoy's stats outgrow a small MAX_REQUEST_BYTES (the connection's buffer limit), so ours go after
+    admin's last chunk instead of onto one buffered body.
     """
 
     passthrough = True  # until the response headers say admin answered 200
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         self.passthrough = _status(msg) != 200
-        return mutations.continue_response_headers()
+        if self.passthrough:
+            return mutations.continue_response_headers()
+        return mutations.response_headers(remove=["content-length"])  # the body grows by ours
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
-        if self.passthrough:
+        if self.passthrough or not msg.end_of_stream:
             return mutations.continue_response_body()
         return mutations.response_body(msg.body + metrics.exposition())
 

@@ -16,6 +16,17 @@ REPLY = "The quick brown fox jumps"  # the emulator's tokens: "The", " quick", "
 CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "Tell me"}]}
 
 
+@pytest.fixture(scope="module")
+def streamed() -> Iterator[Stack]:
+    """A 2.x Shimmy, which streams every answer to the gateway: exact per-token counts and in-band failures to
+    check. (The pinned 1.x answers a non-stream request in one piece, and swallows a stream's failure:
+    tests/integration/test_shimmy_versions_gateway.py.)"""
+    started = start_stack({"EMULATOR_VERSION": "2.5.0", "MAX_ACTIVE_REQUESTS": "8"})
+    yield started
+    stop_stack(started)
+    started.log.unlink(missing_ok=True)
+
+
 def sdk(stack: Stack, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
 
@@ -34,7 +45,8 @@ def typed_events(text: str) -> list[dict]:
 # -- Responses --------------------------------------------------------------------------------------
 
 
-def test_sdk_responses_create_answers_one_message_with_usage(stack: Stack) -> None:
+def test_sdk_responses_create_answers_one_message_with_usage(streamed: Stack) -> None:
+    stack = streamed
     stack.configure(reply=REPLY)
     response = sdk(stack).responses.create(model="phi3-lora", instructions="Be brief", input="Tell me",
                                            max_output_tokens=64, temperature=0.5, store=True)
@@ -94,7 +106,8 @@ def test_raw_responses_stream_sends_the_exact_event_order(stack: Stack) -> None:
     assert final["usage"]["output_tokens"] == 2 and final["output"][0]["content"][0]["text"] == "The quick"
 
 
-def test_responses_failure_mid_stream_is_response_failed(stack: Stack) -> None:
+def test_responses_failure_mid_stream_is_response_failed(streamed: Stack) -> None:
+    stack = streamed
     stack.configure(reply=REPLY, error_after=2)
     with httpx.stream("POST", f"{stack.url}/v1/responses",
                       json={"model": "phi3-lora", "input": "Tell me", "stream": True}) as r:
@@ -119,12 +132,12 @@ def test_responses_are_not_stored_and_say_why(stack: Stack) -> None:
 @pytest.mark.parametrize(
     ("payload", "param"),
     [
-        ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "o"}]}, "input[0].type"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
          "input[0].content[0].type"),
-        ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}, "text.format"),
         ({"input": "x", "background": True}, "background"),
     ],
 )
@@ -137,7 +150,8 @@ def test_responses_refusals_name_the_param(stack: Stack, payload: dict, param: s
 # -- legacy completions ------------------------------------------------------------------------------
 
 
-def test_sdk_completions_send_the_raw_prompt_with_default_16_tokens(stack: Stack) -> None:
+def test_sdk_completions_send_the_raw_prompt_with_default_16_tokens(streamed: Stack) -> None:
+    stack = streamed
     stack.configure(reply=REPLY)
     completion = sdk(stack).completions.create(model="phi3-lora", prompt="Once upon a time")
     assert completion.object == "text_completion" and completion.choices[0].text == REPLY
@@ -291,7 +305,8 @@ def test_the_key_header_is_configurable(configured: Stack) -> None:
         ("chat", "/v1/chat/completions", {**CHAT, "max_tokens": 3}),
     ],
 )
-def test_metrics_and_access_log_lines_carry_the_api(stack: Stack, api: str, path: str, payload: dict) -> None:
+def test_metrics_and_access_log_lines_carry_the_api(streamed: Stack, api: str, path: str, payload: dict) -> None:
+    stack = streamed
     from tests.integration.test_observability import access_log, metric, quiet_metrics
 
     ok = {"api": api, "outcome": "ok"}
