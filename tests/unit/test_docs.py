@@ -33,8 +33,6 @@ from tests.integration.conftest import free_port, terminate
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 GUIDES = [README, ROOT / "k8s" / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Guides the lead writes while merging other branches; linked from the README already. Delete this set once they exist.
-MAY_BE_MISSING = {ROOT / "docs" / name for name in ("shimmy-versions.md", "security.md", "resilience.md", "apis.md")}
 TEMPLATE = ROOT / "k8s" / "shimmy-serving-template.yaml"
 STANDALONE_EXAMPLE = ROOT / "envoy" / "standalone.example.yaml"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -77,8 +75,6 @@ def test_every_relative_link_resolves(guide: Path) -> None:
     for target in relative_links(guide):
         file_part, _, anchor = target.partition("#")
         linked = (guide.parent / file_part).resolve() if file_part else guide
-        if linked in MAY_BE_MISSING and not linked.exists():
-            continue
         if not linked.exists():
             broken.append(f"{target}: no such file")
         elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
@@ -88,7 +84,7 @@ def test_every_relative_link_resolves(guide: Path) -> None:
 
 def test_the_readme_links_every_guide() -> None:
     linked = {(ROOT / t.partition("#")[0]).resolve() for t in relative_links(README)}
-    assert set(GUIDES[1:]) | MAY_BE_MISSING <= linked
+    assert set(GUIDES[1:]) <= linked
 
 
 def test_the_readme_is_a_front_page() -> None:
