@@ -201,12 +201,14 @@ async def _faults(supervisor_pid: int, started: float, seconds: float, log: dict
 
 
 async def _sample_generations(emulator: str, until: float, seen: list[int]) -> None:
-    """The emulator's active generations every 0.1 s; a hung or dead emulator is simply not sampled."""
+    """The generations inside the emulator every 0.1 s: running, and (2.x, one at a time) waiting for its model;
+    a hung or dead emulator is simply not sampled."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
         while time.monotonic() < until:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with session.get(f"{emulator}/stats") as resp:
-                    seen.append(int((await resp.json())["active_generations"]))
+                    stats = await resp.json()
+                    seen.append(int(stats["active_generations"]) + int(stats.get("queued_generations", 0)))
             await asyncio.sleep(0.1)
 
 

@@ -5,6 +5,7 @@
       ModelNotFound         404 invalid_request_error / model_not_found
       UpstreamError         502 server_error / upstream_error (Shimmy failed or spoke garbage)
       Timeout               504 server_error / timeout (the generation outlived the gateway's deadline)
+      Unavailable           503 server_error / backend_unavailable (Shimmy cannot serve now; Retry-After)
 
 Bodies are always built by the JSON encoder, never by string formatting.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["GatewayError", "InvalidRequest", "ModelNotFound", "Timeout", "UpstreamError", "error_json"]
+__all__ = ["GatewayError", "InvalidRequest", "ModelNotFound", "Timeout", "Unavailable", "UpstreamError", "error_json"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -59,6 +60,13 @@ class Timeout(GatewayError):
     status = 504
     type = "server_error"
     code = "timeout"
+
+
+class Unavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "backend_unavailable"
+    retry_after = 5  # seconds: a couple of health checks, as Envoy's own 503 says
 
 
 def error_json(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:

@@ -37,7 +37,7 @@ from extproc import metrics, mutations
 from extproc.admission import AbandonReason, Admission, Busy, Ticket
 from extproc.apis import APIS
 from extproc.apis.messages import MessagesCountTokens
-from extproc.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
+from extproc.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable, UpstreamError
 from extproc.generation import Api, Exchange, count_prompt, start
 from extproc.health import ShimmyMonitor
 from extproc.limits import ContextLimits
@@ -103,7 +103,7 @@ def _error(exc: GatewayError) -> ep.ProcessingResponse:
 
 
 def _retry_after(exc: GatewayError) -> list[mutations.Header]:
-    return [("retry-after", str(exc.retry_after))] if isinstance(exc, Busy) else []
+    return [("retry-after", str(exc.retry_after))] if isinstance(exc, Busy | Unavailable) else []
 
 
 class Processor:
@@ -287,7 +287,12 @@ class GenerationProcessor(Processor):
         if admission is None:
             return forward
         self.ticket = admission.try_admit(gen.model, gen.max_tokens, gen.prompt_tokens)
-        return forward if self.ticket is not None else self._queue(admission, forward)
+        if self.ticket is not None:
+            return forward
+        if not ctx.monitor.healthy:  # no slot, and none will come soon from a Shimmy that is not answering
+            self.exchange = None  # nothing reached Shimmy
+            return self._failed(Unavailable("Shimmy is not available; retry later"))
+        return self._queue(admission, forward)
 
     async def _queue(self, admission: Admission, forward: ep.ProcessingResponse) -> ep.ProcessingResponse:
         """Wait for a slot (bounded below Envoy's message_timeout), else 429 with Retry-After."""

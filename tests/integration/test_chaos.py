@@ -41,9 +41,6 @@ def test_every_client_is_answered_and_nothing_leaks(report: chaos.ChaosReport) -
     )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 1: Envoy's cap counts HTTP requests, so a client that vanishes "
-                   "leaves its generation running in Shimmy outside the cap; remove this mark once admission "
-                   "counts Shimmy's real work")
 def test_never_more_generations_in_shimmy_than_the_cap(report: chaos.ChaosReport) -> None:
     assert report.generations_seen, "the emulator was sampled"
     assert report.max_generations <= report.cap, report.figures()

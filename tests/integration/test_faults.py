@@ -87,7 +87,12 @@ def _reset(request: pytest.FixtureRequest) -> Iterator[None]:
         httpx.post(f"http://127.0.0.1:{emulator.port}/_emulator/reset").raise_for_status()
     # A generation a test left behind keeps Shimmy's only slot until Shimmy is through with it (docs/admission.md).
     with contextlib.suppress(httpx.TransportError):
-        wait_for(lambda: "shimmy_slots_busy 0.0" in httpx.get(f"{stack.url}/metrics").text, timeout=60)
+        wait_for(lambda: slots_free(stack), timeout=60)
+
+
+def slots_free(stack: Stack) -> bool:
+    """Every generation slot is back: Shimmy is through with what earlier requests left it (docs/admission.md)."""
+    return "shimmy_slots_busy 0.0" in httpx.get(f"{stack.url}/metrics").text
 
 
 def wait_for(check, timeout: float = 15.0) -> None:
@@ -165,6 +170,7 @@ def test_shimmy_that_never_answers_gets_504(faulty: tuple[Stack, Emulator]) -> N
     # 8 tokens: the generation Envoy gave up on keeps the only slot for as long as Shimmy could go on with it
     # (docs/admission.md), which must end before the next request's queue wait does.
     for payload in ({**CHAT, "max_tokens": 8}, {**CHAT, "stream": True, "max_tokens": 8}):
+        wait_for(lambda: slots_free(stack), timeout=30)  # the hung generation before keeps the only slot a while
         started = time.monotonic()
         resp = httpx.post(f"{stack.url}/v1/chat/completions", json=payload, timeout=20)
         assert_openai_error(resp, 504, "timeout")
@@ -193,17 +199,18 @@ def test_deadlines_nest_inside_the_outer_limit(faulty: tuple[Stack, Emulator]) -
     if emulator.proc is None or emulator.proc.poll() is not None:
         emulator.start()
     wait_for(lambda: chat_ok(stack))
-    emulator.configure(token_delay_ms=250, repeat=True)
+    emulator.configure(token_delay_ms=250, repeat=True)  # 16 tokens take 4 s: past the deadline, then done
     started = time.monotonic()
     with httpx.stream("POST", f"{stack.url}/v1/chat/completions",
-                      json={**CHAT, "stream": True, "max_tokens": 100}, timeout=20) as resp:
+                      json={**CHAT, "stream": True, "max_tokens": 16}, timeout=20) as resp:
         lines = [line for line in resp.iter_lines() if line]
     took = time.monotonic() - started
     assert resp.status_code == 200 and lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "timeout"
     assert GENERATION_TIMEOUT_S - 2 <= took < GENERATION_TIMEOUT_S, f"in-band error after {took:.1f} s"
+    wait_for(lambda: slots_free(stack), timeout=30)  # Shimmy goes on with the abandoned stream for a while
     started = time.monotonic()
-    resp = httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 100}, timeout=20)
+    resp = httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 16}, timeout=20)
     took = time.monotonic() - started
     assert_openai_error(resp, 504, "timeout")
     assert took < GENERATION_TIMEOUT_S, f"504 after {took:.1f} s"
@@ -482,14 +489,20 @@ def test_stalled_clients_leave_other_users_served(supervised: Stack) -> None:
     connections behind them) until CLIENT_STALL_TIMEOUT_S cuts them; then the next user is served."""
     stack = supervised
     wait_for(lambda: chat_ok(stack))
-    stack.configure(repeat=True, token_delay_ms=0)
+    # 1 KiB tokens: the context caps max_tokens near 4,000 (1.x), still megabytes, more than every buffer between
+    # Shimmy and a client that reads nothing can hold.
+    stack.configure(repeat=True, token_delay_ms=0, reply="x" * 1024)
     stalled = [stalled_client(stack) for _ in range(2)]
+    stalled_at = time.monotonic()
     try:
         active = "cluster.shimmy.upstream_rq_active"  # both streams hold a slot, none is queued
         wait_for(lambda: stack.envoy_stats(active)[active] == 2)
         resp, took = answer(stack, timeout=CLIENT_STALL_TIMEOUT_S + 15)
         assert resp.status_code == 200, resp.text
         assert took < CLIENT_STALL_TIMEOUT_S + 8, f"served after {took:.1f} s"
+        # The clients read nothing for longer than CLIENT_STALL_TIMEOUT_S (the behaviour under test, not a wait for
+        # the gateway): only then do they read, and find their connections cut.
+        time.sleep(max(0.0, CLIENT_STALL_TIMEOUT_S + 2 - (time.monotonic() - stalled_at)))
         for client in stalled:  # cut, not finished: reading what was buffered ends in a reset (or an early EOF)
             client.settimeout(CLIENT_STALL_TIMEOUT_S + 5)
             received = b""

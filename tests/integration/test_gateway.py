@@ -130,7 +130,8 @@ def test_openai_sdk_chat_and_models(stack: Stack) -> None:
     [
         pytest.param({"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n", id="n"),
         pytest.param({"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}],
-                      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", id="tools"),
+                      "tools": [{"type": "function", "function": {"name": "no spaces"}}]}, 400,
+                     "tools[0].function.name", id="tool-name"),
         pytest.param({"model": "phi3-lora", "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages[0].content[0].type",
             id="image"),

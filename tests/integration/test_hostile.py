@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import Stack, start_stack, stop_stack
-from tests.integration.test_security import json_error_status, raw_request
+from tests.integration.test_security import http_body, json_error_status, raw_request
 
 CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
 BODY = json.dumps(CHAT).encode()
@@ -177,7 +177,7 @@ def test_a_chunked_chat_body_is_accepted(hostile: Stack) -> None:
     chunks = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, BODY[:half], len(BODY) - half, BODY[half:])
     answer = raw_request(hostile, head + chunks)
     assert answer.startswith(b"HTTP/1.1 200"), answer
-    assert json.loads(answer.partition(b"\r\n\r\n")[2])["object"] == "chat.completion"
+    assert json.loads(http_body(answer))["object"] == "chat.completion"
 
 
 def test_an_http2_chat_body_without_content_length_is_accepted_and_no_body_is_missing_body(hostile: Stack) -> None:

@@ -32,11 +32,23 @@ def raw_request(stack: Stack, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
-def json_error_status(answer: bytes) -> tuple[int, bytes]:
+def http_body(answer: bytes) -> bytes:
+    """An HTTP/1.1 answer's body, de-chunked: the generation routes' answers are streamed (full duplex)."""
     head, _, body = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return body
+    out = b""
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        if not size or int(size, 16) == 0:
+            return out
+        out, body = out + body[: int(size, 16)], body[int(size, 16) + 2 :]
+
+
+def json_error_status(answer: bytes) -> tuple[int, bytes]:
+    head, _, _ = answer.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
-    if b"transfer-encoding: chunked" in head.lower():  # the chat route's response is streamed (full duplex)
-        body = body.partition(b"\r\n")[2]
+    body = http_body(answer)
     assert b"content-type: application/json" in head.lower(), answer
     assert body.startswith(b'{"error":'), answer
     return status, body
