@@ -23,6 +23,7 @@ A phase a processor does not override answers "continue unchanged" (the `Process
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from urllib.parse import unquote
 
 import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2
 
 from extproc import metrics, mutations
 from extproc.admission import AbandonReason, Admission, Busy, Ticket
@@ -115,6 +117,9 @@ class Processor:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+
+    def attributes(self, attributes: Mapping[str, struct_pb2.Struct]) -> None:
+        """Envoy's request attributes (the ext_proc filter's `request_attributes`), before the phase they came with."""
 
     def request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         return ep.ProcessingResponse(request_headers=ep.HeadersResponse())
@@ -234,6 +239,8 @@ class MetricsProcessor(Processor):
         return mutations.response_body(msg.body + metrics.exposition())
 
 
+_EXT_PROC = "envoy.filters.http.ext_proc"  # the key Envoy files the request attributes under
+
 _STREAM_HEADERS = (
     ("content-type", "text/event-stream"),
     ("cache-control", "no-cache"),
@@ -260,6 +267,19 @@ class GenerationProcessor(Processor):
         self.ticket: Ticket | None = None  # this generation's slot, until Shimmy is done with it
         self.held_headers: list[mutations.Header] | None = None  # a non-stream answer's headers, until it is whole
 
+    def attributes(self, attributes: Mapping[str, struct_pb2.Struct]) -> None:
+        """The request's arrival (Envoy's `request.time`): its deadline and duration count from there, not from the
+        moment its body was whole, so a slow upload cannot push the answer past the outer proxy's limit."""
+        sent = attributes.get(_EXT_PROC)
+        arrival = sent.fields.get("request.time") if sent is not None else None
+        if arrival is None or not arrival.string_value:
+            return
+        try:
+            arrived = datetime.datetime.fromisoformat(arrival.string_value).timestamp()
+        except ValueError:
+            return
+        self.started = time.monotonic() - max(0.0, time.time() - arrived)
+
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]:
         """Shimmy's request, once a generation slot is free: at once, or (awaitable) after queueing for one."""
         ctx = self.ctx
@@ -271,7 +291,7 @@ class GenerationProcessor(Processor):
                 api,
                 ctx.templates,
                 ctx.known_models,
-                ctx.generation_timeout,
+                ctx.generation_timeout - (time.monotonic() - self.started),  # the deadline counts from arrival
                 ctx.aliases,
                 counter=ctx.prompt_counter,
                 profile=ctx.profile,

@@ -57,6 +57,8 @@ class ExternalProcessor:
         when the answer must wait (a request queued for a generation slot); a list answers held messages too."""
         if msg.HasField("protocol_config"):  # on the stream's first message: the route's body modes
             processor.response_duplex = msg.protocol_config.response_body_mode == FULL_DUPLEX
+        if msg.attributes:  # request.time, on a generation's first message: when the request arrived
+            processor.attributes(msg.attributes)
         match msg.WhichOneof("request"):
             case "request_headers":
                 return processor.request_headers(msg.request_headers)

@@ -217,8 +217,6 @@ def test_deadlines_nest_inside_the_outer_limit(faulty: tuple[Stack, Emulator]) -
     emulator.configure(token_delay_ms=0, repeat=False)
 
 
-@pytest.mark.xfail(strict=True, reason="the processor's deadline starts when the body is read; the lead moves it "
-                   "to the request's arrival (Envoy's request.time attribute), then this passes: remove the mark")
 def test_deadline_counts_from_the_requests_arrival(faulty: tuple[Stack, Emulator]) -> None:
     """A body that takes 2.5 s to arrive leaves 1.5 s of the outer limit: the stream must end in-band before it."""
     stack, emulator = faulty
