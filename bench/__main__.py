@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import chart, report, stack, suite, wrk
+from bench import chart, processor_cost, report, stack, stops, suite, wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,6 +93,16 @@ def _sigterm_as_sigint(signum: int, frame: object) -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
+def _in_process(rounds: int) -> str:
+    """What stop sequences and tools cost the processor, measured in process (no stack), as ratios in this run."""
+    return (
+        "\n## In process: stop sequences and tools\n\n"
+        + stops.table(rounds=max(rounds, 3))
+        + "\n"
+        + processor_cost.table(rounds=max(rounds, 3))
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm_as_sigint)
     options = _options(argv)
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     why_not = chart.draw(results, RESULTS / "latest.png", f"{meta['date']}, {meta['cores']} cores")
     if why_not:
         print(f"no chart: {why_not}", file=sys.stderr)
-    text = report.markdown(results, meta, None if why_not else "latest.png")
+    text = report.markdown(results, meta, None if why_not else "latest.png") + _in_process(options.rounds)
     document = report.json_document(results, meta)
     report.write(RESULTS, {"latest.md": text, "latest.json": report.json_text(document)})
     print(text, end="", flush=True)

@@ -22,7 +22,7 @@ from extproc.health import ShimmyMonitor
 from extproc.processors import ROUTES, Context
 from extproc.server import ExternalProcessor
 
-__all__ = ["KINDS", "measure"]
+__all__ = ["KINDS", "measure", "table"]
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {
@@ -85,16 +85,21 @@ def measure(requests: int = 2000, rounds: int = 5) -> dict[str, float]:
     return {kind: statistics.median(values) for kind, values in samples.items()}
 
 
+def table(requests: int = 2000, rounds: int = 5) -> str:
+    """`measure`'s figures as markdown, each kind against the plain chat."""
+    figures = measure(requests, rounds)
+    plain = figures["plain"]
+    rows = ["| chat request, in process | processor CPU per request | vs plain chat |", "|---|---|---|"]
+    rows += [f"| {kind} | {micros:.0f} µs | {micros / plain:.2f}x |" for kind, micros in figures.items()]
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.processor_cost", description=__doc__)
     parser.add_argument("--requests", type=int, default=2000, help="requests per kind per round (default 2000)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     args = parser.parse_args()
-    figures = measure(args.requests, args.rounds)
-    plain = figures["plain"]
-    print("| request | processor CPU per request | vs plain chat |\n|---|---|---|")
-    for kind, micros in figures.items():
-        print(f"| {kind} | {micros:.0f} µs | {micros / plain:.2f}x |")
+    print(table(args.requests, args.rounds), end="")
 
 
 if __name__ == "__main__":

@@ -273,7 +273,8 @@ def test_a_non_stream_answer_failing_midway_is_a_502_json(busy_stack: Stack) -> 
 
 
 def test_the_warmup_generation_takes_a_slot() -> None:
-    """WARMUP's generation is Shimmy's work too: with one slot, a chat request meanwhile is refused."""
+    """WARMUP's generation is Shimmy's work too: with one slot, a chat request meanwhile is refused at once (no slot
+    is free, and Shimmy is not ready: 503, not a queue), and Shimmy never runs a second generation."""
     stack = start_stack(
         {
             "MAX_ACTIVE_REQUESTS": "1",
@@ -289,9 +290,10 @@ def test_the_warmup_generation_takes_a_slot() -> None:
             assert time.monotonic() < deadline, stack.output()
             time.sleep(0.05)
         with Sampler(stack) as sampler:
-            r = httpx.post(f"{stack.url}/v1/chat/completions", json=_chat(False, 1), timeout=30)
-        assert r.status_code == 429, r.text
-        assert json.loads(r.text)["error"]["code"] == "queue_full"
+            r, took = _post(stack, _chat(False, 1))
+        assert r.status_code == 503, r.text
+        assert json.loads(r.text)["error"]["code"] == "backend_unavailable"
+        assert int(r.headers["retry-after"]) > 0 and took < 2
         assert sampler.peak <= 1
     finally:
         stop_stack(stack)
