@@ -263,6 +263,7 @@ class ChaosReport:
     rss_start: int | None
     rss_end: int | None
     same_processor: bool
+    recovered_after_kill_s: float | None = None  # the first chat answered after the storm, counted from the kill
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -314,6 +315,7 @@ class ChaosReport:
             "cap": self.cap,
             "rss_mib": [_mib(self.rss_start), _mib(self.rss_end)],
             "settled_s": round(self.settled.seconds, 1),
+            "recovered_after_kill_s": _round(self.recovered_after_kill_s),
             "problems": self.problems,
         }
 
@@ -339,6 +341,22 @@ async def _run(target: Target, supervisor_pid: int, seconds: float, seed: int) -
     return outcomes, faults, seen
 
 
+async def _recovered(target: Target, killed: float | None, limit_s: float) -> float | None:
+    """Seconds from the kill until a chat is answered again, asking every 0.25 s for at most `limit_s` after the
+    storm: slots Shimmy's killed generations held come back only when their estimate runs out (docs/admission.md),
+    which may be after a short storm has ended."""
+    deadline = time.monotonic() + limit_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.post(target.url + CHAT, json=_body(False, 2)) as resp:
+                    if resp.status == 200 and killed is not None:
+                        return time.monotonic() - killed
+                    await resp.read()
+            await asyncio.sleep(0.25)
+    return None
+
+
 async def _warm(target: Target) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for stream in (False, True) * 5:
@@ -352,10 +370,11 @@ def run(target: Target, supervisor_pid: int, version: str, seconds: float, cap: 
     processor = extproc_pid(supervisor_pid)
     rss_start = rss_bytes(processor) if processor else None
     outcomes, faults, seen = asyncio.run(_run(target, supervisor_pid, seconds, seed))
+    recovered = asyncio.run(_recovered(target, faults.get("killed"), limit_s=30))
     settled = asyncio.run(_settle(target, limit_s=30))
     rss_end = rss_bytes(processor) if processor else None
     report = ChaosReport(version, seconds, cap, outcomes, faults, seen, settled, rss_start, rss_end,
-                         processor is not None and extproc_pid(supervisor_pid) == processor)
+                         processor is not None and extproc_pid(supervisor_pid) == processor, recovered)
     report.check()
     return report
 

@@ -147,6 +147,17 @@ def stack() -> Iterator[Stack]:
     started.log.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session")
+def streamed() -> Iterator[Stack]:
+    """A 2.x Shimmy, which streams every answer to the gateway: exact per-token counts and in-band failures to
+    check. (The pinned 1.x answers a non-stream request in one piece, and swallows a stream's failure:
+    tests/integration/test_shimmy_versions_gateway.py.)"""
+    started = start_stack({"EMULATOR_VERSION": "2.5.0", "MAX_ACTIVE_REQUESTS": "8"})
+    yield started
+    stop_stack(started)
+    started.log.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session", params=SHIMMY_VERSIONS, ids=lambda v: f"shimmy-{v}")
 def versioned_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """A stack per Shimmy version (the emulator mimics it, the processor is told it), for version-dependent tests;

@@ -16,17 +16,6 @@ REPLY = "The quick brown fox jumps"  # the emulator's tokens: "The", " quick", "
 CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "Tell me"}]}
 
 
-@pytest.fixture(scope="module")
-def streamed() -> Iterator[Stack]:
-    """A 2.x Shimmy, which streams every answer to the gateway: exact per-token counts and in-band failures to
-    check. (The pinned 1.x answers a non-stream request in one piece, and swallows a stream's failure:
-    tests/integration/test_shimmy_versions_gateway.py.)"""
-    started = start_stack({"EMULATOR_VERSION": "2.5.0", "MAX_ACTIVE_REQUESTS": "8"})
-    yield started
-    stop_stack(started)
-    started.log.unlink(missing_ok=True)
-
-
 def sdk(stack: Stack, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
 

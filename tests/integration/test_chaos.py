@@ -2,8 +2,8 @@
 
 Short and long requests and clients that vanish, while Shimmy hangs (SIGSTOP), resumes, is killed and restarted by
 the supervisor: every client gets a complete answer or an OpenAI error within the outer limit, nothing leaks, the
-processor's memory stays flat. The cap on generations inside Shimmy is a test of its own, expected to fail until
-admission counts Shimmy's real work.
+processor's memory stays flat, chat is served again after the restart, and never more generations are inside
+Shimmy than the cap.
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ def test_every_client_is_answered_and_nothing_leaks(report: chaos.ChaosReport) -
     assert ran == set(chaos.KINDS)
     details = {o.detail for o in report.outcomes if o.result == "error"}
     assert "backend_unavailable" in details, "the hang and the kill were answered with 503s"
-    assert any(o.result == "complete" and o.started > report.faults["killed"] for o in report.outcomes), (
-        "served again after the restart"
-    )
+    assert report.recovered_after_kill_s is not None, "served again after the restart"
 
 
 def test_never_more_generations_in_shimmy_than_the_cap(report: chaos.ChaosReport) -> None:
