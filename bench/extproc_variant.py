@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -89,7 +90,11 @@ def _serve_sync() -> int:
         try:
             for msg in requests:
                 response = servicer.dispatch(processor, msg)
-                if response is not None:
+                if inspect.isawaitable(response):  # a request queued for a generation slot: wait on the loop
+                    response = asyncio.run_coroutine_threadsafe(response, monitor).result()
+                if isinstance(response, list):  # a non-stream answer's held headers, released with its body
+                    yield from response
+                elif response is not None:
                     yield response
         finally:
             processor.close()
