@@ -397,18 +397,13 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
 
 def _check_responses_tools(request: ResponsesRequest) -> None:
     """As chat's `_check_tools`, in Responses' field names; and each input item has its type's fields."""
-    names = [t.name for t in request.tools or ()]
-    if len(set(names)) != len(names):
-        raise InvalidRequest("Tool names must be unique", param="tools")
-    for i, tool in enumerate(request.tools or ()):
-        problem = check_schema(tool.parameters) if tool.parameters is not None else None
-        if problem is not None:
-            raise InvalidRequest(f"Invalid JSON schema: {problem}", param=f"tools[{i}].parameters")
     choice = request.tool_choice
-    if isinstance(choice, ResponsesNamedChoice) and choice.name not in names:
-        raise InvalidRequest(f"tool_choice names {choice.name!r}, which is not in tools", param="tool_choice")
-    if choice == "required" and not names:
-        raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
+    _check_offer(
+        [(t.name, t.parameters) for t in request.tools or ()],
+        choice.name if isinstance(choice, ResponsesNamedChoice) else None,
+        choice == "required",
+        "tools[{}].parameters",
+    )
     fmt = request.text.format if request.text is not None else None
     if fmt is not None and fmt.type == "json_schema":
         if fmt.schema is None or not fmt.name:
@@ -441,20 +436,34 @@ def _refuse_unsupported(request: ChatRequest) -> None:
     _check_tools(request)
 
 
-def _check_tools(request: ChatRequest) -> None:
-    """What msgspec cannot see: tool_choice names an offered tool, schemas are schemas, histories are coherent."""
-    names = [t.function.name for t in request.tools or ()]
+def _check_offer(
+    tools: list[tuple[str, dict[str, Any] | None]], named: str | None, required: bool, schema_param: str
+) -> None:
+    """An OpenAI tool offer (chat and Responses name its fields apart, check them alike): unique names, each
+    `parameters` a JSON Schema (`schema_param` formats its path), a `named` tool_choice among the tools,
+    `required` with tools."""
+    names = [name for name, _ in tools]
     if len(set(names)) != len(names):
         raise InvalidRequest("Tool names must be unique", param="tools")
-    for i, tool in enumerate(request.tools or ()):
-        problem = check_schema(tool.function.parameters) if tool.function.parameters is not None else None
+    for i, (_, parameters) in enumerate(tools):
+        problem = check_schema(parameters) if parameters is not None else None
         if problem is not None:
-            raise InvalidRequest(f"Invalid JSON schema: {problem}", param=f"tools[{i}].function.parameters")
-    choice = request.tool_choice
-    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-        raise InvalidRequest(f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice")
-    if choice == "required" and not names:
+            raise InvalidRequest(f"Invalid JSON schema: {problem}", param=schema_param.format(i))
+    if named is not None and named not in names:
+        raise InvalidRequest(f"tool_choice names {named!r}, which is not in tools", param="tool_choice")
+    if required and not names:
         raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
+
+
+def _check_tools(request: ChatRequest) -> None:
+    """What msgspec cannot see: tool_choice names an offered tool, schemas are schemas, histories are coherent."""
+    choice = request.tool_choice
+    _check_offer(
+        [(t.function.name, t.function.parameters) for t in request.tools or ()],
+        choice.function.name if isinstance(choice, NamedToolChoice) else None,
+        choice == "required",
+        "tools[{}].function.parameters",
+    )
     fmt = request.response_format
     if isinstance(fmt, JsonSchemaFormat) and fmt.json_schema.schema is not None:
         problem = check_schema(fmt.json_schema.schema)
