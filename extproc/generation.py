@@ -23,7 +23,7 @@ the answer (`Generation.completion_tokens_kind`). Prompt tokens: Shimmy reports 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
 
@@ -154,11 +154,6 @@ class Generation:
         """The client's stop sequence that ended the answer, if one did."""
         return self.stops.matched if self.stop_reason == "stop_sequence" else None
 
-    def text(self, body: bytes) -> str:
-        """A whole buffered Shimmy body -> the answer's content (its tool calls in `calls`); GatewayError if Shimmy
-        failed or the output fails what the request demands."""
-        return self.answer(self._whole(body) if not self.upstream_stream else self._streamed(body))
-
     def answer(self, text: str) -> str:
         """The whole output -> the answer's content, its tool calls read into `calls` where the request offered
         tools or asked for a schema; OutputError if the output fails what the request demands."""
@@ -168,17 +163,7 @@ class Generation:
         self.calls = parsed.calls
         return parsed.text
 
-    def _streamed(self, body: bytes) -> str:
-        """A whole buffered Shimmy SSE body -> its text."""
-        pieces = self.feed(body, end=True)
-        if self.error is not None:
-            raise UpstreamError(f"Shimmy failed during generation: {self.error}", code="generation_failed")
-        if not self.done:
-            raise UpstreamError("Shimmy's stream ended before [DONE]", code="upstream_truncated")
-        pieces.append(self.flush())
-        return "".join(pieces)
-
-    def _whole(self, body: bytes) -> str:
+    def whole(self, body: bytes) -> str:
         """A one-piece answer: stop sequences cut its text afterwards (Shimmy cannot end early on them), and its
         tokens are counted up to the end of the stop sequence that matched, as the stream would have counted them.
 
@@ -256,11 +241,13 @@ class Exchange:
             self.detector = CallDetector(self.gen.tooling)
 
     def complete(self, body: bytes) -> bytes:
-        """A whole buffered Shimmy SSE body -> the API's answer; GatewayError if Shimmy failed."""
-        return self.api.render(self.gen, self.gen.text(body))
+        """Shimmy's whole body at once (a BUFFERED response) -> the API's answer; GatewayError as `collect`."""
+        answer = self.collect(body, end=True)
+        assert answer is not None  # at the end, collect answers or raises
+        return answer
 
     def collect(self, data: bytes, end: bool) -> bytes | None:
-        """A non-stream answer fed Shimmy's SSE bytes chunk by chunk: the whole answer as soon as it is complete
+        """A non-stream answer fed Shimmy's bytes chunk by chunk: the whole answer as soon as it is complete
         (Shimmy's `[DONE]`, or a stop sequence: Shimmy's later tokens are not waited for), else None.
         GatewayError if Shimmy failed, its stream ended short, or the deadline passed."""
         if self.finished:
@@ -271,11 +258,7 @@ class Exchange:
             if not end:
                 return None
             self.finished = True
-            try:
-                return self.complete(b"".join(self.chunks))
-            except GatewayError as exc:
-                self.failure = exc.code or exc.type
-                raise
+            return self._render(lambda: gen.whole(b"".join(self.chunks)))
         self.pieces += gen.feed(data, end)
         failure = gen.failure(end)
         if failure is not None:
@@ -287,8 +270,12 @@ class Exchange:
             return None
         self.finished = True
         self.pieces.append(gen.flush())
+        return self._render(lambda: "".join(self.pieces))
+
+    def _render(self, output: Callable[[], str]) -> bytes:
+        """The whole answer from the whole output; a failure reading it (Shimmy's, or the output's) is recorded."""
         try:
-            return self.api.render(gen, gen.answer("".join(self.pieces)))
+            return self.api.render(self.gen, self.gen.answer(output()))
         except GatewayError as exc:
             self.failure = exc.code or exc.type
             raise

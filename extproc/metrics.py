@@ -8,6 +8,7 @@ port serves Envoy's `/stats/prometheus` with these appended (the `metrics` proce
 
 from __future__ import annotations
 
+from functools import cache
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -26,6 +27,8 @@ __all__ = [
     "TIME_TO_FIRST_TOKEN",
     "TOKENS",
     "exposition",
+    "generation_ended",
+    "request_ended",
     "watch_admission",
 ]
 
@@ -108,6 +111,38 @@ def watch_admission(admission: Admission) -> None:
     ABANDONED_NOW.set_function(lambda: admission.abandoned)
     BACKLOG.set_function(admission.backlog)
     QUEUED.set_function(lambda: admission.queued)
+
+
+@cache
+def _requests(model: str, outcome: str, error_type: str, api: str) -> Counter:
+    return REQUESTS.labels(model, outcome, error_type, api)
+
+
+@cache
+def _generation(model: str, api: str, stream: bool) -> tuple[Histogram, Counter, Counter, Histogram]:
+    return (
+        REQUEST_DURATION.labels(model, "true" if stream else "false", api),
+        TOKENS.labels(model, "input", api),
+        TOKENS.labels(model, "output", api),
+        TIME_TO_FIRST_TOKEN.labels(model, api),
+    )
+
+
+# Once per request: the labelled children are looked up once per label set (prometheus_client's `labels` takes a
+# lock and checks every value each time). The label sets are bounded: models Shimmy serves, the APIs, outcomes.
+def request_ended(model: str, outcome: str, error_type: str, api: str) -> None:
+    _requests(model, outcome, error_type, api).inc()
+
+
+def generation_ended(
+    model: str, api: str, stream: bool, seconds: float, prompt_tokens: int, completion_tokens: int, ttft: float | None
+) -> None:
+    duration, tokens_in, tokens_out, first_token = _generation(model, api, stream)
+    duration.observe(seconds)
+    tokens_in.inc(prompt_tokens)
+    tokens_out.inc(completion_tokens)
+    if ttft is not None:
+        first_token.observe(ttft)
 
 
 def exposition() -> bytes:

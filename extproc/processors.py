@@ -263,6 +263,7 @@ class GenerationProcessor(Processor):
         self.exchange: Exchange | None = None
         self.started = time.monotonic()
         self.model = ""  # as the client named it, once the body is read
+        self.served_model = False  # a generation started for it: a model Shimmy serves (or its alias)
         self.outcome: str | None = None  # set once the request's end is recorded
         self.ticket: Ticket | None = None  # this generation's slot, until Shimmy is done with it
         self.held_headers: list[mutations.Header] | None = None  # a non-stream answer's headers, until it is whole
@@ -299,6 +300,7 @@ class GenerationProcessor(Processor):
             )
         except GatewayError as exc:
             return self._failed(exc)
+        self.served_model = True
         forward = mutations.request_body(
             body,
             [(":path", GENERATE_PATH), ("content-type", "application/json"), ("content-length", str(len(body)))],
@@ -441,12 +443,17 @@ class GenerationProcessor(Processor):
         return self._record(response, "error", exc.code or exc.type)
 
     def _record(self, response: ResponseT, outcome: str, error_type: str) -> ResponseT:
-        """Count the request's end once, and put its summary in Envoy's dynamic metadata for the access log."""
+        """Count the request's end once, and put its summary in Envoy's dynamic metadata for the access log.
+
+        The metrics name the model only once a generation started for it (a model Shimmy serves): a name a client
+        made up is `unknown` there, so no client can grow the metrics without bound. The access log keeps it.
+        """
         self.outcome = outcome
         duration = time.monotonic() - self.started
         exchange, model, api = self.exchange, self.model or "unknown", self.api.route
-        metrics.REQUESTS.labels(model, outcome, error_type, api).inc()
-        fields: dict[str, object] = {
+        label = model if self.served_model else "unknown"
+        metrics.request_ended(label, outcome, error_type, api)
+        fields: dict[str, str | float] = {
             "api": api,
             "model": model,
             "outcome": outcome,
@@ -454,13 +461,10 @@ class GenerationProcessor(Processor):
         }
         if exchange is not None:
             gen = exchange.gen
-            metrics.REQUEST_DURATION.labels(model, "true" if gen.stream else "false", api).observe(duration)
-            metrics.TOKENS.labels(model, "input", api).inc(gen.prompt_tokens)
-            metrics.TOKENS.labels(model, "output", api).inc(gen.completion_tokens)
-            fields.update(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
-            if gen.stream and gen.first_content_at is not None:  # a non-stream client sees no first token
-                ttft = gen.first_content_at - self.started
-                metrics.TIME_TO_FIRST_TOKEN.labels(model, api).observe(ttft)
+            ttft = gen.first_content_at - self.started if gen.stream and gen.first_content_at is not None else None
+            metrics.generation_ended(label, api, gen.stream, duration, gen.prompt_tokens, gen.completion_tokens, ttft)
+            fields["prompt_tokens"], fields["completion_tokens"] = gen.prompt_tokens, gen.completion_tokens
+            if ttft is not None:  # a non-stream client sees no first token
                 fields["ttft_ms"] = round(ttft * 1000, 1)
         if response is not None:
             mutations.set_metadata(response, fields)

@@ -177,8 +177,9 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["stream_idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
     hcm["request_headers_timeout"] = _seconds(settings.request_headers_timeout_s)
-    [connections] = config["overload_manager"]["resource_monitors"]
+    connections, heap = config["overload_manager"]["resource_monitors"]
     connections["typed_config"]["max_active_downstream_connections"] = settings.max_connections
+    heap["typed_config"]["max_heap_size_bytes"] = settings.envoy_max_heap_mb << 20
     if settings.metrics_port:
         metrics_listener = _metrics_listener(listener, settings.metrics_port)  # before keys or PUBLIC_METRICS apply
 

@@ -210,6 +210,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("GATEWAY_API_KEYS", "", "Comma-separated bearer keys; empty turns the check off."),
     Setting("MAX_CONNECTIONS", "1024", "Client connections Envoy holds at once; one more is closed on accept.", int,
             low=1),
+    Setting("ENVOY_MAX_HEAP_MB", "512", "Envoy's heap limit: past 95 % of it, new requests get 503 `overloaded`.",
+            int, low=1, high=1 << 20),
     Setting("REQUEST_HEADERS_TIMEOUT_S", "10", "Seconds a client may take to send a request's headers.", int, low=1),
     Setting("METRICS_PORT", "0", "Port on 127.0.0.1 serving `/metrics` keyless, for scrapers; 0: none.", int,
             low=0, high=65535),

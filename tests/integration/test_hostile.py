@@ -295,6 +295,45 @@ def test_connections_past_the_cap_are_closed_and_the_gateway_recovers(hostile: S
     raise AssertionError("the gateway did not serve again after the connections closed")
 
 
+def test_the_heap_monitor_reads_envoys_heap_and_stays_below_its_limit(hostile: Stack) -> None:
+    """The fixed-heap monitor reads this Envoy build's heap (the next test sees it pass a 1 MiB limit), and normal use
+    is far from the default limit."""
+    gauges = hostile.envoy_stats("overload.envoy.")
+    assert gauges["overload.envoy.resource_monitors.fixed_heap.failed_updates"] == 0, gauges
+    assert gauges["overload.envoy.resource_monitors.fixed_heap.pressure"] < 50, gauges  # % of 512 MiB
+    assert gauges["overload.envoy.overload_actions.stop_accepting_requests.active"] == 0, gauges
+
+
+def test_past_the_heap_limit_every_api_gets_its_own_503_overloaded_with_retry_after() -> None:
+    """ENVOY_MAX_HEAP_MB below Envoy's heap: the overload manager refuses requests, in each API's error shape."""
+    stack = start_stack({"ENVOY_MAX_HEAP_MB": "1"}, wait=False)
+    try:
+        active = "overload.envoy.overload_actions.stop_accepting_requests.active"
+        deadline = time.monotonic() + 10
+        while stack.envoy_stats(active).get(active) != 1:
+            assert time.monotonic() < deadline, stack.envoy_stats("overload.")
+            time.sleep(0.1)
+        chat = httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, timeout=10)
+        assert chat.status_code == 503
+        assert chat.headers["retry-after"] == "1"
+        error = assert_openai_error(chat.status_code, dict(chat.headers), chat.content)
+        assert (error["type"], error["code"]) == ("server_error", "overloaded")
+        messages = httpx.post(
+            f"{stack.url}/v1/messages",
+            json={"model": "phi3-lora", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]},
+            timeout=10,
+        )
+        assert messages.status_code == 503
+        assert messages.headers["retry-after"] == "1"
+        assert messages.json() == {
+            "type": "error",
+            "error": {"type": "overloaded_error", "message": "The gateway is short of memory; retry later"},
+        }
+        assert httpx.get(f"{stack.url}/v1/models", timeout=10).json()["error"]["code"] == "overloaded"
+    finally:
+        stop_stack(stack)
+
+
 def test_a_client_sending_headers_too_slowly_is_cut_off(hostile: Stack) -> None:
     """One byte every 0.2 s keeps the connection busy (no idle timeout), but the headers never end."""
     started = time.monotonic()

@@ -50,3 +50,13 @@ def test_a_host_that_failed_its_checks_gets_no_traffic() -> None:
     shimmy = _named(rendered()["static_resources"]["clusters"], "shimmy")
     assert shimmy["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
     assert shimmy["health_checks"][0]["unhealthy_threshold"] == 2
+
+
+def test_the_heap_limit_and_the_connection_cap_come_from_their_settings() -> None:
+    overload = rendered("--envoy-max-heap-mb", "300", "--max-connections", "50")["overload_manager"]
+    monitors = {m["name"]: m["typed_config"] for m in overload["resource_monitors"]}
+    assert monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"] == 300 << 20
+    assert monitors["envoy.resource_monitors.global_downstream_max_connections"][
+        "max_active_downstream_connections"] == 50
+    stop = _named(overload["actions"], "envoy.overload_actions.stop_accepting_requests")
+    assert stop["triggers"] == [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.95}}]
