@@ -300,3 +300,22 @@ def test_an_envoy_local_reply_passes_through_and_is_counted(rpc_factory) -> None
     rpc.requests_closed()
     rpc.termination()
     assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
+
+
+def test_a_made_up_model_name_never_becomes_a_metrics_label() -> None:
+    """Each name a client sends for a model Shimmy does not serve was a new labelled series, kept for the life of
+    the process: a client could grow the processor's memory and /metrics without bound. Such names count as
+    `unknown`; a served model keeps its name."""
+    from extproc import metrics
+    from extproc.processors import ROUTES
+
+    servicer = ExternalProcessor(context())
+    for model in [f"made-up-{i}" for i in range(20)] + ["phi3-lora"]:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}]}).encode()
+        processor = ROUTES["chat"](servicer.ctx)
+        servicer.dispatch(processor, ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)))
+        processor.close()
+    exposition = metrics.exposition().decode()
+    assert "made-up" not in exposition
+    assert 'gen_ai_requests_total{api="chat",error_type="model_not_found",gen_ai_request_model="unknown"' in exposition
+    assert 'gen_ai_request_model="phi3-lora"' in exposition
