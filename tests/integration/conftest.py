@@ -75,6 +75,21 @@ class Stack:
         return self.log.read_text(errors="replace")
 
 
+_INTEGRATION = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A client socket the garbage collector finalizes is not an error *here*: these tests drive the stack through
+    many clients (the SDKs, httpx, aiohttp, raw sockets in threads), and one such socket, collected in the middle of
+    a later test, failed that test once (`test_raw_http_garbage`), while a whole run that collected after
+    every test found no test leaving one. The gateway's own processes run as subprocesses, whose warnings never
+    reach this filter; the unit tests, which run the processor in this process, keep every ResourceWarning an error.
+    """
+    for item in items:
+        if _INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"))
+
+
 def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 60.0, wait: bool = True) -> Stack:
     """Start `shimmy-gateway up`; return once it says ready and (with `wait`) /health answers 200."""
     ports = {name: free_port() for name in ("gateway", "shimmy", "admin")}
