@@ -263,7 +263,7 @@ class GenerationProcessor(Processor):
         self.exchange: Exchange | None = None
         self.started = time.monotonic()
         self.model = ""  # as the client named it, once the body is read
-        self.served_model = False  # a generation started for it: a model Shimmy serves (or its alias)
+        self.served_model = False  # a generation started for it, on a model in Shimmy's list (or its alias)
         self.outcome: str | None = None  # set once the request's end is recorded
         self.ticket: Ticket | None = None  # this generation's slot, until Shimmy is done with it
         self.held_headers: list[mutations.Header] | None = None  # a non-stream answer's headers, until it is whole
@@ -300,7 +300,7 @@ class GenerationProcessor(Processor):
             )
         except GatewayError as exc:
             return self._failed(exc)
-        self.served_model = True
+        self.served_model = ctx.known_models is not None  # checked against Shimmy's list, not taken on trust
         forward = mutations.request_body(
             body,
             [(":path", GENERATE_PATH), ("content-type", "application/json"), ("content-length", str(len(body)))],

@@ -58,10 +58,11 @@ class _Automaton:
                     self.stop_at[child] = self.stop_at[self.fail[child]]
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=64)
 def _automaton(stops: tuple[str, ...]) -> _Automaton:
     """Built once per set of stop sequences (a template's markers, plus a client's own): it is never changed after
-    construction, and building it was a quarter of the processor's own work per request."""
+    construction, and building it was a quarter of the processor's own work per request. 64 sets of at most four
+    256-character stops bound the cache to a few MiB whatever clients send."""
     return _Automaton(stops)
 
 
