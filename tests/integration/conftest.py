@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,17 +23,36 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.stack import free_port_pair
 from shimmy.versions import PINNED
 
 # Shimmy lines that differ where clients feel it (docs/shimmy-versions.md): the image's 1.x and 2.x HEAD.
 SHIMMY_VERSIONS = (PINNED, "2.5.0")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_EPHEMERAL_LOW = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+_GIVEN: set[int] = set()  # every port handed out in this test session
+
+
+def free_port(span: int = 1) -> int:
+    """A port free now (with its `span - 1` neighbours), below the kernel's ephemeral range and never handed out
+    before in this session. The kernel's own choice (bind to port 0) gave two settings of one stack the same port,
+    and a port in the ephemeral range can be taken by an outgoing connection before its server binds it."""
+    for first in random.sample(range(10_000, _EPHEMERAL_LOW - span), 500):
+        wanted = range(first, first + span)
+        if _GIVEN.intersection(wanted):
+            continue
+        probes = [socket.socket() for _ in wanted]
+        try:
+            for probe, port in zip(probes, wanted, strict=True):
+                probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        _GIVEN.update(wanted)
+        return first
+    raise RuntimeError("found no free port below the ephemeral range")
 
 
 @dataclass
@@ -93,7 +113,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 60.0, wait: bool = True) -> Stack:
     """Start `shimmy-gateway up`; return once it says ready and (with `wait`) /health answers 200."""
     ports = {name: free_port() for name in ("gateway", "shimmy", "admin")}
-    ports["extproc"] = free_port_pair()  # EXTPROC_WORKERS=2 binds the next port too
+    ports["extproc"] = free_port(span=2)  # EXTPROC_WORKERS=2 binds the next port too
     env = {
         **os.environ,
         "GATEWAY_PORT": str(ports["gateway"]),

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from shimmy.engine import tokenize
 from shimmy.native import GENERATE
 from shimmy.profiles import profile_for
 from shimmy.runtime import BATCH_ASSERT, KV_FULL, Die, prompt_count
+from tests.integration.conftest import free_port
 
 MODEL = "phi3-lora"
 REPLY = "Hello! I am the Shimmy emulator. How can I help you today?"
@@ -710,16 +710,10 @@ async def test_stats_show_what_reached_shimmy(emu: Emulator) -> None:
 # --- the console script ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_console_script_serves_and_stops_on_sigterm() -> None:
     script = shutil.which("shimmy-emulator", path=os.path.dirname(sys.executable))
     assert script is not None
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EMULATOR_", "SHIMMY_", "MODEL_NAME"))}
     proc = subprocess.Popen(
         [script, "--shimmy-port", str(port), "--emulator-version", "1.7.2"],
@@ -968,7 +962,7 @@ def test_the_emulator_process_dies_as_the_real_one(
     config: dict[str, Any], body: dict[str, Any], sig: int, last_words: str | None
 ) -> None:
     """What the supervisor sees: the process gone by SIGABRT (llama.cpp's assert) or SIGKILL (the OOM killer)."""
-    port = _free_port()
+    port = free_port()
     proc = _start_emulator("1.8.1", port)
     url = f"http://127.0.0.1:{port}"
     try:

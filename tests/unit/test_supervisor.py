@@ -24,6 +24,7 @@ from gateway import cli
 from gateway.probes import envoy_ready, grpc_serving, http_ok, listens, port_free
 from gateway.supervisor import Backoff, Child, Port, format_line, supervise
 from settings import load
+from tests.integration.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,12 +73,6 @@ async def dies(pid: int) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Run:
