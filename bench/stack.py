@@ -52,7 +52,8 @@ __all__ = [
     "Ports",
     "Proc",
     "Stack",
-    "free_port_pair",
+    "free_port",
+    "free_ports",
     "is_processor",
     "machine_busy_seconds",
     "plain_config",
@@ -84,36 +85,41 @@ def _die_with_parent() -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct ports the kernel just handed out; all sockets stay open until every port is chosen."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+_EPHEMERAL_LOW = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+_GIVEN: set[int] = set()  # every port handed out by this process
 
 
-def free_port_pair() -> int:
-    """A free port whose neighbour is free too, below the kernel's ephemeral range: EXTPROC_WORKERS=2 puts a second
-    processor on the next port, and there no outgoing connection can take either port before it binds."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for first in random.sample(range(10_000, low - 1), 200):
-        with socket.socket() as a, socket.socket() as b:
-            try:
-                a.bind(("127.0.0.1", first))
-                b.bind(("127.0.0.1", first + 1))
-            except OSError:
-                continue
+def free_port(span: int = 1) -> int:
+    """A port free now (with its `span - 1` neighbours: EXTPROC_WORKERS=2 puts a second processor on the next port),
+    below the kernel's ephemeral range and never handed out before by this process. The kernel's own choice (bind to
+    port 0) gave two settings of one stack the same port, and a port in the ephemeral range can be taken by an
+    outgoing connection before its server binds it."""
+    for first in random.sample(range(10_000, _EPHEMERAL_LOW - span), 500):
+        wanted = range(first, first + span)
+        if _GIVEN.intersection(wanted):
+            continue
+        probes = [socket.socket() for _ in wanted]
+        try:
+            for probe, port in zip(probes, wanted, strict=True):
+                probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        _GIVEN.update(wanted)
         return first
-    raise RuntimeError("found no two free neighbouring ports")
+    raise RuntimeError("found no free port below the ephemeral range")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (`free_port`'s)."""
+    return [free_port() for _ in range(count)]
 
 
 def _ports() -> Ports:
-    """Free ports, the processor's from `free_port_pair` (the workers experiment uses the one after it)."""
-    return replace(Ports(*free_ports(len(fields(Ports)))), extproc=free_port_pair())
+    """Free ports, the processor's with a free neighbour (the workers experiment uses the one after it)."""
+    return replace(Ports(*free_ports(len(fields(Ports)))), extproc=free_port(span=2))
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,36 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.stack import free_port  # the tests' ports too: one allocator, never the same port twice
 from shimmy.versions import PINNED
 
 # Shimmy lines that differ where clients feel it (docs/shimmy-versions.md): the image's 1.x and 2.x HEAD.
 SHIMMY_VERSIONS = (PINNED, "2.5.0")
-
-
-_EPHEMERAL_LOW = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-_GIVEN: set[int] = set()  # every port handed out in this test session
-
-
-def free_port(span: int = 1) -> int:
-    """A port free now (with its `span - 1` neighbours), below the kernel's ephemeral range and never handed out
-    before in this session. The kernel's own choice (bind to port 0) gave two settings of one stack the same port,
-    and a port in the ephemeral range can be taken by an outgoing connection before its server binds it."""
-    for first in random.sample(range(10_000, _EPHEMERAL_LOW - span), 500):
-        wanted = range(first, first + span)
-        if _GIVEN.intersection(wanted):
-            continue
-        probes = [socket.socket() for _ in wanted]
-        try:
-            for probe, port in zip(probes, wanted, strict=True):
-                probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-        _GIVEN.update(wanted)
-        return first
-    raise RuntimeError("found no free port below the ephemeral range")
 
 
 @dataclass
