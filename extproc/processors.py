@@ -445,8 +445,9 @@ class GenerationProcessor(Processor):
     def _record(self, response: ResponseT, outcome: str, error_type: str) -> ResponseT:
         """Count the request's end once, and put its summary in Envoy's dynamic metadata for the access log.
 
-        The metrics name the model only once a generation started for it (a model Shimmy serves): a name a client
-        made up is `unknown` there, so no client can grow the metrics without bound. The access log keeps it.
+        The metrics name the model only once it was checked against Shimmy's list and a generation started for it:
+        a name a client made up is `unknown` there, so no client can grow the metrics without bound. The access log
+        keeps it.
         """
         self.outcome = outcome
         duration = time.monotonic() - self.started
