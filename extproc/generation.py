@@ -187,6 +187,7 @@ class Api(Protocol):
     renders: the framing bytes are the adapter's, what they say comes from the `Generation`."""
 
     route: ClassVar[str]  # Envoy's x-gateway-route value; also the `api` label of metrics and the access log
+    operation: ClassVar[str]  # the GenAI conventions' gen_ai.operation.name: "chat" or "text_completion"
 
     @classmethod
     def parse(cls, body: bytes) -> tuple[GenerationRequest, Api]:

@@ -1,9 +1,14 @@
-"""The processor's own Prometheus metrics, in OpenTelemetry `gen_ai` naming.
+"""The processor's own Prometheus metrics, named by the OpenTelemetry GenAI semantic conventions.
 
 Envoy already counts requests, statuses and upstream latency; these add what only the translation knows: tokens
-by model, time to first token, how each generation request ended, and the streams in flight. `api` is the client
-API (`chat`, `messages`, `responses`, `completions`: the adapter's route). `/metrics` on the public
-port serves Envoy's `/stats/prometheus` with these appended (the `metrics` processor).
+by model, time to first token, how long each generation request took and how it ended (`error_type`, the
+convention's `error.type`: the error code, `cancelled` for a client that left, empty for success), and the streams
+in flight. An OpenTelemetry name maps onto Prometheus as its exporter does: dots become `_`, the unit `s` becomes
+`_seconds` (`gen_ai.server.request.duration` -> `gen_ai_server_request_duration_seconds`). `gen_ai_*` names are
+the convention's; `shimmy_*` ones are this gateway's. `api` is the client API (`chat`, `messages`, `responses`,
+`completions`: the adapter's route); `gen_ai_operation_name` is the convention's operation (`chat`,
+`text_completion`). `/metrics` on the public port serves Envoy's `/stats/prometheus` with these appended (the
+`metrics` processor). The names before the conventions, and what replaced them: docs/observability.md.
 """
 
 from __future__ import annotations
@@ -21,13 +26,11 @@ __all__ = [
     "ADMISSION_REJECTED",
     "LIVE_STREAMS",
     "REGISTRY",
-    "REQUESTS",
     "REQUEST_DURATION",
     "TIME_PER_OUTPUT_TOKEN",
     "TIME_TO_FIRST_TOKEN",
     "TOKENS",
     "exposition",
-    "generation_ended",
     "request_ended",
     "watch_admission",
 ]
@@ -36,35 +39,33 @@ REGISTRY = CollectorRegistry(auto_describe=False)
 
 # Buckets for LLM work on CPU: from a cached short answer to a long generation.
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# The convention's advice for gen_ai.client.token.usage: powers of 4 from 1 to 4^11.
+_TOKENS = tuple(4**i for i in range(12))
 
-TOKENS = Counter(
-    "gen_ai_usage_tokens",
-    "Tokens by model and type (input = prompt: exact with TOKENIZER_GGUF, else estimated; "
-    "output = completion, exact).",
-    ["gen_ai_request_model", "gen_ai_token_type", "api"],
-    registry=REGISTRY,
-)
-REQUESTS = Counter(
-    "gen_ai_requests",
-    "Generation requests by model, outcome and API; error_type is the OpenAI error code, or empty.",
-    ["gen_ai_request_model", "outcome", "error_type", "api"],
+TOKENS = Histogram(
+    "gen_ai_client_token_usage",
+    "Tokens per generation request by model and type (input = prompt: exact with TOKENIZER_GGUF, else estimated; "
+    "output = completion, exact); the sum is all tokens.",
+    ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type", "api"],
+    buckets=_TOKENS,
     registry=REGISTRY,
 )
 REQUEST_DURATION = Histogram(
     "gen_ai_server_request_duration_seconds",
-    "From the request body reaching the processor to the last byte of the answer.",
-    ["gen_ai_request_model", "stream", "api"],
+    "Every generation request, from its arrival at Envoy to the processor's last answer; error_type is the error "
+    "code, cancelled (the client left), or empty (success); stream: the answer was an event stream.",
+    ["gen_ai_operation_name", "gen_ai_request_model", "error_type", "stream", "api"],
     buckets=_SECONDS,
     registry=REGISTRY,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "gen_ai_server_time_to_first_token_seconds",
-    "Streams only: from the request body reaching the processor to the first content token sent.",
-    ["gen_ai_request_model", "api"],
+    "Streams only: from the request's arrival at Envoy to the first content token sent.",
+    ["gen_ai_operation_name", "gen_ai_request_model", "api"],
     buckets=_SECONDS,
     registry=REGISTRY,
 )
-LIVE_STREAMS = Gauge("gen_ai_live_streams", "ext_proc streams (HTTP requests) in progress.", registry=REGISTRY)
+LIVE_STREAMS = Gauge("shimmy_live_streams", "ext_proc streams (HTTP requests) in progress.", registry=REGISTRY)
 
 # Admission (extproc.admission): Shimmy's occupancy as the processor models it. Gauges are this worker's.
 TIME_PER_OUTPUT_TOKEN = Histogram(
@@ -114,36 +115,42 @@ def watch_admission(admission: Admission) -> None:
 
 
 @cache
-def _requests(model: str, outcome: str, error_type: str, api: str) -> Counter:
-    return REQUESTS.labels(model, outcome, error_type, api)
+def _duration(operation: str, model: str, error_type: str, stream: bool, api: str) -> Histogram:
+    return REQUEST_DURATION.labels(operation, model, error_type, "true" if stream else "false", api)
 
 
 @cache
-def _generation(model: str, api: str, stream: bool) -> tuple[Histogram, Counter, Counter, Histogram]:
+def _generation(operation: str, model: str, api: str) -> tuple[Histogram, Histogram, Histogram]:
     return (
-        REQUEST_DURATION.labels(model, "true" if stream else "false", api),
-        TOKENS.labels(model, "input", api),
-        TOKENS.labels(model, "output", api),
-        TIME_TO_FIRST_TOKEN.labels(model, api),
+        TOKENS.labels(operation, model, "input", api),
+        TOKENS.labels(operation, model, "output", api),
+        TIME_TO_FIRST_TOKEN.labels(operation, model, api),
     )
 
 
 # Once per request: the labelled children are looked up once per label set (prometheus_client's `labels` takes a
-# lock and checks every value each time). The label sets are bounded: models Shimmy serves, the APIs, outcomes.
-def request_ended(model: str, outcome: str, error_type: str, api: str) -> None:
-    _requests(model, outcome, error_type, api).inc()
-
-
-def generation_ended(
-    model: str, api: str, stream: bool, seconds: float, prompt_tokens: int, completion_tokens: int, ttft: float | None
+# lock and checks every value each time). The label sets are bounded: models Shimmy serves, the APIs, error codes.
+def request_ended(
+    operation: str,
+    model: str,
+    api: str,
+    error_type: str,
+    seconds: float,
+    stream: bool = False,
+    tokens: tuple[int, int] | None = None,
+    ttft: float | None = None,
 ) -> None:
-    duration, tokens_in, tokens_out, first_token = _generation(model, api, stream)
-    duration.observe(seconds)
-    tokens_in.inc(prompt_tokens)
-    tokens_out.inc(completion_tokens)
+    """One request's end; `tokens` (input, output) when a generation started, `ttft` when it streamed text."""
+    _duration(operation, model, error_type, stream, api).observe(seconds)
+    if tokens is None:
+        return
+    tokens_in, tokens_out, first_token = _generation(operation, model, api)
+    tokens_in.observe(tokens[0])
+    tokens_out.observe(tokens[1])
     if ttft is not None:
         first_token.observe(ttft)
 
 
 def exposition() -> bytes:
+    """The text format of every metric above."""
     return generate_latest(REGISTRY)

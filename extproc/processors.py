@@ -453,18 +453,21 @@ class GenerationProcessor(Processor):
         duration = time.monotonic() - self.started
         exchange, model, api = self.exchange, self.model or "unknown", self.api.route
         label = model if self.served_model else "unknown"
-        metrics.request_ended(label, outcome, error_type, api)
+        error = "cancelled" if outcome == "cancelled" else error_type
         fields: dict[str, str | float] = {
             "api": api,
             "model": model,
             "outcome": outcome,
             "duration_ms": round(duration * 1000, 1),
         }
-        if exchange is not None:
+        if exchange is None:
+            metrics.request_ended(self.api.operation, label, api, error, duration)
+        else:
             gen = exchange.gen
             ttft = gen.first_content_at - self.started if gen.stream and gen.first_content_at is not None else None
-            metrics.generation_ended(label, api, gen.stream, duration, gen.prompt_tokens, gen.completion_tokens, ttft)
-            fields["prompt_tokens"], fields["completion_tokens"] = gen.prompt_tokens, gen.completion_tokens
+            tokens = (gen.prompt_tokens, gen.completion_tokens)
+            metrics.request_ended(self.api.operation, label, api, error, duration, gen.stream, tokens, ttft)
+            fields["prompt_tokens"], fields["completion_tokens"] = tokens
             if ttft is not None:  # a non-stream client sees no first token
                 fields["ttft_ms"] = round(ttft * 1000, 1)
         if response is not None:

@@ -85,6 +85,7 @@ class ChatCompletions:
     string encode and a join."""
 
     route: ClassVar[str] = "chat"
+    operation: ClassVar[str] = "chat"
     __slots__ = ("_head", "_tail", "created", "id", "include_usage", "model")
 
     def __init__(self, model: str, include_usage: bool = False) -> None:

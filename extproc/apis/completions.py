@@ -27,6 +27,7 @@ class Completions:
     """One legacy completion's framing: like chat's, precomputed bytes around each chunk's `choices`."""
 
     route: ClassVar[str] = "completions"
+    operation: ClassVar[str] = "text_completion"
     __slots__ = ("_head", "created", "id", "include_usage", "model")
 
     def __init__(self, model: str, include_usage: bool = False) -> None:

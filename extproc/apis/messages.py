@@ -193,6 +193,7 @@ class Messages:
     """One message's framing: precomputed bytes around each text delta."""
 
     route: ClassVar[str] = "messages"
+    operation: ClassVar[str] = "chat"
     __slots__ = ("id", "model", "text_open")
 
     _DELTA = (

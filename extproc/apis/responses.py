@@ -88,6 +88,7 @@ class Responses:
     """One response's framing. It keeps the text it streamed: the closing events repeat it whole."""
 
     route: ClassVar[str] = "responses"
+    operation: ClassVar[str] = "chat"
     __slots__ = ("_delta", "_seq", "created_at", "id", "item_id", "message_done", "request", "texts")
 
     def __init__(self, request: ResponsesRequest) -> None:

@@ -298,14 +298,15 @@ def test_metrics_and_access_log_lines_carry_the_api(streamed: Stack, api: str, p
     stack = streamed
     from tests.integration.test_observability import access_log, metric, quiet_metrics
 
-    ok = {"api": api, "outcome": "ok"}
-    output = {"api": api, "gen_ai_token_type": "output"}
+    operation = "text_completion" if api == "completions" else "chat"
+    ok = {"api": api, "error_type": "", "stream": "false", "gen_ai_operation_name": operation}
+    output = {"api": api, "gen_ai_token_type": "output", "gen_ai_operation_name": operation}
+    duration, tokens = "gen_ai_server_request_duration_seconds_count", "gen_ai_client_token_usage_sum"
     before = quiet_metrics(stack)
     resp = httpx.post(f"{stack.url}{path}", json=payload, headers={"x-request-id": f"api-{api}"})
     assert resp.status_code == 200, resp.text
     after = httpx.get(f"{stack.url}/metrics").text
-    assert metric(after, "gen_ai_requests_total", **ok) - metric(before, "gen_ai_requests_total", **ok) == 1
-    assert metric(after, "gen_ai_usage_tokens_total", **output) - metric(before, "gen_ai_usage_tokens_total",
-                                                                         **output) == 3
+    assert metric(after, duration, **ok) - metric(before, duration, **ok) == 1
+    assert metric(after, tokens, **output) - metric(before, tokens, **output) == 3
     entry = access_log(stack, f"api-{api}")
     assert (entry["api"], entry["outcome"], entry["completion_tokens"]) == (api, "ok", 3)

@@ -42,7 +42,7 @@ def quiet_metrics(stack: Stack, path: str = "/metrics") -> str:
     deadline = time.monotonic() + 10
     while True:
         text = httpx.get(f"{stack.url}{path}").text
-        if metric(text, "gen_ai_live_streams") <= 1 or time.monotonic() > deadline:  # 1: this /metrics request
+        if metric(text, "shimmy_live_streams") <= 1 or time.monotonic() > deadline:  # 1: this /metrics request
             return text
         time.sleep(0.1)
 
@@ -58,19 +58,20 @@ def test_metrics_change_after_a_request(stack: Stack, path: str) -> None:
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     after = resp.text
     model = {"gen_ai_request_model": "phi3-lora", "api": "chat"}  # other APIs' requests have series of their own
-    tokens = "gen_ai_usage_tokens_total"
+    tokens = "gen_ai_client_token_usage_sum"
     output, prompt = {**model, "gen_ai_token_type": "output"}, {**model, "gen_ai_token_type": "input"}
     counted = first.json()["usage"]["completion_tokens"] + 2  # the non-stream answer's usage, and the stream's 2
     assert metric(after, tokens, **output) - metric(before, tokens, **output) == counted
     assert metric(after, tokens, **prompt) > metric(before, tokens, **prompt)
-    ok = {**model, "outcome": "ok"}
-    assert metric(after, "gen_ai_requests_total", **ok) - metric(before, "gen_ai_requests_total", **ok) == 2
+    duration = "gen_ai_server_request_duration_seconds_count"
+    ok = {**model, "gen_ai_operation_name": "chat", "error_type": ""}
+    assert sum(metric(after, duration, **ok, stream=s) - metric(before, duration, **ok, stream=s)
+               for s in ("true", "false")) == 2
     ttft = "gen_ai_server_time_to_first_token_seconds_count"
     assert metric(after, ttft, **model) - metric(before, ttft, **model) == 1
-    duration = "gen_ai_server_request_duration_seconds_count"
-    non_stream = {**model, "stream": "false"}
+    non_stream = {**ok, "stream": "false"}
     assert metric(after, duration, **non_stream) - metric(before, duration, **non_stream) == 1
-    assert "gen_ai_live_streams" in after
+    assert "shimmy_live_streams" in after
     # Envoy's own stats come along: per-endpoint (virtual cluster), upstream (Shimmy) and the ext_proc filter.
     chat = {"envoy_virtual_cluster": "chat", "envoy_response_code": "200"}
     assert metric(after, "envoy_vhost_vcluster_upstream_rq", **chat) - metric(
@@ -81,10 +82,11 @@ def test_metrics_change_after_a_request(stack: Stack, path: str) -> None:
 
 
 def test_errors_are_counted_by_type(stack: Stack) -> None:
-    labels = {"outcome": "error", "error_type": "unsupported_parameter", "api": "chat"}
-    before = metric(quiet_metrics(stack), "gen_ai_requests_total", **labels)
+    labels = {"error_type": "unsupported_parameter", "api": "chat", "gen_ai_operation_name": "chat"}
+    count = "gen_ai_server_request_duration_seconds_count"
+    before = metric(quiet_metrics(stack), count, **labels)
     httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "n": 3})
-    after = metric(httpx.get(f"{stack.url}/metrics").text, "gen_ai_requests_total", **labels)
+    after = metric(httpx.get(f"{stack.url}/metrics").text, count, **labels)
     assert after - before == 1
 
 

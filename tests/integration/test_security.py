@@ -181,14 +181,14 @@ def test_metrics_need_the_key_and_envoys_401_passes_through_untouched(keyed: Sta
     assert refused.json()["error"]["code"] == "invalid_api_key"  # whole, valid JSON: nothing appended
     assert "gen_ai" not in refused.text
     served = httpx.get(f"{keyed.url}{path}", headers={"authorization": "Bearer k-one"})
-    assert served.status_code == 200 and "gen_ai_live_streams" in served.text
+    assert served.status_code == 200 and "shimmy_live_streams" in served.text
 
 
 def test_the_loopback_metrics_port_serves_scrapers_without_a_key_and_nothing_else(keyed: Stack) -> None:
     assert _listen_addresses(METRICS_PORT) == {"0100007F"}  # 127.0.0.1 only
     local = f"http://127.0.0.1:{METRICS_PORT}"
     resp = httpx.get(f"{local}/metrics")
-    assert resp.status_code == 200 and "gen_ai_live_streams" in resp.text and "envoy_cluster_" in resp.text
+    assert resp.status_code == 200 and "shimmy_live_streams" in resp.text and "envoy_cluster_" in resp.text
     for path in ("/v1/models", "/v1/health", "/stats", "/config_dump"):
         assert httpx.get(f"{local}{path}").status_code == 404, path
     assert httpx.post(f"{local}/v1/chat/completions", json=CHAT).status_code == 404

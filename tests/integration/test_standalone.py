@@ -380,7 +380,7 @@ def test_envoy_example_with_the_processor_over_mtls(pki: Pki, emulator: Emulator
         assert health.json() == {"status": "healthy", "shimmy_status": "healthy"}
         metrics = httpx.get(f"{envoy.url}/v1/metrics").text
         output = {"gen_ai_request_model": "phi3-lora", "gen_ai_token_type": "output", "api": "chat"}
-        assert metric(metrics, "gen_ai_usage_tokens_total", **output) > 0
+        assert metric(metrics, "gen_ai_client_token_usage_sum", **output) > 0
         assert "envoy_http_downstream_rq_total" in metrics
     finally:
         envoy.stop()

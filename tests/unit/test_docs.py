@@ -348,3 +348,110 @@ def test_the_standalone_guide_gives_the_envoy_command_for_the_example() -> None:
 def test_the_token_metric_does_not_call_exact_input_counts_an_estimate() -> None:
     help_text = metrics.TOKENS._documentation
     assert "exact with TOKENIZER_GGUF, else estimated" in help_text, help_text
+
+
+# ------------------------------------------------------------------------------- the guides name what the code has
+
+METRIC_TOKEN = re.compile(r"`((?:gen_ai|shimmy)_[a-z0-9_]+)")
+MIGRATION = "### Metric names before the GenAI conventions"
+# Named in the guides, but not metrics: label names, the access log's metadata namespace, a health answer's field.
+NOT_METRICS = {"gen_ai_request_model", "gen_ai_token_type", "gen_ai_operation_name", "shimmy_gateway", "shimmy_status"}
+# Upper-case names the guides use that are not settings: Shimmy's own variables, Envoy's and Linux's terms, GGUF
+# quantizations, KServe's and AI Core's fields, other programs' variables (gRPC, LiteLLM, Anthropic's SDK, pip).
+# The image's build arguments are read from the Dockerfile.
+NOT_SETTINGS = {
+    "SHIMMY_MODEL_PATHS", "SHIMMY_PREFILL_CHUNK", "SHIMMY_HOST", "TCP_USER_TIMEOUT", "FULL_DUPLEX_STREAMED",
+    "REFUSED_STREAM", "Q4_K_M", "Q5_K_M", "Q8_0", "STORAGE_URI", "AI_API_URL", "GRPC_POLL_STRATEGY",
+    "LITELLM_LOCAL_MODEL_COST_MAP", "ANTHROPIC_BASE_URL", "CMAKE_ARGS",
+}
+
+
+def _metric_families() -> dict[str, set[str]]:
+    """Each metric's name in the exposition -> the names of its samples (`_total`, `_bucket`, `_sum`, `_count`)."""
+    families: dict[str, set[str]] = {}
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    for family in metrics.REGISTRY.collect():
+        own = {family.name + suffix for suffix in suffixes[family.type]}
+        families[family.name + ("_total" if family.type == "counter" else "")] = own | {family.name}
+    return families
+
+
+def _prose_without_migration(path: Path) -> str:
+    text = path.read_text()
+    if MIGRATION in text:  # the old names' table names what no longer exists, on purpose
+        head, _, tail = text.partition(MIGRATION)
+        text = head + tail[tail.find("\n#") if "\n#" in tail else len(tail):]
+    return text
+
+
+def test_every_metric_the_guides_name_exists_and_every_metric_is_documented() -> None:
+    """A renamed or removed metric leaves no guide pointing at it, and a new one is not left out of the guides."""
+    families = _metric_families()
+    samples = set().union(*families.values())
+    named: dict[str, set[str]] = {}
+    for guide in GUIDES:
+        for token in METRIC_TOKEN.findall(_prose_without_migration(guide)):
+            named.setdefault(token, set()).add(guide.name)
+    unknown = {t: g for t, g in named.items() if t not in samples | NOT_METRICS and not t.endswith("_")}
+    assert not unknown, f"metrics named in the guides that extproc/metrics.py does not have: {unknown}"
+    undocumented = {name for name, own in families.items() if not own & named.keys()}
+    assert not undocumented, f"metrics no guide names: {undocumented}"
+
+
+def test_the_migration_table_maps_old_metric_names_onto_existing_ones() -> None:
+    section = (ROOT / "docs" / "observability.md").read_text().partition(MIGRATION)[2]
+    rows = re.findall(r"^\| `([a-z_]+)[^`]*` \| `([a-z_]+)[^`]*`", section, re.M)
+    samples = set().union(*_metric_families().values())
+    assert {"gen_ai_usage_tokens_total", "gen_ai_requests_total", "gen_ai_live_streams"} <= {old for old, _ in rows}
+    for old, new in rows:
+        assert old not in samples and new in samples, (old, new)
+
+
+def test_every_setting_the_guides_name_exists() -> None:
+    """An upper-case name in backticks is a setting of settings/__init__.py (or one of its constants), a build
+    argument of the Dockerfile, or one of the few names of other programs listed above."""
+    import settings
+
+    known = {s.env for s in SETTINGS} | {n for n in vars(settings) if n.isupper()}
+    build_args = set(re.findall(r"^ARG (\w+)", (ROOT / "Dockerfile").read_text(), re.M))
+    for guide in GUIDES:
+        named = set(re.findall(r"`([A-Z][A-Z0-9]*_[A-Z0-9_]+)[`=]", FENCE.sub("", guide.read_text())))
+        unknown = named - known - build_args - NOT_SETTINGS
+        assert not unknown, f"{guide.name} names settings that do not exist: {unknown}"
+
+
+def _route_for(routes: list[dict], path: str, method: str) -> dict | None:
+    """The first route of the rendered Envoy config that `method path` takes (its path and `:method` matchers)."""
+    for route in routes:
+        match = route["match"]
+        if "path" in match:
+            hit = path == match["path"]
+        elif "prefix" in match:
+            hit = path.startswith(match["prefix"])
+        elif "safe_regex" in match:
+            hit = re.fullmatch(match["safe_regex"]["regex"], path) is not None
+        else:
+            continue
+        methods = [h["string_match"]["exact"] for h in match.get("headers", []) if h["name"] == ":method"]
+        if hit and (not methods or method in methods):
+            return route
+    return None
+
+
+def test_every_endpoint_of_the_readme_is_routed() -> None:
+    """Each path of the README's endpoint table (each of its methods) reaches a route that is not the 404."""
+    from gateway.envoy_config import render
+    from settings import load
+
+    config = render(load(argv=[], environ={}))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    table = README.read_text().partition("## Endpoints")[2].partition("\n\n")[2].partition("\n\n")[0]
+    rows = re.findall(r"^\| (`/[^|]+) \| ([A-Z, ]+) \|", table, re.M)
+    assert len(rows) >= 8, table
+    for paths, methods in rows:
+        for path in re.findall(r"`(/[^`]+)`", paths):
+            for method in methods.replace(" ", "").split(","):
+                route = _route_for(routes, path.replace("{model}", "phi3-lora"), method)
+                assert route is not None, (method, path)
+                assert route.get("direct_response", {}).get("status") not in (404, 405), (method, path, route)

@@ -284,8 +284,10 @@ def test_shimmy_error_statuses_are_mapped(rpc_factory, status: int, code: str, e
 def test_an_envoy_local_reply_passes_through_and_is_counted(rpc_factory) -> None:
     from extproc import metrics
 
-    labels = ("phi3-lora", "error", "http_429", "chat")
-    before = metrics.REQUESTS.labels(*labels)._value.get()
+    name = "gen_ai_server_request_duration_seconds_count"
+    labels = {"gen_ai_operation_name": "chat", "gen_ai_request_model": "phi3-lora", "error_type": "http_429",
+              "stream": "false", "api": "chat"}
+    before = metrics.REGISTRY.get_sample_value(name, labels) or 0
     rpc = rpc_factory(CHAT)
     rpc.send_request(duplex_body(CHAT_BODY))
     rpc.take_response()
@@ -299,7 +301,7 @@ def test_an_envoy_local_reply_passes_through_and_is_counted(rpc_factory) -> None
     assert (echoed.body, echoed.end_of_stream) == (b'{"error":{}}', True)
     rpc.requests_closed()
     rpc.termination()
-    assert metrics.REQUESTS.labels(*labels)._value.get() == before + 1
+    assert metrics.REGISTRY.get_sample_value(name, labels) == before + 1
 
 
 def test_a_made_up_model_name_never_becomes_a_metrics_label() -> None:
@@ -317,5 +319,6 @@ def test_a_made_up_model_name_never_becomes_a_metrics_label() -> None:
         processor.close()
     exposition = metrics.exposition().decode()
     assert "made-up" not in exposition
-    assert 'gen_ai_requests_total{api="chat",error_type="model_not_found",gen_ai_request_model="unknown"' in exposition
+    assert ('gen_ai_server_request_duration_seconds_count{api="chat",error_type="model_not_found",'
+            'gen_ai_operation_name="chat",gen_ai_request_model="unknown"') in exposition
     assert 'gen_ai_request_model="phi3-lora"' in exposition
