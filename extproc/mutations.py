@@ -119,7 +119,7 @@ def immediate(status: int, body: bytes, headers: Iterable[Header] = ()) -> ep.Pr
     """Answer the client now, without (or instead of) Shimmy's answer."""
     return ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=_mutation([("content-type", "application/json"), *headers]),
             body=body,
         )

@@ -83,7 +83,8 @@ class Context:
 def _header(headers: ep.HttpHeaders, name: str) -> str:
     for h in headers.headers.headers:
         if h.key == name:
-            return (h.raw_value or h.value.encode()).decode()
+            raw: bytes = h.raw_value or h.value.encode()
+            return raw.decode()
     return ""
 
 
@@ -402,7 +403,7 @@ class GenerationProcessor(Processor):
                 self._shimmy_progress(end=True)  # a buffered body is Shimmy's whole answer
             return self._record(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "")
         try:
-            body = exchange.collect(msg.body, msg.end_of_stream)
+            whole = exchange.collect(msg.body, msg.end_of_stream)
         except GatewayError as exc:
             # The headers were held, so the error gets its own status. Not an immediate response: Envoy's
             # local-reply mappers would rewrite a 504 of ours as its own gateway_error.
@@ -412,9 +413,9 @@ class GenerationProcessor(Processor):
             return answer
         finally:
             self._shimmy_progress(msg.end_of_stream)
-        if body is None:
+        if whole is None:
             return None
-        answer = self._release_held(body)
+        answer = self._release_held(whole)
         self._record(answer[-1], "ok", "")
         return answer
 

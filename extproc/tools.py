@@ -119,7 +119,7 @@ def _schema_problem(schema_json: str) -> str | None:
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        return exc.message
+        return str(exc.message)
     return None
 
 

@@ -157,7 +157,7 @@ class Setting:
         return raw
 
 
-_PORT = {"low": 1, "high": 65535}
+_PORT: dict[str, Any] = {"low": 1, "high": 65535}
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("GATEWAY_PORT", "8000", "Public port of Envoy, bound on every interface.", int, **_PORT),

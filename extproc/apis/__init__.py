@@ -15,4 +15,5 @@ from extproc.generation import Api
 
 __all__ = ["APIS"]
 
-APIS: dict[str, type[Api]] = {api.route: api for api in (ChatCompletions, Messages, Responses, Completions)}
+_ADAPTERS: tuple[type[Api], ...] = (ChatCompletions, Messages, Responses, Completions)
+APIS: dict[str, type[Api]] = {api.route: api for api in _ADAPTERS}

@@ -17,6 +17,7 @@ from extproc.errors import GatewayError
 from extproc.generation import Generation, GenerationRequest
 from extproc.openai_schema import parse_completion_request
 from extproc.sse import DONE, encode_event
+from extproc.tools import ToolCall
 
 __all__ = ["Completions"]
 
@@ -82,6 +83,10 @@ class Completions:
             head + b'[{"text":%s,"index":0,"logprobs":null,"finish_reason":null}]}\n\n' % _encode(piece)
             for piece in pieces
         )
+
+    def stream_calls(self, gen: Generation, calls: tuple[ToolCall, ...]) -> bytes:
+        """Never called: a completions request offers no tools, so its answer has no calls."""
+        return b""
 
     def stream_end(self, gen: Generation) -> bytes:
         head = self._head

@@ -136,7 +136,7 @@ class _Prompt(msgspec.Struct, kw_only=True):
         return Tooling(tools=tools, choice=name, parallel=not choice.disable_parallel_tool_use)
 
     def refuse_unsupported(self) -> None:
-        thinking = bool(self.thinking) and self.thinking.get("type") != "disabled"
+        thinking = self.thinking is not None and bool(self.thinking) and self.thinking.get("type") != "disabled"
         names = [t.name for t in self.tools or ()]
         for i, tool in enumerate(self.tools or ()):
             problem = check_schema(tool.input_schema)
@@ -223,7 +223,9 @@ class Messages:
         )
         return generation, cls(request.model)
 
-    error_body = staticmethod(_error_body)
+    @staticmethod
+    def error_body(exc: GatewayError) -> bytes:
+        return _error_body(exc)
 
     def _message(self, gen: Generation, content: list[dict[str, Any]], done: bool) -> dict[str, Any]:
         return {
