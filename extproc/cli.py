@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from extproc import templates, tokens
+from extproc import templates, tokens, tracing
 from extproc.admission import Admission
 from extproc.health import ShimmyMonitor
 from extproc.limits import ContextLimits, parse_context_tokens
@@ -64,6 +64,7 @@ SETTINGS = (
     "MAX_QUEUED_REQUESTS",
     "EXTPROC_MESSAGE_TIMEOUT_MS",
     "EXTPROC_WORKERS",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
 )
 
 log = logging.getLogger("extproc")
@@ -248,11 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         fail(PROG, str(exc))
     grace = settings.extproc_shutdown_grace_s
+    tracing.configure(settings.otel_exporter_otlp_endpoint.strip())
     try:
         # asyncio's own loop: gRPC does its I/O in its C core, and uvloop measured no faster here (bench steps).
         asyncio.run(_run(ctx, server, grace))
     except OSError as exc:  # the address cannot be bound: a setting to change (EXTPROC_PORT, EXTPROC_HOST)
         fail(PROG, f"{exc}; change EXTPROC_PORT (or EXTPROC_HOST)")
+    finally:
+        tracing.shutdown()  # the spans still buffered go out before the exit
     return 0
 
 

@@ -35,7 +35,7 @@ import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
-from extproc import metrics, mutations
+from extproc import metrics, mutations, tracing
 from extproc.admission import AbandonReason, Admission, Busy, Ticket
 from extproc.apis import APIS
 from extproc.apis.messages import MessagesCountTokens
@@ -115,6 +115,7 @@ class Processor:
     # The route's response body mode is FULL_DUPLEX_STREAMED (Envoy's protocol_config on the stream's first
     # message says so); else BUFFERED, as in an Envoy of the user's own that keeps the older chat route.
     response_duplex = False
+    traceparent = ""  # the span context of Envoy's ext_proc call (W3C), when Envoy traces
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -268,6 +269,7 @@ class GenerationProcessor(Processor):
         self.outcome: str | None = None  # set once the request's end is recorded
         self.ticket: Ticket | None = None  # this generation's slot, until Shimmy is done with it
         self.held_headers: list[mutations.Header] | None = None  # a non-stream answer's headers, until it is whole
+        self.queued: tuple[float, float] | None = None  # (since, until): the wait for a slot, when there was one
 
     def attributes(self, attributes: Mapping[str, struct_pb2.Struct]) -> None:
         """The request's arrival (Envoy's `request.time`): its deadline and duration count from there, not from the
@@ -321,11 +323,14 @@ class GenerationProcessor(Processor):
         """Wait for a slot (bounded below Envoy's message_timeout), else 429 with Retry-After."""
         gen = self.exchange.gen if self.exchange is not None else None
         assert gen is not None
+        since = time.monotonic()
         try:
             self.ticket = await admission.admit(gen.model, gen.max_tokens, gen.prompt_tokens)
         except Busy as exc:
+            self.queued = (since, time.monotonic())
             self.exchange = None  # nothing reached Shimmy
             return self._failed(exc)
+        self.queued = (since, time.monotonic())
         return forward
 
     def _shimmy_progress(self, end: bool) -> None:
@@ -473,7 +478,38 @@ class GenerationProcessor(Processor):
                 fields["ttft_ms"] = round(ttft * 1000, 1)
         if response is not None:
             mutations.set_metadata(response, fields)
+        if tracing.enabled():
+            self._trace(error)
         return response
+
+    def _trace(self, error: str) -> None:
+        """The request's span (extproc.tracing): where its time went, its tokens and how it ended; no text."""
+        operation, exchange = self.api.operation, self.exchange
+        attributes: dict[str, str | int | float | list[str]] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": "shimmy",
+            "gen_ai.request.model": self.model or "unknown",
+            "shimmy.api": self.api.route,
+        }
+        events: list[tuple[str, float]] = []
+        if self.queued is not None:
+            since, until = self.queued
+            attributes["shimmy.queue.wait"] = until - since
+            events += [("queued", since), ("admitted", until)]
+        if exchange is not None:
+            gen = exchange.gen
+            attributes["gen_ai.response.model"] = gen.shimmy_model
+            attributes["gen_ai.request.max_tokens"] = gen.max_tokens
+            attributes["gen_ai.usage.input_tokens"] = gen.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = gen.completion_tokens
+            attributes["shimmy.stream"] = gen.stream
+            if not error:
+                attributes["gen_ai.response.finish_reasons"] = [gen.stop_reason]
+            if gen.first_content_at is not None:
+                attributes["gen_ai.server.time_to_first_token"] = gen.first_content_at - self.started
+                events.append(("first_token", gen.first_content_at))
+        name = f"{operation} {self.model}" if self.model else operation
+        tracing.record(name, self.traceparent, self.started, attributes, events, error)
 
 
 ResponseT = TypeVar("ResponseT", ep.ProcessingResponse, None)

@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from extproc import metrics
+from extproc import metrics, tracing
 from extproc.processors import ROUTES, Context, Processor
 
 __all__ = ["ExternalProcessor", "GrpcServer", "unix_socket_path"]
@@ -42,12 +42,17 @@ class ExternalProcessor:
         self.live_streams = 0  # tests and metrics read it: a stream that never ends is a leak
 
     def processor_for(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Processor:
+        """The route's processor; with tracing on, it continues the trace of Envoy's span for this ext_proc call."""
+        route, parent = "", ""
         for key, value in metadata or ():
             if key == ROUTE_METADATA:
-                factory = ROUTES.get(value if isinstance(value, str) else value.decode())
-                if factory is not None:
-                    return factory(self.ctx)
-        return Processor(self.ctx)
+                route = value if isinstance(value, str) else value.decode()
+            elif key == tracing.TRACEPARENT:
+                parent = value if isinstance(value, str) else value.decode()
+        factory = ROUTES.get(route)
+        processor = factory(self.ctx) if factory is not None else Processor(self.ctx)
+        processor.traceparent = parent
+        return processor
 
     @staticmethod
     def dispatch(

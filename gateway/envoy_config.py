@@ -15,6 +15,7 @@ import copy
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -163,6 +164,48 @@ def _allow_cors(hcm: dict[str, Any], vhost: dict[str, Any], raw_origins: str) ->
     vhost["routes"].insert(0, preflight)
 
 
+def _trace(hcm: dict[str, Any], clusters: list[dict[str, Any]], endpoint: str) -> None:
+    """Envoy's OpenTelemetry tracer: a span per request (a client's `traceparent` continued), one per ext_proc call
+    as its child, whose context the processor's span continues (extproc/tracing.py); OTLP/gRPC to `endpoint`."""
+    url = urlsplit(endpoint)
+    hcm["tracing"] = {
+        "random_sampling": {"value": 100},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "otel_collector"}, "timeout": "2s"},
+                "service_name": "shimmy-gateway",
+            },
+        },
+    }
+    collector: dict[str, Any] = {
+        "name": "otel_collector",
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "otel_collector",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": url.hostname or "127.0.0.1", "port_value": url.port or 4317}}}}]}],
+        },
+    }
+    if url.scheme == "https":
+        collector["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": url.hostname,
+            },
+        }
+    clusters.append(collector)
+
+
 def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     """The Envoy bootstrap for `settings`, as a dict (Envoy reads the JSON dump of it)."""
     config: dict[str, Any] = yaml.safe_load((source or config_path()).read_text())
@@ -209,6 +252,8 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
         _allow_cors(hcm, vhost, settings.cors_allowed_origins)
     if settings.metrics_port:
         resources["listeners"].append(metrics_listener)
+    if settings.otel_exporter_otlp_endpoint.strip():
+        _trace(hcm, resources["clusters"], settings.otel_exporter_otlp_endpoint.strip())
 
     shimmy = _named(resources["clusters"], "shimmy")
     _endpoint(shimmy)["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": settings.shimmy_port}}

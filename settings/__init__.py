@@ -262,6 +262,8 @@ SETTINGS: tuple[Setting, ...] = (
             low=512, high=131072),
     Setting("MODEL_CONTEXT_TOKENS", "", "Context per model, `model=tokens,...`, overriding the Shimmy version's.",
             check=_pairs),
+    Setting("OTEL_EXPORTER_OTLP_ENDPOINT", "", "OTLP/gRPC collector (`http://host:4317`) Envoy and the processor "
+            "send traces to; empty: no traces.", check=_http_url),
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}

@@ -322,3 +322,27 @@ def test_a_made_up_model_name_never_becomes_a_metrics_label() -> None:
     assert ('gen_ai_server_request_duration_seconds_count{api="chat",error_type="model_not_found",'
             'gen_ai_operation_name="chat",gen_ai_request_model="unknown"') in exposition
     assert 'gen_ai_request_model="phi3-lora"' in exposition
+
+
+def test_tracing_off_loads_no_opentelemetry() -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT unset (the default): a generation request imports none of OpenTelemetry, so
+    tracing costs nothing when it is off."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from tests.unit.test_servicer import context
+from extproc.processors import ROUTES
+from extproc.server import ExternalProcessor
+servicer = ExternalProcessor(context())
+processor = servicer.processor_for([("x-gateway-route", "chat"), ("traceparent", "00-{"1" * 32}-{"2" * 16}-01")])
+servicer.dispatch(processor, ep.ProcessingRequest(request_body=ep.HttpBody(body={CHAT_BODY!r}, end_of_stream=True)))
+processor.close()
+assert processor.outcome == "cancelled", processor.outcome
+print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
