@@ -70,7 +70,8 @@ LIVE_STREAMS = Gauge("shimmy_live_streams", "ext_proc streams (HTTP requests) in
 # Admission (extproc.admission): Shimmy's occupancy as the processor models it. Gauges are this worker's.
 TIME_PER_OUTPUT_TOKEN = Histogram(
     "gen_ai_server_time_per_output_token_seconds",
-    "Time per output token after the first, measured on each generation; the pace the occupancy model uses.",
+    "Time per output token after the first, measured on each generation Shimmy streamed with two tokens or more (a "
+    "1.x one-piece answer has no pace); the pace the occupancy model uses.",
     ["gen_ai_request_model"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5),
     registry=REGISTRY,
