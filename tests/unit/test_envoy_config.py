@@ -60,3 +60,32 @@ def test_the_heap_limit_and_the_connection_cap_come_from_their_settings() -> Non
         "max_active_downstream_connections"] == 50
     stop = _named(overload["actions"], "envoy.overload_actions.stop_accepting_requests")
     assert stop["triggers"] == [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.95}}]
+
+
+def test_envoy_traces_only_when_a_collector_is_set(tmp_path: Any) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT unset: no tracer, no collector cluster. Set: Envoy's OpenTelemetry tracer sends
+    to that host and port (TLS for https://), in a config Envoy accepts."""
+    import json
+    import subprocess
+
+    from gateway.cli import envoy_binary
+
+    plain = rendered()
+    hcm = plain["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "tracing" not in hcm
+    assert all(c["name"] != "otel_collector" for c in plain["static_resources"]["clusters"])
+    for endpoint, address, port, tls in [("http://127.0.0.1:4317", "127.0.0.1", 4317, False),
+                                         ("https://collector.example:443", "collector.example", 443, True)]:
+        config = rendered("--otel-exporter-otlp-endpoint", endpoint)
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        assert hcm["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
+        collector = _named(config["static_resources"]["clusters"], "otel_collector")
+        socket_address = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+            "socket_address"]
+        assert (socket_address["address"], socket_address["port_value"], "transport_socket" in collector) == (
+            address, port, tls)
+        target = tmp_path / "envoy.json"
+        target.write_text(json.dumps(config))
+        done = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(target), "--disable-hot-restart"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
