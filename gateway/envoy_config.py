@@ -168,8 +168,16 @@ def _trace(hcm: dict[str, Any], clusters: list[dict[str, Any]], endpoint: str) -
     """Envoy's OpenTelemetry tracer: a span per request (a client's `traceparent` continued), one per ext_proc call
     as its child, whose context the processor's span continues (extproc/tracing.py); OTLP/gRPC to `endpoint`."""
     url = urlsplit(endpoint)
+    tags = {"gen_ai.request.model": "model", "shimmy.api": "api", "shimmy.outcome": "outcome",
+            "gen_ai.usage.input_tokens": "prompt_tokens", "gen_ai.usage.output_tokens": "completion_tokens"}
     hcm["tracing"] = {
         "random_sampling": {"value": 100},
+        # The request's span carries what the processor reported (its dynamic metadata, as in the access log).
+        "custom_tags": [
+            {"tag": tag, "metadata": {"kind": {"request": {}}, "metadata_key": {"key": "shimmy_gateway",
+                                                                                   "path": [{"key": key}]}}}
+            for tag, key in tags.items()
+        ],
         "provider": {
             "name": "envoy.tracers.opentelemetry",
             "typed_config": {

@@ -102,8 +102,9 @@ def test_one_request_is_one_trace_through_envoy_and_the_processor(
     envoy = {span.span_id: span for service, span in spans if service == "shimmy-gateway"}
     # The processor's span hangs off Envoy's span of the ext_proc call, itself inside Envoy's request span.
     assert processor.parent_span_id in envoy, (processor, envoy)
-    ingress = [span for span in envoy.values() if span.parent_span_id == bytes.fromhex("00f067aa0ba902b7")]
-    assert ingress, envoy
+    [ingress] = [span for span in envoy.values() if span.parent_span_id == bytes.fromhex("00f067aa0ba902b7")]
+    tags = _attributes(ingress.attributes)
+    assert (tags["shimmy.api"], tags["gen_ai.request.model"], tags["shimmy.outcome"]) == (api, "phi3-lora", "ok")
     attributes = _attributes(processor.attributes)
     assert attributes["gen_ai.operation.name"] == operation
     assert processor.name == f"{operation} phi3-lora"
@@ -120,6 +121,7 @@ def test_one_request_is_one_trace_through_envoy_and_the_processor(
     assert attributes["shimmy.api"] == api
     assert ("gen_ai.server.time_to_first_token" in attributes) == payload.get("stream", False)
     assert "error.type" not in attributes
+    assert tags["gen_ai.usage.output_tokens"] == str(attributes["gen_ai.usage.output_tokens"])
     assert processor.start_time_unix_nano < processor.end_time_unix_nano
     # Neither the prompt nor the answer is in any span.
     text = b"".join(span.SerializeToString() for _, span in spans)
