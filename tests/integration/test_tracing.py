@@ -126,3 +126,18 @@ def test_one_request_is_one_trace_through_envoy_and_the_processor(
     # Neither the prompt nor the answer is in any span.
     text = b"".join(span.SerializeToString() for _, span in spans)
     assert b"secret prompt" not in text
+
+
+def test_a_refused_request_is_an_error_span(receiver: tuple[Receiver, int], traced: Stack) -> None:
+    trace_id = bytes.fromhex("e" * 32)
+    parent = f"00-{trace_id.hex()}-00f067aa0ba902b7-01"
+    body = {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
+    resp = httpx.post(f"{traced.url}/v1/chat/completions", json=body, headers={"traceparent": parent}, timeout=30)
+    assert resp.status_code == 404, resp.text
+    deadline = time.monotonic() + 20
+    while not (processor := [s for service, s in receiver[0].trace(trace_id) if service == "shimmy-extproc"]):
+        assert time.monotonic() < deadline, receiver[0].trace(trace_id)
+        time.sleep(0.2)
+    attributes = _attributes(processor[0].attributes)
+    assert attributes["error.type"] == "model_not_found" and processor[0].status.code == 2  # STATUS_CODE_ERROR
+    assert attributes["gen_ai.request.model"] == "no-such-model" and "gen_ai.usage.output_tokens" not in attributes
