@@ -22,6 +22,7 @@ the answer (`Generation.completion_tokens_kind`). Prompt tokens: Shimmy reports 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import ClassVar, Literal, Protocol
 
 from extproc import templates
 from extproc.errors import GatewayError, ModelNotFound, Timeout, UpstreamError
-from extproc.limits import ContextLimits
+from extproc.limits import ESTIMATE_MARGIN, ContextLimits
 from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS, DONE, ERROR_PREFIX, generate_body, response_text
 from extproc.sse import SSEDecoder, SSEError
 from extproc.stops import StopMatcher
@@ -167,16 +168,22 @@ class Generation:
         """A one-piece answer: stop sequences cut its text afterwards (Shimmy cannot end early on them), and its
         tokens are counted up to the end of the stop sequence that matched, as the stream would have counted them.
 
-        The count never exceeds `max_tokens`, and reaching it is what makes the stop reason "length".
+        The count never exceeds `max_tokens`, and reaching it is what makes the stop reason "length". Without the
+        model's vocabulary the count is an estimate, and the stop reason errs towards "length": an answer whose
+        estimate, raised by the prompt check's margin, reaches `max_tokens` may have been cut, and is reported as
+        cut (at `max_tokens` tokens), so that a client that checks for truncation is never told a cut answer ended.
         """
         generated = response_text(body)
         stops = self.stops
         text = stops.feed(generated) + stops.flush()
-        if stops.stopped and stops.matched is not None:
-            generated = generated[: len(text) + len(stops.matched)]
+        cut_by_stop = stops.stopped and stops.matched is not None
+        if cut_by_stop:
+            generated = generated[: len(text) + len(stops.matched or "")]
         count, kind = self.counter.count_text(self.shimmy_model, generated), self.counter.kind
         if count is None:
             count, kind = estimate_tokens(generated), ESTIMATED
+        if kind == ESTIMATED and not cut_by_stop and math.ceil(count * ESTIMATE_MARGIN) >= self.max_tokens:
+            count = self.max_tokens
         self.completion_tokens, self.completion_tokens_kind = min(count, self.max_tokens), kind
         self.upstream_done = True  # no first_content_at: a whole answer has no time to first token
         return text

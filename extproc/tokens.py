@@ -5,8 +5,10 @@ answers in one piece (1.x non-stream, `extproc.generation`): the answer's text i
 have produced it, without BOS. With `TOKENIZER_GGUF` (the GGUF Shimmy serves
 the model from, or any GGUF with the same vocabulary) the processor counts with llama.cpp's tokenizer exactly as
 Shimmy tokenizes a prompt: BOS always added (`AddBos::Always`) and special tokens parsed, so a template's
-`<|im_start|>` is one token. Without it, the estimate is UTF-8 bytes / 4, rounded up. `x-gateway-prompt-tokens`
-says which one a response used (`Generation.prompt_tokens_kind`).
+`<|im_start|>` is one token. `TOKENIZER_GGUF=fixed` counts with the emulator's fixed engine's own rule
+(`shimmy.engine.split`), which is that engine's vocabulary; the supervisor sets it whenever the fixed engine serves.
+Without either, the estimate is UTF-8 bytes / 4, rounded up. `x-gateway-prompt-tokens` says which one a response
+used (`Generation.prompt_tokens_kind`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,23 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any, Protocol
 
-__all__ = ["ESTIMATE", "ESTIMATED", "EXACT", "Estimate", "GgufCounter", "PromptCounter", "counter", "estimate_tokens"]
+from shimmy.engine import split
+
+__all__ = [
+    "ESTIMATE",
+    "ESTIMATED",
+    "EXACT",
+    "FIXED",
+    "Estimate",
+    "GgufCounter",
+    "PromptCounter",
+    "SplitCounter",
+    "counter",
+    "estimate_tokens",
+]
 
 EXACT, ESTIMATED = "exact", "estimated"
+FIXED = "fixed"  # the TOKENIZER_GGUF value naming the emulator's fixed engine's rule instead of a GGUF
 
 
 def estimate_tokens(text: str) -> int:
@@ -91,10 +107,35 @@ class GgufCounter:
         return len(self.tokenize(text, bos=False)) if text else 0
 
 
+class SplitCounter:
+    """Exact counts for the emulator's fixed engine: its own splitter (`shimmy.engine.split`), plus the BOS that
+    Shimmy adds to a prompt (as the emulator counts prompts, `shimmy.runtime.prompt_count`).
+
+    `models` as for `GgufCounter`.
+    """
+
+    kind = EXACT
+
+    def __init__(self, models: Collection[str] | None = None) -> None:
+        self.models = frozenset(models) if models is not None else None
+
+    def count(self, model: str, prompt: str) -> int | None:
+        if self.models is not None and model not in self.models:
+            return None
+        return 1 + len(split(prompt))
+
+    def count_text(self, model: str, text: str) -> int | None:
+        if self.models is not None and model not in self.models:
+            return None
+        return len(split(text))
+
+
 def counter(tokenizer_gguf: str, models: Collection[str] | None = None) -> PromptCounter:
-    """The counter for the `TOKENIZER_GGUF` setting: exact with a path, the estimate without one.
+    """The counter for the `TOKENIZER_GGUF` setting: exact with a path (or `fixed`), the estimate without one.
 
     ValueError (naming the setting) when the file cannot be used, so a bad setting fails at start.
     """
     path = tokenizer_gguf.strip()
+    if path == FIXED:
+        return SplitCounter(models)
     return GgufCounter(path, models) if path else ESTIMATE

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-from extproc import templates
+from extproc import templates, tokens
 from gateway import probes
 from gateway.envoy_config import extproc_addresses, render
 from gateway.supervisor import Child, Port, supervise
@@ -167,8 +167,8 @@ def children(
     tokenizer = settings.tokenizer_gguf.strip()
     if engine is not None:
         backend_env = {**env, "EMULATOR_ENGINE": engine.engine, "EMULATOR_GGUF": engine.gguf}
-        if engine.engine == "llama" and not tokenizer:
-            tokenizer = engine.gguf  # the model's own vocabulary: prompt tokens become exact
+        if not tokenizer:  # the served model's own vocabulary: token counts become exact
+            tokenizer = engine.gguf if engine.engine == "llama" else tokens.FIXED
         templates = parse_pairs(settings.prompt_templates, "PROMPT_TEMPLATES")
         if engine.template is not None and settings.model_name not in templates:
             # The packaged Gemma has no chat template of its own; the name (phi3-lora) would pick phi3.

@@ -257,7 +257,12 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("auto", "llama", "fixed"),
     ),
     Setting("EMULATOR_GGUF", "", "GGUF the emulator's llama engine runs; empty means the packaged Gemma 3 270M."),
-    Setting("TOKENIZER_GGUF", "", "GGUF whose vocabulary counts prompt tokens exactly; empty means estimate them."),
+    Setting(
+        "TOKENIZER_GGUF",
+        "",
+        "GGUF whose vocabulary counts tokens exactly (`fixed`: the emulator's fixed engine); "
+        "empty: derived, or estimated.",
+    ),
     Setting("SHIMMY_MAX_CTX", "2048", "Context (tokens) of a 2.x Shimmy, which reads it too; 1.x has 4096.", int,
             low=512, high=131072),
     Setting("MODEL_CONTEXT_TOKENS", "", "Context per model, `model=tokens,...`, overriding the Shimmy version's.",

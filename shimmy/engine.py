@@ -17,7 +17,17 @@ from typing import Protocol
 
 from shimmy.axum import sse_event
 
-__all__ = ["Engine", "GenParams", "GenerationEngine", "GenerationError", "LoadError", "Token", "make_token", "tokenize"]
+__all__ = [
+    "Engine",
+    "GenParams",
+    "GenerationEngine",
+    "GenerationError",
+    "LoadError",
+    "Token",
+    "make_token",
+    "split",
+    "tokenize",
+]
 
 _YIELD_EVERY = 64
 # Newline runs, words and numbers and punctuation runs (each with at most one leading space), other blank runs.
@@ -36,9 +46,18 @@ def make_token(piece: str) -> Token:
     return Token(piece, None if "\r" in piece else sse_event(piece), json.dumps(piece, ensure_ascii=False))
 
 
+def split(text: str) -> list[str]:
+    """The fixed engine's tokens of `text` as strings: its whole vocabulary, in effect.
+
+    The gateway counts with this same rule where the fixed engine serves (`extproc.tokens.SplitCounter`), so the
+    counts it gives a one-piece answer equal the tokens this engine generated.
+    """
+    return _TOKEN.findall(text)
+
+
 def tokenize(text: str) -> tuple[Token, ...]:
     """Tokens whose concatenation is exactly `text`."""
-    return tuple(make_token(piece) for piece in _TOKEN.findall(text))
+    return tuple(make_token(piece) for piece in split(text))
 
 
 @dataclass(frozen=True, slots=True)

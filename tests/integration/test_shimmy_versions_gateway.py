@@ -56,14 +56,10 @@ def test_a_non_stream_answer_says_how_its_tokens_were_counted(versioned: Stack) 
     body = resp.json()
     assert body["choices"][0]["message"]["content"] == REPLY and body["choices"][0]["finish_reason"] == "stop"
     sent = versioned.emulator_stats()["last_generate_body"]
-    if one_x(versioned):  # one piece, counted by the tokenizer: no GGUF for the fixed engine, so estimated
-        assert sent["stream"] is False
-        assert resp.headers["x-gateway-completion-tokens"] == "estimated"
-        assert body["usage"]["completion_tokens"] == 10
-    else:  # streamed: one event per token
-        assert sent["stream"] is True
-        assert resp.headers["x-gateway-completion-tokens"] == "exact"
-        assert body["usage"]["completion_tokens"] == 8
+    # 1.x: one piece, counted with the fixed engine's own rule (TOKENIZER_GGUF=fixed); 2.x: one event per token
+    assert sent["stream"] is not one_x(versioned)
+    assert resp.headers["x-gateway-completion-tokens"] == "exact"
+    assert body["usage"]["completion_tokens"] == 8
 
 
 def test_stop_sequences_and_length_hold_on_a_non_stream_answer(versioned: Stack) -> None:

@@ -205,7 +205,7 @@ def test_children_with_an_own_gguf_or_the_fixed_engine() -> None:
     _, extproc = _envs(EngineChoice("llama", "/m/qwen.gguf", False, "why"))
     assert (extproc["PROMPT_TEMPLATES"], extproc["TOKENIZER_GGUF"]) == ("", "/m/qwen.gguf")
     shimmy, extproc = _envs(EngineChoice("fixed", "", False, "why"))
-    assert shimmy["EMULATOR_ENGINE"] == "fixed" and extproc["TOKENIZER_GGUF"] == ""
+    assert shimmy["EMULATOR_ENGINE"] == "fixed" and extproc["TOKENIZER_GGUF"] == "fixed"  # its own rule: exact
 
 
 def test_the_processor_is_told_the_shimmy_version(tmp_path: Path) -> None:

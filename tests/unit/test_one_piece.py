@@ -7,10 +7,12 @@ import json
 
 import pytest
 
+import shimmy.engine
 from extproc.apis.chat import ChatCompletions
 from extproc.errors import UpstreamError
 from extproc.generation import Exchange, start
-from extproc.tokens import ESTIMATED, EXACT
+from extproc.tokens import ESTIMATED, EXACT, FIXED, counter
+from shimmy.runtime import prompt_count
 from shimmy.versions import profile_for
 
 V1, V2 = profile_for("1.8.1"), profile_for("2.5.0")
@@ -82,3 +84,41 @@ def test_an_unreadable_one_piece_answer_is_an_upstream_error() -> None:
     _, exchange = chat(V1)
     with pytest.raises(UpstreamError):
         exchange.complete(b"data: Hello\n\ndata: [DONE]\n\n")
+
+
+def test_an_estimated_count_errs_towards_length() -> None:
+    """No vocabulary for the model: an answer whose estimate (with the prompt check's margin of 1.5) reaches
+    `max_tokens` may have been cut, so it is reported cut at `max_tokens`, never as ended (issue 23)."""
+    _, exchange = chat(V1, model="other", max_tokens=3)
+    out = answer(exchange, "Hello! I")  # 8 bytes: estimate 2, times 1.5 reaches 3
+    assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 3
+    assert exchange.gen.completion_tokens_kind == ESTIMATED
+    _, exchange = chat(V1, model="other", max_tokens=4)
+    out = answer(exchange, "Hello! I")  # 3 < 4: far enough from the limit to have ended
+    assert out["choices"][0]["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == 2
+    _, exchange = chat(V1, model="other", max_tokens=3, stop=["!"])
+    out = answer(exchange, "Hello! I")  # a stop sequence ended it, whatever the count
+    assert out["choices"][0]["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["Hello! I am the Shimmy emulator. How can I help you today?", "a_b  c\n\n\tx 12ab émigré 🦙!?", ""],
+)
+def test_the_fixed_engine_and_the_gateway_count_alike(reply: str) -> None:
+    """TOKENIZER_GGUF=fixed (the supervisor's choice when the fixed engine serves) counts a one-piece answer with
+    the engine's own rule: the count is the number of tokens the engine generated, and the prompt's is the
+    emulator's own (BOS included)."""
+    engine_tokens = shimmy.engine.tokenize(reply)
+    assert "".join(token.text for token in engine_tokens) == reply
+    fixed = counter(FIXED, models={"phi3-lora"})
+    assert fixed.kind == EXACT
+    assert fixed.count_text("phi3-lora", reply) == len(engine_tokens)
+    assert fixed.count("phi3-lora", reply) == prompt_count(reply)
+    assert fixed.count_text("other", reply) is None  # another model's vocabulary is unknown: estimated
+    request, api = ChatCompletions.parse(json.dumps({"model": "phi3-lora", "messages": [{"role": "user",
+                                                     "content": "Hi"}], "max_tokens": 3}).encode())
+    _, exchange = start(request, api, {}, counter=fixed, profile=V1)
+    out = answer(exchange, "".join(token.text for token in engine_tokens[:3]))
+    assert out["usage"]["completion_tokens"] == min(3, len(engine_tokens))
+    assert exchange.gen.completion_tokens_kind == EXACT
