@@ -223,12 +223,16 @@ class OutputText(msgspec.Struct, tag="output_text", tag_field="type"):
     text: str
 
 
+STATELESS = "the gateway stores no responses (its replicas share no state); send the whole conversation in input"
+
+
 class InputItem(msgspec.Struct, kw_only=True):
     """A Responses input item: a message (`type` may be left out), an earlier `function_call`, or its
     `function_call_output`. One struct for all three, because a message item may come without its `type` tag;
-    `check()` then requires each type's own fields. Other item types (reasoning, references) fail by name."""
+    `check()` then requires each type's own fields. An `item_reference` is refused with the stateless reason;
+    other item types (reasoning...) fail by name."""
 
-    type: Literal["message", "function_call", "function_call_output"] = "message"
+    type: Literal["message", "function_call", "function_call_output", "item_reference"] = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | list[InputText | OutputText] | None = None
     call_id: str | None = None
@@ -239,6 +243,9 @@ class InputItem(msgspec.Struct, kw_only=True):
     status: str | None = None
 
     def check(self, i: int) -> None:
+        if self.type == "item_reference":
+            raise InvalidRequest(f"Item references are not supported: {STATELESS}", param=f"input[{i}]",
+                                 code="unsupported_parameter")
         needs = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
                  "function_call_output": ("call_id", "output")}[self.type]
         for field in needs:
@@ -381,11 +388,10 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
 
 def parse_responses_request(body: bytes) -> ResponsesRequest:
     request = decode(_responses, body)
-    stateless = "the gateway stores no responses (its replicas share no state); send the whole conversation in input"
     refuse(
         (
-            ("previous_response_id", request.previous_response_id is not None, f"Not supported: {stateless}"),
-            ("conversation", request.conversation is not None, f"Not supported: {stateless}"),
+            ("previous_response_id", request.previous_response_id is not None, f"Not supported: {STATELESS}"),
+            ("conversation", request.conversation is not None, f"Not supported: {STATELESS}"),
             ("background", bool(request.background), "Background responses are not supported: nothing is stored"),
             ("top_logprobs", bool(request.top_logprobs), "logprobs are not supported"),
             ("prompt", request.prompt is not None, "Stored prompt templates are not supported"),

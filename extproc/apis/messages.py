@@ -1,9 +1,11 @@
 """Anthropic Messages (`POST /v1/messages`, `POST /v1/messages/count_tokens`): `message` objects, Anthropic's event
 stream and Anthropic's error shape.
 
-A stream sends message_start, content_block_start, ping, content_block_delta (text_delta)..., content_block_stop,
-message_delta (stop_reason, stop_sequence, output_tokens) and message_stop; a failure after the headers is an
-`error` event instead of the last three. Errors are `{"type":"error","error":{"type":...,"message":...}}` with
+A stream sends message_start, then with the first text content_block_start, ping, content_block_delta
+(text_delta)..., content_block_stop; a tool_use block per call (at index 0 when the answer is only calls: no empty
+text block, which Anthropic's API would refuse when the client sends the history back); then message_delta
+(stop_reason, stop_sequence, output_tokens) and message_stop. A failure after the headers is an `error` event
+instead of the closing events. Errors are `{"type":"error","error":{"type":...,"message":...}}` with
 Anthropic's types for the status (`error_type`); Envoy's own replies on these paths are rendered the same way by
 the local-reply mappers in envoy/gateway.yaml.
 """
@@ -109,6 +111,18 @@ class ToolChoice(msgspec.Struct):
     disable_parallel_tool_use: bool = False
 
 
+class JsonOutputFormat(msgspec.Struct, tag="json_schema", tag_field="type"):
+    """Structured outputs: the answer's text is a JSON document valid against `schema`, as chat's
+    `response_format: json_schema` (the same core path: `Tooling.schema`)."""
+
+    schema: dict[str, Any]
+
+
+class OutputConfig(msgspec.Struct):
+    format: JsonOutputFormat | None = None
+    effort: str | None = None  # accepted without effect: there is no reasoning to spend it on
+
+
 class _Prompt(msgspec.Struct, kw_only=True):
     """What both endpoints read: the prompt, and the parameters refused because they would change it."""
 
@@ -119,21 +133,27 @@ class _Prompt(msgspec.Struct, kw_only=True):
     tool_choice: ToolChoice | None = None
     thinking: dict[str, Any] | None = None
     mcp_servers: list[Any] | None = None
-    output_config: dict[str, Any] | None = None  # `effort` accepted without effect; `format` refused
+    output_config: OutputConfig | None = None
 
     def prompt(self) -> list[Turn]:
         system = self.system if isinstance(self.system, str | None) else "".join(b.text for b in self.system)
         head = [Turn("system", system)] if system else []
         return head + [turn for m in self.messages for turn in m.turns()]
 
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        fmt = self.output_config.format if self.output_config is not None else None
+        return fmt.schema if fmt is not None else None
+
     def tooling(self) -> Tooling:
-        """Anthropic's tool_choice in the core's terms: any = required, tool = that tool's name."""
+        """Anthropic's tool_choice in the core's terms: any = required, tool = that tool's name; and the output
+        format's schema."""
         tools = tuple(Tool(t.name, t.description, t.input_schema) for t in self.tools or ())
         choice = self.tool_choice or ToolChoice("auto")
-        if not tools:
+        if not tools and self.schema is None:
             return NO_TOOLING
         name = {"auto": "auto", "any": "required", "none": "none"}.get(choice.type, choice.name or "")
-        return Tooling(tools=tools, choice=name, parallel=not choice.disable_parallel_tool_use)
+        return Tooling(tools=tools, choice=name, parallel=not choice.disable_parallel_tool_use, schema=self.schema)
 
     def refuse_unsupported(self) -> None:
         thinking = self.thinking is not None and bool(self.thinking) and self.thinking.get("type") != "disabled"
@@ -142,6 +162,9 @@ class _Prompt(msgspec.Struct, kw_only=True):
             problem = check_schema(tool.input_schema)
             if problem is not None:
                 raise InvalidRequest(f"Invalid JSON schema: {problem}", param=f"tools[{i}].input_schema")
+        problem = check_schema(self.schema) if self.schema is not None else None
+        if problem is not None:
+            raise InvalidRequest(f"Invalid JSON schema: {problem}", param="output_config.format.schema")
         choice = self.tool_choice
         if choice is not None and choice.type == "tool" and choice.name not in names:
             raise InvalidRequest(f"tool_choice names {choice.name!r}, which is not in tools", param="tool_choice")
@@ -152,8 +175,6 @@ class _Prompt(msgspec.Struct, kw_only=True):
                 ("tools", len(set(names)) != len(names), "Tool names must be unique"),
                 ("thinking", thinking, "Extended thinking is not supported"),
                 ("mcp_servers", bool(self.mcp_servers), "MCP servers are not supported"),
-                ("output_config.format", bool(self.output_config and self.output_config.get("format")),
-                 "Structured outputs are not supported"),
             )
         )
 
@@ -189,12 +210,15 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
             "input": msgspec.json.decode(call.arguments)}
 
 
+_PING = b'event: ping\ndata: {"type":"ping"}\n\n'  # after the first content_block_start, as Anthropic sends it
+
+
 class Messages:
     """One message's framing: precomputed bytes around each text delta."""
 
     route: ClassVar[str] = "messages"
     operation: ClassVar[str] = "chat"
-    __slots__ = ("id", "model", "text_open")
+    __slots__ = ("id", "model", "text")
 
     _DELTA = (
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
@@ -204,7 +228,7 @@ class Messages:
     def __init__(self, model: str) -> None:
         self.model = model
         self.id = f"msg_{random.getrandbits(128):032x}"
-        self.text_open = True  # a stream's text block (index 0) is not closed yet
+        self.text = ""  # a stream's text block (index 0): "" not sent yet, "open", "done" (closed)
 
     @classmethod
     def parse(cls, body: bytes) -> tuple[GenerationRequest, Messages]:
@@ -246,35 +270,41 @@ class Messages:
 
     def stream_start(self, gen: Generation) -> bytes:
         start = _encode({"type": "message_start", "message": self._message(gen, [], done=False)})
+        return b"event: message_start\ndata: %s\n\n" % start
+
+    def _open_text(self) -> bytes:
+        """The text block, opened with the first text: an answer of calls alone has none."""
+        if self.text:
+            return b""
+        self.text = "open"
         return (
-            b"event: message_start\ndata: %s\n\n" % start
-            + b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
-            b'"content_block":{"type":"text","text":""}}\n\n'
-            b'event: ping\ndata: {"type":"ping"}\n\n'
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+            b'"content_block":{"type":"text","text":""}}\n\n' + _PING
         )
 
     def stream_text(self, gen: Generation, pieces: list[str]) -> bytes:
         delta = self._DELTA
-        return b"".join(delta + _encode(piece) + b"}}\n\n" for piece in pieces)
+        return self._open_text() + b"".join(delta + _encode(piece) + b"}}\n\n" for piece in pieces)
 
     def stream_calls(self, gen: Generation, calls: tuple[ToolCall, ...]) -> bytes:
-        """The text block closes; each call is a tool_use block whose input comes as one input_json_delta."""
+        """The text block (if any) closes; each call is a tool_use block whose input comes as one
+        input_json_delta."""
         out = [self._close_text()]
-        for index, call in enumerate(calls, start=1):
+        for index, call in enumerate(calls, start=1 if self.text else 0):
             start = {"type": "content_block_start", "index": index, "content_block": {**_tool_use(call), "input": {}}}
             delta = {"type": "content_block_delta", "index": index,
                      "delta": {"type": "input_json_delta", "partial_json": call.arguments}}
             out += (
-                b"event: content_block_start\ndata: %s\n\n" % _encode(start),
+                b"event: content_block_start\ndata: %s\n\n" % _encode(start) + (b"" if index else _PING),
                 b"event: content_block_delta\ndata: %s\n\n" % _encode(delta),
                 b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n' % index,
             )
         return b"".join(out)
 
     def _close_text(self) -> bytes:
-        if not self.text_open:
+        if self.text != "open":
             return b""
-        self.text_open = False
+        self.text = "done"
         return b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
 
     def stream_end(self, gen: Generation) -> bytes:
@@ -285,8 +315,10 @@ class Messages:
                 "usage": {"output_tokens": gen.completion_tokens},
             }
         )
+        opening = b"" if gen.calls else self._open_text()  # an empty answer: one empty text block, as render's
         return (
-            self._close_text()
+            opening
+            + self._close_text()
             + b"event: message_delta\ndata: %s\n\n" % delta
             + b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
         )

@@ -1,14 +1,15 @@
-"""OpenAI Responses (`POST /v1/responses`), stateless: `response` objects and the typed event stream.
+"""OpenAI Responses (`POST /v1/responses`), stateless: `response` objects and the typed event stream, as the Open
+Responses specification requires them (every field of a ResponseResource, `null` where there is no value).
 
-Nothing is stored: `store` is accepted and answered `false`, `previous_response_id` is refused, and
-`GET /v1/responses/{id}` is answered by Envoy (envoy/gateway.yaml), because the gateway's replicas share no state.
-The answer is one `message` output item with one `output_text` part, then a `function_call` item per tool call.
-A stream sends, each event with its
-`sequence_number`: response.created, response.in_progress, response.output_item.added,
-response.content_part.added, response.output_text.delta..., response.output_text.done,
-response.content_part.done, response.output_item.done, then response.completed, or response.incomplete
+Nothing is stored: `store` is accepted and answered `false`, `previous_response_id` and `item_reference` input items
+are refused, and `GET /v1/responses/{id}` is answered by Envoy (envoy/gateway.yaml), because the gateway's replicas
+share no state. The answer is one `message` output item with one `output_text` part, then a `function_call` item
+per tool call; an answer that is only calls has no message item. A stream sends, each event with its
+`sequence_number`: response.created, response.in_progress, then with the first text response.output_item.added,
+response.content_part.added, response.output_text.delta..., and once the text is whole response.output_text.done,
+response.content_part.done, response.output_item.done; then response.completed, or response.incomplete
 (`incomplete_details.reason: max_output_tokens`), or response.failed (with `error`) instead of all after the deltas.
-Tool calls close the message item early and follow it as function_call items: response.output_item.added,
+Tool calls follow the message item (or stand alone) as function_call items: response.output_item.added,
 response.function_call_arguments.delta, response.function_call_arguments.done, response.output_item.done.
 """
 
@@ -89,7 +90,7 @@ class Responses:
 
     route: ClassVar[str] = "responses"
     operation: ClassVar[str] = "chat"
-    __slots__ = ("_delta", "_seq", "created_at", "id", "item_id", "message_done", "request", "texts")
+    __slots__ = ("_delta", "_seq", "created_at", "id", "item_id", "message", "request", "texts")
 
     def __init__(self, request: ResponsesRequest) -> None:
         self.request = request
@@ -97,7 +98,7 @@ class Responses:
         self.item_id = f"msg_{random.getrandbits(128):032x}"
         self.created_at = int(time.time())
         self.texts: list[str] = []  # a stream's text so far
-        self.message_done = False  # a stream's message item is closed (tool calls close it early)
+        self.message = ""  # a stream's message item: "" not sent yet, "open" (text flows), "done" (closed)
         self._seq = 0
         self._delta = (
             b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","item_id":"%s",'
@@ -133,32 +134,46 @@ class Responses:
         return {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     def _response(self, gen: Generation, status: str, output: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+        """The ResponseResource: every field the specification requires, the sampling knobs Shimmy has not at
+        their neutral values, what was asked for echoed."""
         r = self.request
         finished = status != "in_progress"
+        fmt = msgspec.to_builtins(r.text.format) if r.text and r.text.format else {"type": "text"}
+        if fmt["type"] == "json_schema":
+            fmt["strict"] = bool(fmt["strict"])
         return {
             "id": self.id,
             "object": "response",
             "created_at": self.created_at,
+            "completed_at": int(time.time()) if status == "completed" else None,
             "status": status,
             "error": fields.get("error"),
             "incomplete_details": fields.get("incomplete_details"),
             "instructions": r.instructions,
             "max_output_tokens": r.max_output_tokens,
+            "max_tool_calls": None,
             "model": r.model,
             "output": output,
             "parallel_tool_calls": r.parallel_tool_calls is not False,
             "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None},
             "store": False,  # whatever the client asked: nothing is stored
+            "background": False,
+            "service_tier": "default",
             "temperature": r.temperature if r.temperature is not None else 1.0,
-            "text": {"format": msgspec.to_builtins(r.text.format) if r.text and r.text.format else {"type": "text"}},
+            "top_p": r.top_p if r.top_p is not None else 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "top_logprobs": 0,
+            "text": {"format": fmt},
             "tool_choice": msgspec.to_builtins(r.tool_choice) if r.tool_choice is not None else "auto",
             "tools": msgspec.to_builtins(r.tools or []),
-            "top_p": r.top_p if r.top_p is not None else 1.0,
             "truncation": "disabled",
             "usage": self._usage(gen) if finished else None,
             "user": r.user,
             "metadata": r.metadata or {},
+            "safety_identifier": r.safety_identifier,
+            "prompt_cache_key": r.prompt_cache_key,
         }
 
     @staticmethod
@@ -194,29 +209,32 @@ class Responses:
         return _event(kind, payload)
 
     def stream_start(self, gen: Generation) -> bytes:
-        at = {"output_index": 0}
-        part = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        return b"".join(
-            (
-                self._next("response.created", {"response": self._response(gen, "in_progress", [])}),
-                self._next("response.in_progress", {"response": self._response(gen, "in_progress", [])}),
-                self._next("response.output_item.added", {**at, "item": self._item("in_progress", None)}),
-                self._next("response.content_part.added", {**part, "part": self._part("")}),
-            )
+        return self._next("response.created", {"response": self._response(gen, "in_progress", [])}) + self._next(
+            "response.in_progress", {"response": self._response(gen, "in_progress", [])}
         )
+
+    def _open_message(self) -> bytes:
+        """The message item and its text part, sent with the first text (an answer of calls alone has none)."""
+        if self.message:
+            return b""
+        self.message = "open"
+        part = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        return self._next(
+            "response.output_item.added", {"output_index": 0, "item": self._item("in_progress", None)}
+        ) + self._next("response.content_part.added", {**part, "part": self._part("")})
 
     def stream_text(self, gen: Generation, pieces: list[str]) -> bytes:
         self.texts += pieces
-        out = []
+        out = [self._open_message()]
         for piece in pieces:
             out.append(self._delta + _encode(piece) + b',"sequence_number":%d}\n\n' % self._seq)
             self._seq += 1
         return b"".join(out)
 
     def _close_message(self, gen: Generation) -> bytes:
-        if self.message_done:
+        if self.message != "open":
             return b""
-        self.message_done = True
+        self.message = "done"
         text = "".join(self.texts)
         status, _ = self._ending(gen)
         part = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
@@ -229,9 +247,10 @@ class Responses:
         )
 
     def stream_calls(self, gen: Generation, calls: tuple[ToolCall, ...]) -> bytes:
-        """The message item closes; each call follows as a function_call item, its arguments in one delta."""
+        """The message item (if any) closes; each call follows as a function_call item, its arguments in one
+        delta."""
         out = [self._close_message(gen)]
-        for index, call in enumerate(calls, start=1):
+        for index, call in enumerate(calls, start=1 if self.message else 0):
             at = {"output_index": index}
             args = {**at, "item_id": "fc_" + call.id.removeprefix("call_")}
             out += (
@@ -243,14 +262,19 @@ class Responses:
         return b"".join(out)
 
     def stream_end(self, gen: Generation) -> bytes:
+        """The closing events; an answer with neither text nor calls still has its (empty) message, as the
+        non-stream answer has."""
         text = "".join(self.texts)
         status, fields = self._ending(gen)
-        output = [self._item(status, text)] + [_call_item(call) for call in gen.calls]
-        return self._close_message(gen) + self._next(
-            f"response.{status}", {"response": self._response(gen, status, output, **fields)}
+        opening = b"" if gen.calls else self._open_message()
+        output = ([self._item(status, text)] if self.message else []) + [_call_item(call) for call in gen.calls]
+        return (
+            opening
+            + self._close_message(gen)
+            + self._next(f"response.{status}", {"response": self._response(gen, status, output, **fields)})
         )
 
     def stream_error(self, gen: Generation, exc: GatewayError) -> bytes:
         error = {"code": exc.code or exc.type, "message": exc.message}
-        item = self._item("incomplete", "".join(self.texts))
-        return self._next("response.failed", {"response": self._response(gen, "failed", [item], error=error)})
+        output = [self._item("incomplete", "".join(self.texts))] if self.message else []
+        return self._next("response.failed", {"response": self._response(gen, "failed", output, error=error)})

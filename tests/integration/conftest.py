@@ -23,6 +23,7 @@ import pytest
 
 from bench.stack import free_port  # the tests' ports too: one allocator, never the same port twice
 from shimmy.versions import PINNED
+from tests.open_responses import recording
 
 # Shimmy lines that differ where clients feel it (docs/shimmy-versions.md): the image's 1.x and 2.x HEAD.
 SHIMMY_VERSIONS = (PINNED, "2.5.0")
@@ -184,6 +185,15 @@ def _reset_emulator(request: pytest.FixtureRequest) -> Iterator[None]:
         if isinstance(stack, Stack) and stack.proc.poll() is None:
             with contextlib.suppress(httpx.TransportError):  # an external Shimmy a test stopped has no emulator
                 httpx.post(f"{stack.emulator}/reset").raise_for_status()
+
+
+@pytest.fixture(autouse=True)
+def _open_responses() -> Iterator[None]:
+    """Every Responses answer a test reads (SDKs, agent frameworks, raw httpx) meets the Open Responses
+    specification: each body and each streamed event (tests/open_responses.py)."""
+    with recording() as recorder:
+        yield
+    recorder.check()
 
 
 def sse_events(lines: list[str]) -> list[dict | str]:

@@ -112,7 +112,10 @@ def test_responses_are_not_stored_and_say_why(stack: Stack) -> None:
             client.responses.create(model="phi3-lora", input="x", previous_response_id="resp_1")
         with pytest.raises(openai.NotFoundError) as fetched:
             client.responses.retrieve("resp_1")
+        with pytest.raises(openai.BadRequestError) as referenced:
+            client.responses.create(model="phi3-lora", input=[{"type": "item_reference", "id": "msg_1"}])
     assert chained.value.body["param"] == "previous_response_id" and "share no state" in chained.value.message
+    assert referenced.value.body["param"] == "input[0]" and "share no state" in referenced.value.message
     assert fetched.value.body["code"] == "not_stored" and "stateless" in fetched.value.message
     assert httpx.delete(f"{stack.url}/v1/responses/resp_1").json()["error"]["code"] == "not_stored"
     assert stack.emulator_stats()["generate_requests"] == 0

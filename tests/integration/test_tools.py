@@ -234,3 +234,67 @@ def test_responses_create_with_a_function_tool(stack: Stack, client: openai.Open
         tools=[tool],
     )
     assert follow_up.output_text == "It is 18C."
+
+
+def test_openai_agents_responses_stream_of_only_a_call_adds_no_empty_turn(stack: Stack) -> None:
+    """Issue 24: a streamed answer that is only a function call has no empty `message` item, which the Agents SDK
+    would carry into the next prompt as an empty assistant turn."""
+    from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    stack.configure(reply=WEATHER_CALL)
+
+    async def run() -> list[Any]:
+        async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0) as api:
+            agent = Agent(name="weather", instructions="Answer with the tool.",
+                          model=OpenAIResponsesModel(model="phi3-lora", openai_client=api),
+                          tools=[function_tool(get_weather)], tool_use_behavior="stop_on_first_tool")
+            result = Runner.run_streamed(agent, "Weather in Paris?")
+            async for _ in result.stream_events():
+                pass
+            assert result.final_output == "18C in Paris"
+            return result.to_input_list()
+
+    history = asyncio.run(run())
+    assert [item.get("type", "message") for item in history] == ["message", "function_call", "function_call_output"]
+    with openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0) as client:
+        stack.configure(reply="It is 18C.")
+        client.responses.create(model="phi3-lora", input=history, stream=False)
+    prompt = stack.emulator_stats()["last_generate_body"]["prompt"]
+    assert "<|assistant|>\n<|end|>" not in prompt and '"get_weather"' in prompt
+
+
+def test_anthropic_stream_of_only_a_tool_call_round_trips(stack: Stack) -> None:
+    """Issue 24: no empty text block opens a stream whose answer is only a tool call, so the history the SDK
+    assembles can be sent back as it is (Anthropic refuses empty text blocks)."""
+    import anthropic
+
+    tool = {"name": "get_weather", "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    stack.configure(reply=WEATHER_CALL)
+    with anthropic.Anthropic(base_url=stack.url, api_key="unused", max_retries=0) as api:
+        with api.messages.stream(model="phi3-lora", max_tokens=64, messages=ask, tools=[tool]) as stream:
+            streamed = stream.get_final_message()
+    assert [block.type for block in streamed.content] == ["tool_use"]
+    assert all(block.text for block in streamed.content if block.type == "text")
+
+
+def test_anthropic_structured_output_with_the_sdks_parse(stack: Stack) -> None:
+    """Issue 24: `output_config.format` (Anthropic's structured outputs, what `messages.parse` sends) is the same
+    structured output as chat's json_schema: the schema in the prompt, the answer validated against it."""
+    import anthropic
+
+    stack.configure(reply='```json\n{"city": "Paris", "celsius": 18}\n```')
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    with anthropic.Anthropic(base_url=stack.url, api_key="unused", max_retries=0) as api:
+        parsed = api.messages.parse(model="phi3-lora", max_tokens=64, messages=ask, output_format=Weather)
+        assert parsed.parsed_output == Weather(city="Paris", celsius=18) and parsed.stop_reason == "end_turn"
+        prompt = stack.emulator_stats()["last_generate_body"]["prompt"]
+        assert "conforms to this JSON schema" in prompt and '"celsius"' in prompt
+        with api.messages.stream(model="phi3-lora", max_tokens=64, messages=ask, output_format=Weather) as stream:
+            assert stream.get_final_message().parsed_output == Weather(city="Paris", celsius=18)
+        stack.configure(reply='{"city": "Paris"}')
+        schema = {"type": "json_schema", "schema": Weather.model_json_schema()}
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            api.messages.create(model="phi3-lora", max_tokens=64, messages=ask, output_config={"format": schema})
+    assert failed.value.status_code == 502 and "does not match the schema" in failed.value.message

@@ -51,7 +51,9 @@ def test_system_blocks_and_messages_render_with_the_template() -> None:
         (body(tool_choice={"type": "any"}), "tool_choice"),
         (body(tools=[{"name": "t", "input_schema": {}}], tool_choice={"type": "tool", "name": "u"}), "tool_choice"),
         (body(thinking={"type": "enabled", "budget_tokens": 1}), "thinking"),
-        (body(output_config={"format": {"type": "json_schema"}}), "output_config.format"),
+        (body(output_config={"format": {"type": "json_schema"}}), "output_config.format.schema"),
+        (body(output_config={"format": {"type": "json_schema", "schema": {"type": 3}}}), "output_config.format.schema"),
+        (body(output_config={"format": {"type": "xml"}}), "output_config.format.type"),
     ],
 )
 def test_refusals_name_the_param_in_anthropics_shape(raw: bytes, param: str) -> None:
@@ -145,3 +147,49 @@ def test_count_tokens_counts_what_a_generation_would() -> None:
     with pytest.raises(InvalidRequest):  # max_tokens is not required here, but tools are still refused
         MessagesCountTokens.parse(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}],
                                               "tools": [{"name": "t"}]}).encode())
+
+
+WEATHER = {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+def test_a_stream_of_only_a_tool_call_has_no_empty_text_block() -> None:
+    _, exchange = start_api(Messages, body(stream=True, tools=[WEATHER]))
+    events = named_events(exchange.relay(shimmy_stream(CALL), True))
+    assert [name for name, _ in events] == [
+        "message_start", "content_block_start", "ping", "content_block_delta", "content_block_stop",
+        "message_delta", "message_stop",
+    ]
+    assert events[1][1]["index"] == 0 and events[1][1]["content_block"]["type"] == "tool_use"
+    _, whole = start_api(Messages, body(tools=[WEATHER]))
+    assert [b["type"] for b in json.loads(whole.complete(shimmy_stream(CALL)))["content"]] == ["tool_use"]
+
+
+def test_a_stream_of_text_then_a_call_numbers_the_blocks() -> None:
+    _, exchange = start_api(Messages, body(stream=True, tools=[WEATHER]))
+    events = named_events(exchange.relay(shimmy_stream("Sure. ", CALL), True))
+    starts = [(d["index"], d["content_block"]["type"]) for name, d in events if name == "content_block_start"]
+    assert starts == [(0, "text"), (1, "tool_use")]
+    assert [d["index"] for name, d in events if name == "content_block_stop"] == [0, 1]
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "celsius": {"type": "integer"}},
+          "required": ["city", "celsius"], "additionalProperties": False}
+
+
+def test_output_config_format_is_chats_structured_output() -> None:
+    """The schema reaches the prompt and the answer is validated against it, as chat's response_format does."""
+    fields = {"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}}
+    shimmy, exchange = start_api(Messages, body(**fields))
+    assert "Respond only with a JSON object that conforms to this JSON schema" in json.loads(shimmy)["prompt"]
+    message = json.loads(exchange.complete(shimmy_stream('{"city": "Paris", ', '"celsius": 18}')))
+    assert message["content"] == [{"type": "text", "text": '{"city":"Paris","celsius":18}'}]
+    assert message["stop_reason"] == "end_turn"
+    _, streamed = start_api(Messages, body(stream=True, **fields))
+    events = named_events(streamed.relay(shimmy_stream('{"city": "Paris", "celsius": 18}'), True))
+    assert [d["delta"]["text"] for name, d in events if name == "content_block_delta"] == [
+        '{"city":"Paris","celsius":18}']
+    _, wrong = start_api(Messages, body(**fields))
+    with pytest.raises(UpstreamError) as failed:
+        wrong.complete(shimmy_stream('{"city": "Paris"}'))
+    assert failed.value.code == "invalid_json_output"

@@ -9,6 +9,7 @@ import pytest
 from extproc.apis.responses import Responses
 from extproc.errors import InvalidRequest
 from extproc.generation import Message
+from tests.open_responses import check_event, check_response
 from tests.unit.translate import shimmy_stream, start_api
 
 TOKENS = ("The", " quick", " brown", " fox")
@@ -19,13 +20,22 @@ def body(**fields: object) -> bytes:
 
 
 def typed(sse: bytes) -> list[dict]:
+    """The events, each checked against the Open Responses specification."""
     out = []
     for block in filter(None, sse.decode().split("\n\n")):
         event, data = block.split("\n")
         payload = json.loads(data.removeprefix("data: "))
         assert payload["type"] == event.removeprefix("event: ")
+        check_event(payload)
         out.append(payload)
     return out
+
+
+def whole(raw: bytes) -> dict:
+    """A non-stream answer, checked against the Open Responses specification."""
+    response = json.loads(raw)
+    check_response(response)
+    return response
 
 
 def test_instructions_and_input_items_render_with_the_template() -> None:
@@ -59,6 +69,7 @@ def test_instructions_and_input_items_render_with_the_template() -> None:
         (body(input=[{"type": "reasoning", "summary": []}]), "input[0].type"),
         (body(text={"format": {"type": "json_schema"}}), "text.format"),
         (body(stop=["x"], top_logprobs=2), "top_logprobs"),
+        (body(input=[{"role": "user", "content": "x"}, {"type": "item_reference", "id": "msg_1"}]), "input[1]"),
     ],
 )
 def test_refusals_name_the_param(raw: bytes, param: str) -> None:
@@ -67,9 +78,11 @@ def test_refusals_name_the_param(raw: bytes, param: str) -> None:
     assert json.loads(refused.value.body())["error"]["param"] == param
 
 
-def test_stateless_refusal_says_why() -> None:
+@pytest.mark.parametrize("fields", [{"previous_response_id": "resp_1"},
+                                    {"input": [{"type": "item_reference", "id": "msg_1"}]}])
+def test_stateless_refusal_says_why(fields: dict) -> None:
     with pytest.raises(InvalidRequest) as refused:
-        Responses.parse(body(previous_response_id="resp_1"))
+        Responses.parse(body(**fields))
     assert "share no state" in refused.value.message
 
 
@@ -82,7 +95,7 @@ def test_accepted_without_effect() -> None:
 
 def test_render_completed_with_usage_and_nothing_stored() -> None:
     _, exchange = start_api(Responses, body(store=True, metadata={"k": "v"}))
-    response = json.loads(exchange.complete(shimmy_stream(*TOKENS)))
+    response = whole(exchange.complete(shimmy_stream(*TOKENS)))
     assert (response["object"], response["status"], response["store"]) == ("response", "completed", False)
     assert response["output"][0]["content"][0] == {"type": "output_text", "text": "The quick brown fox",
                                                    "annotations": [], "logprobs": []}
@@ -94,7 +107,7 @@ def test_render_completed_with_usage_and_nothing_stored() -> None:
 
 def test_render_at_the_limit_is_incomplete() -> None:
     _, exchange = start_api(Responses, body(max_output_tokens=2))
-    response = json.loads(exchange.complete(shimmy_stream("The", " quick")))
+    response = whole(exchange.complete(shimmy_stream("The", " quick")))
     assert response["status"] == "incomplete" and response["incomplete_details"] == {"reason": "max_output_tokens"}
     assert response["output"][0]["status"] == "incomplete"
 
@@ -125,3 +138,43 @@ def test_stream_failure_is_response_failed() -> None:
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
     assert failed["output"][0]["content"][0]["text"] == "The"
+
+
+TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object",
+                                                                  "properties": {"city": {"type": "string"}}}}
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+def test_every_field_the_specification_requires_in_each_ending() -> None:
+    fields = dict(instructions="x", temperature=0.2, safety_identifier="s", prompt_cache_key="k", tools=[TOOL],
+                  text={"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}})
+    _, exchange = start_api(Responses, body(**fields))
+    done = whole(exchange.complete(shimmy_stream('{"a": 1}')))
+    assert done["completed_at"] >= done["created_at"] and (done["safety_identifier"], done["prompt_cache_key"]) == (
+        "s", "k")
+    _, cut = start_api(Responses, body(max_output_tokens=1))
+    assert whole(cut.complete(shimmy_stream("The", " quick")))["completed_at"] is None
+
+
+def test_a_stream_of_only_a_function_call_has_no_message_item() -> None:
+    _, exchange = start_api(Responses, body(stream=True, tools=[TOOL]))
+    events = typed(exchange.relay(shimmy_stream(CALL), True))
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed",
+    ]
+    assert events[2]["output_index"] == 0 and events[2]["item"]["type"] == "function_call"
+    assert [item["type"] for item in events[-1]["response"]["output"]] == ["function_call"]
+    _, exchange = start_api(Responses, body(tools=[TOOL]))
+    assert [item["type"] for item in whole(exchange.complete(shimmy_stream(CALL)))["output"]] == ["function_call"]
+
+
+def test_a_stream_of_text_then_a_call_and_an_empty_answer() -> None:
+    _, exchange = start_api(Responses, body(stream=True, tools=[TOOL]))
+    events = typed(exchange.relay(shimmy_stream("Sure. ", CALL), True))
+    added = [(e["output_index"], e["item"]["type"]) for e in events if e["type"] == "response.output_item.added"]
+    assert added == [(0, "message"), (1, "function_call")]
+    _, empty = start_api(Responses, body(stream=True))
+    events = typed(empty.relay(shimmy_stream(), True))
+    assert [item["content"][0]["text"] for item in events[-1]["response"]["output"]] == [""]
