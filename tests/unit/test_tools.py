@@ -377,7 +377,9 @@ def test_a_response_stream_sends_function_call_argument_events() -> None:
     assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
     assert json.loads(events[-4][1]["delta"]) == {"city": "Paris"}
     final = events[-1][1]["response"]
-    assert [item["type"] for item in final["output"]] == ["message", "function_call"]
+    assert [item["type"] for item in final["output"]] == ["function_call"]  # no empty message item (issue 24)
+    assert [data["item"]["type"] for kind, data in events if kind == "response.output_item.added"] == [
+        "function_call"]
 
 
 def test_a_response_in_a_json_schema_format() -> None:
