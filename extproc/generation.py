@@ -195,6 +195,13 @@ class Api(Protocol):
 
     route: ClassVar[str]  # Envoy's x-gateway-route value; also the `api` label of metrics and the access log
     operation: ClassVar[str]  # the GenAI conventions' gen_ai.operation.name: "chat" or "text_completion"
+    # What Envoy's routes are rendered from (gateway/envoy_config.py): the client's POST path; the error shape of
+    # Envoy's own replies on it ("openai" or "anthropic", rendered by `error_body`); other POST paths answered by
+    # the processor from the body alone (path -> x-gateway-route); the 404 (code, message) of other subpaths.
+    path: ClassVar[str]
+    error_shape: ClassVar[str]
+    endpoints: ClassVar[dict[str, str]]
+    subpath_error: ClassVar[tuple[str, str] | None]
 
     @classmethod
     def parse(cls, body: bytes) -> tuple[GenerationRequest, Api]:

@@ -1,24 +1,29 @@
-"""Render envoy/gateway.yaml with the configured ports, timeouts and limits.
+"""Render envoy/gateway.yaml with the configured ports, timeouts and limits, and the client APIs.
 
-The shipped file is a complete, valid config with the default settings; rendering changes only the fields
-found here by name (listener `gateway`, route `metrics`, the generation routes (marked `generation` in their
-metadata: chat, messages, responses, completions), the ext_proc and buffer filters, clusters `shimmy`, `extproc`
-and `envoy_admin`, the overload manager's connection cap), so the YAML stays the one place where routing, health
-checks and replies are declared. With keys it adds the api_key_auth filter (and, when the key is read from
-`Authorization`, a route requiring the bearer scheme); with CORS_ALLOWED_ORIGINS, the CORS filter; with
-METRICS_PORT, a loopback copy of the listener serving only the metrics.
+The template holds every part that is no API's; rendering changes the fields found here by name (listener
+`gateway`, route `metrics`, the ext_proc, Lua and buffer filters, clusters `shimmy`, `extproc` and `envoy_admin`,
+the overload manager's monitors) and adds each API's routes, virtual cluster and local-reply mappers from
+`extproc.apis.APIS` (gateway/envoy_apis.py). envoy/standalone.example.yaml is this render (`standalone_example`).
+With keys it adds the api_key_auth filter (and, when the key is read from `Authorization`, a route requiring the
+bearer scheme); with CORS_ALLOWED_ORIGINS, the CORS filter; with METRICS_PORT, a loopback copy of the listener
+serving only the metrics.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
+from extproc.apis import APIS
+from extproc.generation import Api
+from gateway import envoy_apis
 from settings import ENVOY_MARGIN_S, Settings
 
 __all__ = ["config_path", "extproc_addresses", "render"]
@@ -47,10 +52,9 @@ def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
-def _generation_routes(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The routes that run a generation (one per client API), marked in the YAML's route metadata."""
-    marked = (r.get("metadata", {}).get("filter_metadata", {}).get("shimmy_gateway", {}) for r in routes)
-    return [r for r, meta in zip(routes, marked, strict=True) if meta.get("generation")]
+def _key_header(settings: Settings) -> str:
+    """The header API keys are read from besides x-api-key (what a 401 tells an OpenAI client to send)."""
+    return settings.gateway_api_key_header.strip().lower() or "authorization"
 
 
 def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_keys: str, header: str) -> None:
@@ -83,12 +87,6 @@ def _require_api_keys(hcm: dict[str, Any], routes: list[dict[str, Any]], raw_key
     if header == "authorization":
         # Envoy's filter also takes a bare `Authorization: <key>`; the bearer scheme is required, as documented.
         _require_bearer_scheme(routes)
-        return
-    for mapper in hcm["local_reply_config"]["mappers"]:
-        if mapper.get("headers_to_add", [{}])[0].get("header", {}).get("key") == "www-authenticate":
-            error = mapper["body_format_override"]["json_format"]["error"]
-            error["message"] = f"Missing or invalid API key: send {header}: <key>"
-            del mapper["headers_to_add"]  # not a Bearer challenge any more
 
 
 def _require_bearer_scheme(routes: list[dict[str, Any]]) -> None:
@@ -117,7 +115,7 @@ def _metrics_listener(gateway: dict[str, Any], port: int) -> dict[str, Any]:
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.api_key_auth"]
     vhost = hcm["route_config"]["virtual_hosts"][0]
     vhost.pop("virtual_clusters", None)
-    kept = ("metrics", "metrics_method_not_allowed", "not_found")
+    kept = ("upgrade_not_supported", "metrics", "metrics_method_not_allowed", "not_found")
     vhost["routes"] = [r for r in vhost["routes"] if r["name"] in kept]
     return listener
 
@@ -214,8 +212,12 @@ def _trace(hcm: dict[str, Any], clusters: list[dict[str, Any]], endpoint: str) -
     clusters.append(collector)
 
 
-def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
-    """The Envoy bootstrap for `settings`, as a dict (Envoy reads the JSON dump of it)."""
+def render(
+    settings: Settings, source: Path | None = None, apis: Mapping[str, type[Api]] | None = None
+) -> dict[str, Any]:
+    """The Envoy bootstrap for `settings`, as a dict (Envoy reads the JSON dump of it): the template with the
+    client APIs' routes, virtual clusters and error replies rendered from `apis` (extproc.apis.APIS)."""
+    apis = APIS if apis is None else apis
     config: dict[str, Any] = yaml.safe_load((source or config_path()).read_text())
     config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": settings.envoy_admin_port}
 
@@ -227,7 +229,13 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
     stall["int_value"] = settings.client_stall_timeout_s * 1000
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["stream_idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
-    hcm["request_headers_timeout"] = _seconds(settings.request_headers_timeout_s)
+    hcm["request_headers_timeout"] = listener["listener_filters_timeout"] = _seconds(settings.request_headers_timeout_s)
+    hcm["xff_num_trusted_hops"] = settings.xff_trusted_hops
+    hcm["max_request_headers_kb"] = envoy_apis.HEADERS_KB
+    hcm["common_http_protocol_options"]["max_headers_count"] = envoy_apis.HEADERS_COUNT
+    hcm["local_reply_config"]["mappers"] += envoy_apis.local_reply_mappers(apis, _key_header(settings))
+    _named(hcm["http_filters"], "envoy.filters.http.lua")["typed_config"]["source_codes"] = envoy_apis.lua_sources(
+        apis)
     connections, heap = config["overload_manager"]["resource_monitors"]
     connections["typed_config"]["max_active_downstream_connections"] = settings.max_connections
     heap["typed_config"]["max_heap_size_bytes"] = settings.envoy_max_heap_mb << 20
@@ -244,9 +252,14 @@ def render(settings: Settings, source: Path | None = None) -> dict[str, Any]:
         routes.remove(_named(routes, "metrics"))
         routes.remove(_named(routes, "metrics_method_not_allowed"))
         vhost["virtual_clusters"].remove(_named(vhost["virtual_clusters"], "metrics"))
-    for generation in _generation_routes(routes):
-        generation["route"]["timeout"] = _seconds(route_timeout)
-        generation["route"]["idle_timeout"] = _seconds(settings.stream_idle_timeout_s)
+    routes[routes.index(_named(routes, "upgrade_not_supported")):0] = envoy_apis.upgrade_routes(apis)
+    at = routes.index(_named(routes, "method_not_allowed"))
+    routes[at:at] = [
+        route
+        for api in apis.values()
+        for route in envoy_apis.api_routes(api, _seconds(route_timeout), _seconds(settings.stream_idle_timeout_s))
+    ]
+    vhost["virtual_clusters"] += envoy_apis.virtual_clusters(apis)
 
     _named(hcm["http_filters"], "envoy.filters.http.buffer")["typed_config"]["max_request_bytes"] = (
         settings.max_request_bytes
@@ -311,3 +324,88 @@ def extproc_addresses(settings: Settings) -> list[dict[str, Any]]:
     return [
         {"socket_address": {"address": "127.0.0.1", "port_value": first + i}} for i in range(settings.extproc_workers)
     ]
+
+
+STANDALONE_HEADER = """\
+# Example: your own Envoy in front of Shimmy, with `shimmy-extproc` running as a separate service over mTLS.
+#
+# GENERATED by `python -m gateway.envoy_config > envoy/standalone.example.yaml`: the config `shimmy-gateway up`
+# renders with the default settings (envoy/gateway.yaml and the API table, gateway/envoy_config.py), with TLS to
+# the processor. tests/unit/test_envoy_config.py keeps this file equal to that render; do not edit it by hand.
+# tests/integration/test_standalone.py runs it with real Envoy.
+#
+# Copy the pieces you need into your Envoy config: the HTTP filters (their order matters), the routes (their
+# `typed_per_filter_config` tells the processor which endpoint a stream is: x-gateway-route), the local-reply
+# mappers (each API's error shape), the `extproc` cluster and the `shimmy` cluster; the metrics route, its
+# `envoy_admin` cluster and the access log are optional.
+#
+# The processor side (`shimmy-extproc --help` lists every setting; each is also an environment variable):
+#   shimmy-extproc --extproc-host 0.0.0.0 --extproc-port 50051 \\
+#     --extproc-tls-cert server.crt --extproc-tls-key server.key --extproc-tls-client-ca ca.crt \\
+#     --shimmy-url http://shimmy.internal:8080 --model-name phi3-lora
+#
+# Placeholders to replace:
+#   - the PEM files under /etc/shimmy-gateway/tls/: the CA that signed the processor's certificate, and Envoy's
+#     client certificate and key (the processor's EXTPROC_TLS_CLIENT_CA must trust their issuer);
+#   - the processor's address (127.0.0.1:50051) and the DNS name in its certificate (`sni` and the SAN match,
+#     shimmy-extproc.example.internal);
+#   - Shimmy's address (127.0.0.1:8080).
+# For a DNS name instead of an IP, make the cluster `type: STRICT_DNS`. For a processor on a unix socket
+# (EXTPROC_PORT=unix:/path), give the endpoint `address: {pipe: {path: /path}}` and drop `transport_socket`.
+#
+# Keep the timeouts consistent with the processor's settings (defaults here): the generation routes' `timeout`
+# and the ext_proc `grpc_service.timeout` are GENERATION_TIMEOUT_S - 1 s (the processor ends a late stream in-band
+# at GENERATION_TIMEOUT_S - 2 s); the buffer filter's `max_request_bytes` is MAX_REQUEST_BYTES.
+"""
+STANDALONE_TLS_DIR = "/etc/shimmy-gateway/tls/"
+STANDALONE_SNI = "shimmy-extproc.example.internal"
+
+
+def standalone_example() -> str:
+    """envoy/standalone.example.yaml: the default render, with mTLS to a processor that runs as its own service."""
+    from settings import load  # the defaults, whatever this process's environment says
+
+    config = render(load(argv=[], environ={}))
+    extproc = _named(config["static_resources"]["clusters"], "extproc")
+    extproc["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": STANDALONE_SNI,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": STANDALONE_TLS_DIR + "envoy-client.crt"},
+                    "private_key": {"filename": STANDALONE_TLS_DIR + "envoy-client.key"},
+                }],
+                "validation_context": {
+                    "trusted_ca": {"filename": STANDALONE_TLS_DIR + "ca.crt"},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": STANDALONE_SNI}}],
+                },
+            },
+        },
+    }
+    return STANDALONE_HEADER + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
+
+
+class _Dumper(yaml.SafeDumper):
+    """YAML a person can read: short mappings and lists on one line, multi-line strings as blocks, no aliases."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
+def _short(data: object) -> bool:
+    return len(json.dumps(data)) <= 80
+
+
+_Dumper.add_representer(dict, lambda d, data: d.represent_mapping(
+    "tag:yaml.org,2002:map", data.items(), flow_style=_short(data)))
+_Dumper.add_representer(list, lambda d, data: d.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=_short(data)))
+_Dumper.add_representer(str, lambda d, data: d.represent_scalar(
+    "tag:yaml.org,2002:str", data, style="|" if "\n" in data else None))
+
+
+if __name__ == "__main__":
+    sys.stdout.write(standalone_example())

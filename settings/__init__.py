@@ -212,7 +212,12 @@ SETTINGS: tuple[Setting, ...] = (
             low=1),
     Setting("ENVOY_MAX_HEAP_MB", "512", "Envoy's heap limit: past 95 % of it, new requests get 503 `overloaded`.",
             int, low=1, high=1 << 20),
-    Setting("REQUEST_HEADERS_TIMEOUT_S", "10", "Seconds a client may take to send a request's headers.", int, low=1),
+    Setting("REQUEST_HEADERS_TIMEOUT_S", "10",
+            "Seconds a new connection may stay silent, and a request may take to send its headers; then closed.",
+            int, low=1),
+    Setting("XFF_TRUSTED_HOPS", "0",
+            "Proxies in front of Envoy whose `X-Forwarded-For` entry names the client (the access log's `client`).",
+            int, low=0, high=16),
     Setting("METRICS_PORT", "0", "Port on 127.0.0.1 serving `/metrics` keyless, for scrapers; 0: none.", int,
             low=0, high=65535),
     Setting(

@@ -33,6 +33,7 @@ _NAMES = [
 _PROG = "shimmy-emulator"
 # Real Shimmy has no graceful shutdown; in-flight generations get this long before they are cancelled.
 _SHUTDOWN_TIMEOUT_S = 0.5
+_HEADERS_BYTES = 400 * 1024
 
 
 async def _serve(config: EmulatorConfig, host: str, port: int, access_log: bool) -> int:
@@ -41,6 +42,10 @@ async def _serve(config: EmulatorConfig, host: str, port: int, access_log: bool)
         access_log=log if access_log else None,
         shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
         handle_signals=False,
+        # Shimmy's HTTP server (hyper) takes up to ~400 KB of headers and 100 of them, not aiohttp's 8 KB a field.
+        max_field_size=_HEADERS_BYTES,
+        max_line_size=_HEADERS_BYTES,
+        max_headers=100,
     )
     await runner.setup()
     try:

@@ -1,8 +1,9 @@
 """One adapter per client API, each a small module: parse its request into a `GenerationRequest`, render its
 answer, frame its stream, shape its errors. The generation itself is `extproc.generation`'s, shared by all.
 
-Adding an API is one module here, its entry in `APIS`, and its route in envoy/gateway.yaml (whose
-`x-gateway-route` metadata names the key).
+Adding an API is one module here and its entry in `APIS`: Envoy's routes, virtual cluster and error replies for
+it are rendered from the adapter's `route`, `path`, `error_shape`, `endpoints` and `subpath_error`
+(gateway/envoy_config.py).
 """
 
 from __future__ import annotations

@@ -86,6 +86,10 @@ class ChatCompletions:
 
     route: ClassVar[str] = "chat"
     operation: ClassVar[str] = "chat"
+    path: ClassVar[str] = "/v1/chat/completions"
+    error_shape: ClassVar[str] = "openai"
+    endpoints: ClassVar[dict[str, str]] = {}
+    subpath_error: ClassVar[tuple[str, str] | None] = None
     __slots__ = ("_head", "_tail", "created", "id", "include_usage", "model")
 
     def __init__(self, model: str, include_usage: bool = False) -> None:

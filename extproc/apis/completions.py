@@ -29,6 +29,10 @@ class Completions:
 
     route: ClassVar[str] = "completions"
     operation: ClassVar[str] = "text_completion"
+    path: ClassVar[str] = "/v1/completions"
+    error_shape: ClassVar[str] = "openai"
+    endpoints: ClassVar[dict[str, str]] = {}
+    subpath_error: ClassVar[tuple[str, str] | None] = None
     __slots__ = ("_head", "created", "id", "include_usage", "model")
 
     def __init__(self, model: str, include_usage: bool = False) -> None:

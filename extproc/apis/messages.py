@@ -218,6 +218,10 @@ class Messages:
 
     route: ClassVar[str] = "messages"
     operation: ClassVar[str] = "chat"
+    path: ClassVar[str] = "/v1/messages"
+    error_shape: ClassVar[str] = "anthropic"
+    endpoints: ClassVar[dict[str, str]] = {"/v1/messages/count_tokens": "messages_count_tokens"}
+    subpath_error: ClassVar[tuple[str, str] | None] = None
     __slots__ = ("id", "model", "text")
 
     _DELTA = (

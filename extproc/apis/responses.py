@@ -90,6 +90,16 @@ class Responses:
 
     route: ClassVar[str] = "responses"
     operation: ClassVar[str] = "chat"
+    path: ClassVar[str] = "/v1/responses"
+    error_shape: ClassVar[str] = "openai"
+    endpoints: ClassVar[dict[str, str]] = {}
+    # GET/DELETE /v1/responses/{id}, .../input_items, .../cancel: nothing is ever stored.
+    subpath_error: ClassVar[tuple[str, str] | None] = (
+        "not_stored",
+        "Responses are not stored: the gateway is stateless (its replicas share no state), so no response can be"
+        " retrieved, listed, cancelled or deleted; send the whole conversation in input instead of"
+        " previous_response_id",
+    )
     __slots__ = ("_delta", "_seq", "created_at", "id", "item_id", "message", "request", "texts")
 
     def __init__(self, request: ResponsesRequest) -> None:

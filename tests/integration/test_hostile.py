@@ -9,6 +9,7 @@ routes, JSON abuse. The stack runs with small limits (settings below) so that ev
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import threading
 import time
@@ -439,3 +440,114 @@ def test_json_abuse_is_a_400_in_openai_shape(hostile: Stack, body: bytes) -> Non
                       headers={"content-type": "application/json"})
     assert resp.status_code == 400, resp.text
     assert assert_openai_error(400, dict(resp.headers), resp.content)["type"] == "invalid_request_error"
+
+
+# -- Issue 22, items 6 and 7: the edge with the shipped settings (the session's default stack) --------------------
+
+SILENT = 1024  # MAX_CONNECTIONS' default
+DEFAULT_HEADERS_TIMEOUT_S = 10  # REQUEST_HEADERS_TIMEOUT_S' default
+
+
+def _fds_for(count: int) -> None:
+    """Room for `count` more sockets in this process (the soft limit may be 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count + 256:
+        wanted = count + 256 if hard == resource.RLIM_INFINITY else min(hard, count + 256)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        if wanted < count + 256:
+            pytest.skip(f"RLIMIT_NOFILE's hard limit {hard} is too low for {count} sockets")
+
+
+def test_silent_connections_cannot_hold_the_connection_cap(stack: Stack) -> None:
+    """1,024 connections that send nothing fill MAX_CONNECTIONS; Envoy closes them after REQUEST_HEADERS_TIMEOUT_S
+    (its idle timeout was the one-hour default: every new client was reset for an hour), and new clients are
+    served again."""
+    _fds_for(SILENT)
+    silent: list[socket.socket] = []
+    try:
+        for _ in range(SILENT):
+            silent.append(socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=5))
+        started = time.monotonic()
+        while True:
+            with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=5) as conn:
+                if _served(conn):
+                    break
+            assert time.monotonic() - started < DEFAULT_HEADERS_TIMEOUT_S + 10, "new clients still refused"
+            time.sleep(0.25)
+        closed = 0
+        for conn in silent:
+            conn.settimeout(0.05)
+            try:
+                closed += conn.recv(1) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                closed += 1
+        assert closed >= SILENT - 2, closed  # the supervisor's probe may have taken one slot
+    finally:
+        for conn in silent:
+            conn.close()
+    assert httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+
+
+FORWARDING = {
+    "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https",
+    "X-Forwarded-Port": "443", "Forwarded": "for=203.0.113.9;proto=https", "X-Real-IP": "203.0.113.9",
+}
+
+
+def test_forwarding_headers_never_reach_shimmy_and_the_log_has_the_real_client(stack: Stack) -> None:
+    """A client cannot speak for a proxy: its X-Forwarded-*, Forwarded and X-Real-IP are dropped, Envoy adds none
+    of its own for Shimmy, and the access log names the connection's peer."""
+    marker = f"fwd-{time.monotonic_ns()}"
+    resp = httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, timeout=10,
+                      headers={**FORWARDING, "x-request-id": marker})
+    assert resp.status_code == 200, resp.text
+    seen = {k.lower() for k in stack.emulator_stats()["last_generate_headers"]}
+    assert not seen & {"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
+                       "forwarded", "x-real-ip"}, seen
+    deadline = time.monotonic() + 5
+    while not (lines := [ln for ln in stack.output().splitlines() if marker in ln and '"source":"envoy"' in ln]):
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.1)
+    entry = json.loads(lines[-1].partition("] ")[2])
+    assert entry["client"] == "127.0.0.1", entry
+
+
+UPGRADE = b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" \
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+
+
+@pytest.mark.parametrize("path", [b"/v1/chat/completions", b"/v1/responses", b"/v1/models", b"/nowhere"])
+def test_a_websocket_upgrade_is_refused_in_openai_shape(stack: Stack, path: bytes) -> None:
+    answer = raw_request(stack, UPGRADE % path)
+    status, body = json_error_status(answer)
+    error = assert_openai_error(status, _headers(answer), body)
+    assert (status, error["code"]) == (400, "websocket_not_supported"), answer
+
+
+def test_a_websocket_upgrade_on_messages_is_refused_in_anthropic_shape(stack: Stack) -> None:
+    answer = raw_request(stack, UPGRADE % b"/v1/messages")
+    assert answer.startswith(b"HTTP/1.1 400 ") and _headers(answer)["content-type"] == "application/json", answer
+    body = json.loads(http_body(answer))
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+    assert "WebSocket" in body["error"]["message"]
+
+
+def test_oversized_headers_are_the_gateways_431_and_large_ones_are_served(stack: Stack) -> None:
+    """Past Envoy's 32 KiB of headers: 431 headers_too_large in OpenAI's shape (a 59 KB header used to pass Envoy
+    and come back as "Shimmy rejected the request"); below it, the request is served."""
+    resp = httpx.get(f"{stack.url}/v1/models", headers={"x-big": "a" * 59_000}, timeout=10)
+    assert resp.status_code == 431, resp.text
+    error = assert_openai_error(resp.status_code, dict(resp.headers), resp.content)
+    assert error["code"] == "headers_too_large" and "32 KiB" in error["message"], error
+    resp = httpx.get(f"{stack.url}/v1/models", headers={"x-big": "a" * 20_000}, timeout=10)
+    assert resp.status_code == 200, resp.text
+    many = {f"x-h{i}": "1" for i in range(80)}
+    resp = httpx.get(f"{stack.url}/v1/models", headers=many, timeout=10)
+    assert resp.status_code == 431 and resp.json()["error"]["code"] == "headers_too_large", resp.text
+
+
+def _headers(answer: bytes) -> dict[str, str]:
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head)}

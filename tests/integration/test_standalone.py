@@ -172,7 +172,7 @@ def render_example(
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     resources = config["static_resources"]
     _endpoint(_named(resources["clusters"], "envoy_admin"))["address"]["socket_address"]["port_value"] = admin_port
-    listener = _named(resources["listeners"], "openai")
+    listener = _named(resources["listeners"], "gateway")
     listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
     shimmy = _named(resources["clusters"], "shimmy")
     _endpoint(shimmy)["address"]["socket_address"]["port_value"] = shimmy_port

@@ -1,4 +1,4 @@
-"""Issue 13: what the rendered Envoy config makes of the timeout, stall and health settings.
+"""Issues 13 and 25: what the rendered Envoy config makes of the settings, and of the API table.
 
 The behaviour behind each is tested through the running stack (tests/integration/test_faults.py); these pin the
 arithmetic, so a change of margin or setting shows up here first.
@@ -6,13 +6,22 @@ arithmetic, so a change of margin or setting shows up here first.
 
 from __future__ import annotations
 
+import json
 import socket
-from typing import Any
+import subprocess
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
-from gateway.envoy_config import render
+from extproc.apis import APIS
+from extproc.errors import GatewayError
+from extproc.processors import ROUTES
+from gateway.cli import envoy_binary
+from gateway.envoy_config import render, standalone_example
 from settings import ENVOY_MARGIN_S, PROCESSOR_MARGIN_S, load
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "envoy" / "standalone.example.yaml"
 
 
 def rendered(*argv: str) -> dict[str, Any]:
@@ -89,3 +98,90 @@ def test_envoy_traces_only_when_a_collector_is_set(tmp_path: Any) -> None:
         done = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(target), "--disable-hot-restart"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------------------- issue 25: the API table
+
+
+def _validate(config: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(config))
+    out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "OK" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--gateway-api-keys", "a,b", "--cors-allowed-origins", "https://a.example", "--metrics-port", "9199",
+     "--public-metrics", "false", "--xff-trusted-hops", "2"],
+    ["--gateway-api-keys", "a", "--gateway-api-key-header", "x-gateway-key", "--extproc-port", "unix:/tmp/x.sock"],
+    ["--extproc-workers", "3", "--generation-timeout-s", "30", "--request-headers-timeout-s", "3"],
+])
+def test_envoy_validates_every_render(argv: list[str], tmp_path: Path) -> None:
+    _validate(rendered(*argv), tmp_path)
+
+
+def test_the_standalone_example_is_the_render() -> None:
+    """envoy/standalone.example.yaml is generated (`python -m gateway.envoy_config`); it cannot drift from the
+    config the gateway runs (the example once said 601 s where the gateway rendered 599 s)."""
+    assert EXAMPLE.read_text() == standalone_example(), "regenerate: python -m gateway.envoy_config > " + str(EXAMPLE)
+
+
+def test_every_endpoint_of_an_api_is_served_by_the_processor() -> None:
+    for api in APIS.values():
+        assert api.route in ROUTES
+        for route in api.endpoints.values():
+            assert route in ROUTES, route
+
+
+class Echo:
+    """A throwaway API in an error shape of its own: everything Envoy says for it comes from these lines."""
+
+    route: ClassVar[str] = "echo"
+    path: ClassVar[str] = "/v1/echo"
+    error_shape: ClassVar[str] = "plain"
+    endpoints: ClassVar[dict[str, str]] = {"/v1/echo/count": "echo_count"}
+    subpath_error: ClassVar[tuple[str, str] | None] = ("no_such_echo", "Echoes are not kept")
+
+    @staticmethod
+    def error_body(exc: GatewayError) -> bytes:
+        return json.dumps({"oops": exc.message, "why": exc.code, "status": exc.status}).encode()
+
+
+def test_adding_an_api_is_its_adapter_and_its_table_entry(tmp_path: Path) -> None:
+    config = render(load(argv=[], environ={}), apis={**APIS, "echo": Echo})  # type: ignore[dict-item]
+    _validate(config, tmp_path)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    vhost = hcm["route_config"]["virtual_hosts"][0]
+    names = [r["name"] for r in vhost["routes"]]
+    ours = ["echo_without_body", "echo", "echo_unframed", "echo_count", "echo_media_type", "echo_method_not_allowed",
+            "echo_not_found"]
+    assert [n for n in names if n.startswith("echo")] == ["echo_upgrade", *ours]
+    assert names.index("echo_upgrade") < names.index("upgrade_not_supported") < names.index("health")
+    assert names.index("echo_not_found") < names.index("not_found")
+    by_name = {r["name"]: r for r in vhost["routes"]}
+    echo = by_name["echo"]
+    assert echo["match"]["path"] == "/v1/echo" and echo["route"]["timeout"] == f"{600 - ENVOY_MARGIN_S}s"
+    assert echo["metadata"] == {"filter_metadata": {"shimmy_gateway": {"generation": True}}}
+    override = echo["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
+    assert override["grpc_initial_metadata"] == [{"key": "x-gateway-route", "value": "echo"}]
+    count = by_name["echo_count"]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
+    assert count["grpc_initial_metadata"] == [{"key": "x-gateway-route", "value": "echo_count"}]
+    assert json.loads(by_name["echo_not_found"]["direct_response"]["body"]["inline_string"]) == {
+        "oops": "Echoes are not kept", "why": "no_such_echo", "status": 404}
+    assert json.loads(by_name["echo_upgrade"]["direct_response"]["body"]["inline_string"])["why"] == (
+        "websocket_not_supported")
+    assert {"name": "echo", "headers": [{"name": ":path", "string_match": {"exact": "/v1/echo"}},
+                                        {"name": ":method", "string_match": {"exact": "POST"}}]} in (
+        vhost["virtual_clusters"])
+    # Envoy's own replies in the new shape: on its routes by name, before routing by its paths.
+    plain = [m for m in hcm["local_reply_config"]["mappers"]
+             if "oops" in m["body_format_override"]["json_format"]]
+    whys = [m["body_format_override"]["json_format"]["why"] for m in plain]
+    assert whys[:3] == ["overloaded", "headers_too_large", "upgrade_not_supported"]
+    assert {"queue_full", "backend_unavailable", "timeout", "request_too_large", "gateway_error"} <= set(whys)
+    assert "'echo_unframed'" in json.dumps(plain[3]["filter"]) and "/v1/echo" in json.dumps(plain[0]["filter"])
+    assert "Echoes" not in json.dumps(hcm["local_reply_config"]["mappers"])
+    lua = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua")["typed_config"]
+    assert '\\"oops\\"' in lua["source_codes"]["plain"]["inline_string"]
