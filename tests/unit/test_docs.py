@@ -286,10 +286,15 @@ def test_the_mtls_recipe_works_as_written(tmp_path: Path) -> None:
                 children.append(subprocess.Popen(["bash", "-c", "exec " + local(command).replace("\\\n", " ")],
                                                  cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT))
         health = f"http://127.0.0.1:{ports['8000']}/health"
+        chat = f"http://127.0.0.1:{ports['8000']}/v1/chat/completions"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
+            # The processor's probe, then Envoy's own health check of Shimmy (every 2 s; until its first pass,
+            # a generation is 503 backend_unavailable with Retry-After, as the example's shimmy cluster says).
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(health, timeout=2).status_code == 200:
+                if httpx.get(health, timeout=2).status_code == 200 and httpx.post(
+                        chat, json={"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}]},
+                        timeout=10).status_code == 200:
                     break
             assert all(c.poll() is None for c in children), [p.read_text() for p in tmp_path.glob("*.log")]
             time.sleep(0.1)
