@@ -2,7 +2,7 @@
 Responses specification requires them (every field of a ResponseResource, `null` where there is no value).
 
 Nothing is stored: `store` is accepted and answered `false`, `previous_response_id` and `item_reference` input items
-are refused, and `GET /v1/responses/{id}` is answered by Envoy (envoy/gateway.yaml), because the gateway's replicas
+are refused, and `GET /v1/responses/{id}` is answered by Envoy (`subpath_error` below), because the gateway's replicas
 share no state. The answer is one `message` output item with one `output_text` part, then a `function_call` item
 per tool call; an answer that is only calls has no message item. A stream sends, each event with its
 `sequence_number`: response.created, response.in_progress, then with the first text response.output_item.added,
