@@ -307,6 +307,8 @@ def render(
     chats = settings.max_active_requests + settings.max_queued_requests  # each holds a stream for its whole life
     per_pool = 1 + -(-chats // streams)  # ceil, + one connection's worth for health, models and metrics
     breaker["max_connections"] = per_pool * settings.envoy_workers * settings.extproc_workers
+    for check in extproc["health_checks"]:
+        check["interval"] = check["no_traffic_interval"] = _seconds(settings.health_interval_s)
     extproc["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
         {"endpoint": {"address": address}} for address in extproc_addresses(settings)
     ]

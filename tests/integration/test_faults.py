@@ -522,3 +522,43 @@ def ext_proc_streams_settled(stack: Stack) -> bool:
     prefix = "http.gateway.ext_proc.shimmy."
     stats = stack.envoy_stats(prefix)
     return stats[prefix + "streams_started"] == stats[prefix + "streams_closed"] + stats[prefix + "streams_failed"]
+
+
+def _worker_pids(stack: Stack) -> dict[int, int]:
+    """{EXTPROC_PORT of the worker: pid} of the supervisor's processor children."""
+    pids = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != stack.proc.pid:
+                continue
+            if b"extproc.cli" not in (stat.parent / "cmdline").read_bytes():
+                continue
+            env = dict(v.split(b"=", 1) for v in (stat.parent / "environ").read_bytes().split(b"\0") if b"=" in v)
+            pids[int(env[b"EXTPROC_PORT"])] = int(stat.parent.name)
+    return pids
+
+
+def test_a_killed_processor_worker_gets_no_new_streams() -> None:
+    """EXTPROC_WORKERS=2 and one worker killed: until the supervisor has it back, every new request is served by the
+    other (Envoy retries a stream whose connection is refused on another host, its gRPC health check and outlier
+    detection take the dead one out), where Envoy's round robin used to send every other request to the dead port:
+    500 gateway_error."""
+    stack = start_stack({"EXTPROC_WORKERS": "2"})
+    try:
+        wait_for(lambda: chat_ok(stack))
+        pids = _worker_pids(stack)
+        assert sorted(pids) == [stack.extproc_port, stack.extproc_port + 1], pids
+        os.kill(pids[stack.extproc_port + 1], signal.SIGKILL)
+        started = time.monotonic()
+        statuses = []
+        while time.monotonic() - started < 1.5:  # the restart waits 0.5 s, then a processor takes ~1 s to start
+            resp = httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, timeout=10)
+            statuses.append(resp.status_code)
+        assert len(statuses) >= 10 and set(statuses) == {200}, statuses
+        prefix = "cluster.extproc."
+        stats = stack.envoy_stats(prefix)
+        assert stats[prefix + "upstream_cx_connect_fail"] >= 1, stats  # it was tried, and the stream went elsewhere
+        wait_for(lambda: _worker_pids(stack).get(stack.extproc_port + 1, 0) not in (0, pids[stack.extproc_port + 1]))
+        wait_for(lambda: chat_ok(stack))
+    finally:
+        stop_stack(stack)

@@ -185,3 +185,16 @@ def test_adding_an_api_is_its_adapter_and_its_table_entry(tmp_path: Path) -> Non
     assert "Echoes" not in json.dumps(hcm["local_reply_config"]["mappers"])
     lua = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua")["typed_config"]
     assert '\\"oops\\"' in lua["source_codes"]["plain"]["inline_string"]
+
+
+def test_the_processor_workers_are_health_checked_over_grpc_and_ejected_at_a_refused_connection() -> None:
+    config = rendered("--health-interval-s", "3", "--extproc-workers", "2")
+    extproc = _named(config["static_resources"]["clusters"], "extproc")
+    [check] = extproc["health_checks"]
+    assert check["grpc_health_check"] == {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"}
+    assert check["interval"] == check["no_traffic_interval"] == "3s"
+    outlier = extproc["outlier_detection"]
+    assert outlier["split_external_local_origin_errors"] and outlier["consecutive_local_origin_failure"] == 1
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    retry = _named(hcm["http_filters"], "envoy.filters.http.ext_proc")["typed_config"]["grpc_service"]["retry_policy"]
+    assert retry["retry_on"] == "connect-failure,refused-stream"  # never a stream the processor has seen
