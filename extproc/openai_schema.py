@@ -352,7 +352,17 @@ def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         text, param = _param_of(str(exc))
         raise InvalidRequest(f"Invalid request: {text}", param=param) from None
     except msgspec.DecodeError as exc:
+        if not _is_utf8(body):  # msgspec 0.23 reports bad UTF-8 as a DecodeError, 0.19 as a UnicodeDecodeError
+            raise InvalidRequest("The request body is not valid UTF-8", code="invalid_encoding") from None
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _is_utf8(body: bytes) -> bool:
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def refuse(unsupported: tuple[tuple[str, bool, str], ...]) -> None:

@@ -354,7 +354,8 @@ def load(
     chosen = [_BY_ENV[n] for n in names] if names is not None else list(SETTINGS)
     parser = parser or Parser(prog=prog, description=description)
     for s in chosen:
-        parser.add_argument(s.flag, dest=s.attr, default=None, metavar=s.env, help=f"{s.help} Default: {s.default!r}.")
+        text = f"{s.help} Default: {s.default!r}.".replace("%", "%%")  # argparse %-formats help ("95 %" of a limit)
+        parser.add_argument(s.flag, dest=s.attr, default=None, metavar=s.env, help=text)
     args, extras = parser.parse_known_args(argv)
     known = [flag for action in parser._actions for flag in action.option_strings]
     errors = [
