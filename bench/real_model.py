@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.stack import free_ports
+from bench.stack import die_with_parent, free_ports
 from extproc import templates
 
 MODEL = "phi3-lora"
@@ -67,7 +67,8 @@ def _stack() -> Iterator[tuple[str, str]]:
     }
     log = Path(tempfile.mkstemp(prefix="bench-real-", suffix=".log")[1])
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "up"], env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "up"], env=env, stdout=out, stderr=out,
+                                preexec_fn=die_with_parent)
     url = f"http://127.0.0.1:{gateway}"
     try:
         deadline = time.monotonic() + _START_TIMEOUT_S

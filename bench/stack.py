@@ -52,6 +52,7 @@ __all__ = [
     "Ports",
     "Proc",
     "Stack",
+    "die_with_parent",
     "free_port",
     "free_ports",
     "is_processor",
@@ -80,8 +81,12 @@ _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: `python -m bench.…` children import from here
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec (the harness has no other thread then, so this is safe)."""
+def die_with_parent() -> None:
+    """`preexec_fn` of every process a harness or a test starts: the kernel sends it SIGTERM when the thread that
+    started it ends, so a harness that crashes or is killed (SIGKILL, a segfault) leaves nothing running.
+
+    Runs in the child between fork and exec. Linux only (PR_SET_PDEATHSIG), like the rest of the bench.
+    """
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -363,7 +368,7 @@ class Stack:
                 stdout=stdout,
                 stderr=out,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 cwd=cwd,
             )
         self.procs[name] = Proc(name, popen, log)

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.stack import free_port  # the tests' ports too: one allocator, never the same port twice
+from bench.stack import die_with_parent, free_port  # the tests' ports too: one allocator, never the same port twice
 from shimmy.versions import PINNED
 from tests.open_responses import recording
 
@@ -102,7 +102,7 @@ def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 60.0, 
     log = Path(tempfile.mkstemp(prefix="stack-", suffix=".log")[1])
     with log.open("wb") as out:
         argv = [sys.executable, "-m", "gateway.cli", "up"]
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     stack = Stack(proc, log, ports["gateway"], ports["shimmy"], ports["admin"], ports["extproc"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -198,3 +198,43 @@ def test_sighup_stops_the_stack_cleanly() -> None:
         _kill_leftovers(children)
         stop_stack(stack)
         stack.log.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (in a container without an init, nobody may reap an orphan that exits)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_test_process_killed_mid_run_leaves_no_stack_behind() -> None:
+    """A test run that crashes (a segfault in a test, SIGKILL) takes its stacks with it: the tests' launcher asks the
+    kernel for SIGTERM to each stack when the test process dies, and the stack's supervisor takes its children."""
+    parent = (
+        "import sys, time\n"
+        "from tests.integration.conftest import start_stack\n"
+        "stack = start_stack()\n"
+        "print(stack.log, stack.proc.pid, stack.gateway_port, stack.shimmy_port, stack.admin_port, stack.extproc_port,"
+        " flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                          start_new_session=True) as test_process:
+        assert test_process.stdout is not None
+        log, supervisor_pid, *port_numbers = test_process.stdout.readline().split()
+        supervisor, ports = int(supervisor_pid), [int(n) for n in port_numbers]
+        children = _children(supervisor)
+        try:
+            assert len(children) == 3 and not [p for p in ports if not _listening(p)]  # emulator, processor, Envoy
+            test_process.kill()
+            test_process.wait()
+            deadline = time.monotonic() + 30
+            while _alive(supervisor) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _alive(supervisor), "the stack outlived the test process"
+            assert not [pid for pid in children if _alive(pid)]
+            assert _all_closed(ports, within=5) == []
+        finally:
+            _kill_leftovers([supervisor, *children])
+            Path(log).unlink(missing_ok=True)

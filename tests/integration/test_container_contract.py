@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import Stack, free_port, stop_stack, wait_healthy
+from tests.integration.conftest import Stack, die_with_parent, free_port, stop_stack, wait_healthy
 from tests.unit.test_deployment import DOCKERFILE, ROOT, Dockerfile, healthcheck_command
 
 IMAGE_VENV = "/opt/venv"
@@ -122,7 +122,8 @@ def container(dockerfile: Dockerfile, tmp_path_factory: pytest.TempPathFactory) 
     with log.open("wb") as out:
         # What tini runs; tini's part, handing SIGTERM on, is played by the test itself below.
         proc = subprocess.Popen(
-            dockerfile.final.last("CMD").json(), cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
+            dockerfile.final.last("CMD").json(), cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
     stack = Stack(proc, log, ports["GATEWAY_PORT"], ports["SHIMMY_PORT"], ports["ENVOY_ADMIN_PORT"], 0)
     try:

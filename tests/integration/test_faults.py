@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import Stack, free_port, start_stack, stop_stack
+from tests.integration.conftest import Stack, die_with_parent, free_port, start_stack, stop_stack
 
 CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}]}
 GENERATION_TIMEOUT_S = 4  # the outer limit: the processor's deadline is 2 s, Envoy's backstop 3 s
@@ -37,7 +37,7 @@ class Emulator:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shimmy", "--shimmy-port", str(self.port), "--emulator-engine", "fixed"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway.cli import envoy_binary
-from tests.integration.conftest import free_port, sse_events, terminate
+from tests.integration.conftest import die_with_parent, free_port, sse_events, terminate
 from tests.integration.test_faults import Emulator
 from tests.integration.test_observability import metric
 
@@ -132,7 +132,7 @@ class ExtProc:
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-X", "dev", "-m", "extproc.cli", *self.args],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -232,7 +232,7 @@ class Envoy:
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [envoy_binary(), "-c", str(self.config), "--disable-hot-restart", "--log-level", "warn"],
-                stdout=out, stderr=subprocess.STDOUT,
+                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

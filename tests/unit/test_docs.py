@@ -28,7 +28,7 @@ from extproc import cli as extproc_cli
 from extproc import metrics
 from gateway.cli import envoy_binary
 from settings import SETTINGS
-from tests.integration.conftest import free_port, terminate
+from tests.integration.conftest import die_with_parent, free_port, terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -284,7 +284,8 @@ def test_the_mtls_recipe_works_as_written(tmp_path: Path) -> None:
         for command in (blocks_by_key["shimmy-emulator"], blocks_by_key["shimmy-extproc"], envoy_block[1]):
             with (tmp_path / f"{len(children)}.log").open("wb") as log:
                 children.append(subprocess.Popen(["bash", "-c", "exec " + local(command).replace("\\\n", " ")],
-                                                 cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT))
+                                                 cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                 preexec_fn=die_with_parent))
         health = f"http://127.0.0.1:{ports['8000']}/health"
         chat = f"http://127.0.0.1:{ports['8000']}/v1/chat/completions"
         deadline = time.monotonic() + 30

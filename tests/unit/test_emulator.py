@@ -29,7 +29,7 @@ from shimmy.engine import tokenize
 from shimmy.native import GENERATE
 from shimmy.profiles import profile_for
 from shimmy.runtime import BATCH_ASSERT, KV_FULL, Die, prompt_count
-from tests.integration.conftest import free_port
+from tests.integration.conftest import die_with_parent, free_port
 
 MODEL = "phi3-lora"
 REPLY = "Hello! I am the Shimmy emulator. How can I help you today?"
@@ -721,6 +721,7 @@ def test_console_script_serves_and_stops_on_sigterm() -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=die_with_parent,
     )
     try:
         deadline = time.monotonic() + 10
@@ -936,7 +937,7 @@ def _start_emulator(version: str, port: int) -> subprocess.Popen[str]:
     env["EMULATOR_ENGINE"] = "fixed"
     proc = subprocess.Popen(
         [script, "--shimmy-port", str(port), "--emulator-version", version],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=die_with_parent,
     )
     deadline = time.monotonic() + 10
     with httpx.Client(timeout=1) as client:
@@ -973,7 +974,7 @@ def test_the_emulator_process_dies_as_the_real_one(
                 first = subprocess.Popen(
                     [sys.executable, "-c", f"import httpx; httpx.post('{url}/api/generate', "
                      f"json={{'model': '{MODEL}', 'stream': False}}, timeout=30)"],
-                    stderr=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
                 )
                 for _ in range(200):
                     if client.get(f"{url}/_emulator/stats").json()["active_generations"] == 1:
