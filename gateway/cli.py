@@ -91,10 +91,17 @@ async def drain_envoy(admin_port: int, within: float) -> None:
         logging.getLogger("gateway").warning("drain ended early: %s", exc.__class__.__name__)
 
 
-def backend_child(settings: Settings, backend: str, env: dict[str, str]) -> list[Child]:
+def backend_child(
+    settings: Settings, backend: str, env: dict[str, str], engine: EngineChoice | None = None
+) -> list[Child]:
     """The Shimmy child, or none for an `external` backend (a sidecar, or one a test controls)."""
     if backend == "external":
         return []
+    on_crash = ""
+    if engine is not None and engine.engine == "llama":
+        # llama.cpp runs inside the emulator: its crash (a CPU kernel the build should not have) kills the process.
+        on_crash = ("the emulator's llama.cpp engine crashed (EMULATOR_ENGINE=llama); EMULATOR_ENGINE=fixed runs the "
+                    "emulator without it; README, Troubleshooting: signal 11")
     if backend == "shimmy":
         argv = binary.command(settings.shimmy_bin, settings.shimmy_port)
         env = {**env, **binary.environment(settings.shimmy_base_gguf, settings.shimmy_model_dir)}
@@ -106,7 +113,7 @@ def backend_child(settings: Settings, backend: str, env: dict[str, str]) -> list
     # backend_unavailable with Retry-After instead of refused connections, and recovery skips the kubelet's
     # CrashLoopBackOff. A Shimmy that keeps dying fails /v1/health/live (its port stays closed), which restarts the pod.
     port = Port("SHIMMY_PORT", "127.0.0.1", settings.shimmy_port)
-    return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0, ports=(port,), restart=True)]
+    return [Child("shimmy", argv, ready, env=env, ready_timeout=300.0, ports=(port,), restart=True, on_crash=on_crash)]
 
 
 def extproc_children(settings: Settings, env: dict[str, str]) -> list[Child]:
@@ -180,7 +187,7 @@ def children(
     extproc_env["TOKENIZER_GGUF"] = tokenizer
     extproc_env["SHIMMY_VERSION"] = version or backend_version(settings, backend, ask_binary=False)
     return [
-        *backend_child(settings, backend, backend_env),
+        *backend_child(settings, backend, backend_env, engine),
         *extproc_children(settings, extproc_env),
         Child(
             "envoy",

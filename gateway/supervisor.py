@@ -92,6 +92,7 @@ class Child:
     on_state: Callable[[Literal["up", "down"]], None] | None = None  # told when a restarting child goes down/up
     drain: Callable[[], Awaitable[None]] | None = None  # awaited before SIGTERM on a shutdown: finish in-flight work
     ports: Sequence[Port] = ()  # checked free before anything starts; ready only once the child itself listens
+    on_crash: str = ""  # said after a death by a crash signal (SIGSEGV, SIGILL...): what crashed, and what to do
 
 
 @dataclass(slots=True)
@@ -151,8 +152,21 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+_CRASHES = frozenset({signal.SIGSEGV, signal.SIGILL, signal.SIGBUS, signal.SIGFPE, signal.SIGABRT})
+
+
 def _describe(returncode: int) -> str:
-    return f"exited with code {returncode}" if returncode >= 0 else f"was killed by signal {-returncode}"
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        return f"was killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
+def _advice(child: Child, returncode: int) -> str:
+    """`child`'s `on_crash` advice, after a colon, when a crash signal ended it."""
+    return f": {child.on_crash}" if child.on_crash and -returncode in _CRASHES else ""
 
 
 class _Output(asyncio.SubprocessProtocol):
@@ -287,7 +301,8 @@ class _Supervisor:
             await self._reap(running)
             if (taken := _taken([child])) is not None:  # someone took the port between our check and its bind
                 return _Failure(f"{child.name} {_describe(running.returncode)}: {taken}", PORT_IN_USE)
-            return _Failure(f"{child.name} {_describe(running.returncode)} before it was ready")
+            died = _describe(running.returncode)
+            return _Failure(f"{child.name} {died} before it was ready{_advice(child, running.returncode)}")
         return None
 
     async def _serving(self, running: _Running) -> bool:
@@ -305,7 +320,7 @@ class _Supervisor:
             running = self._running[child.name]
             await asyncio.shield(running.output.exited)  # cancelling this watcher must not cancel the shared future
             await self._reap(running)  # print its last words before the verdict
-            self._say(f"{child.name} {_describe(running.returncode)}")
+            self._say(f"{child.name} {_describe(running.returncode)}{_advice(child, running.returncode)}")
             if not child.restart:
                 return 1
             self._notify(child, "down")

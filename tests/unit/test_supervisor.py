@@ -24,6 +24,7 @@ from gateway import cli
 from gateway.probes import envoy_ready, grpc_serving, http_ok, listens, port_free
 from gateway.supervisor import Backoff, Child, Port, format_line, supervise
 from settings import load
+from shimmy.llama_engine import EngineChoice
 from tests.integration.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -313,6 +314,24 @@ async def test_restart_brings_the_child_back_and_leaves_later_children_alone(tmp
         with pytest.raises(asyncio.CancelledError):
             await task
     assert not any(map(alive, [*pids(run.lines, "a"), *pids(run.lines, "b")]))
+
+
+async def test_a_crash_signal_is_named_with_the_childs_advice(tmp_path: Path) -> None:
+    """A segfault (llama.cpp inside the emulator) reads as one line naming the signal and what to do about it."""
+    crasher = "import os, pathlib, signal, sys, time; pathlib.Path(sys.argv[1]).touch(); time.sleep(0.3); " \
+              "os.kill(os.getpid(), signal.SIGSEGV)"
+    run = Run()
+    assert await run(Child("a", python(crasher, tmp_path / "a"), exists(tmp_path / "a"), on_crash="try X=fixed")) == 1
+    assert "[supervisor] a was killed by signal 11 (SIGSEGV): try X=fixed" in run.lines
+
+
+def test_the_emulator_running_llama_cpp_names_the_engine_and_the_fallback_when_it_crashes() -> None:
+    settings = load(argv=[], environ={})
+    llama = EngineChoice("llama", "/models/m.gguf", False, "engine llama.cpp")
+    [emulator] = cli.backend_child(settings, "emulator", {}, llama)
+    assert "llama.cpp engine crashed" in emulator.on_crash and "EMULATOR_ENGINE=fixed" in emulator.on_crash
+    [fixed] = cli.backend_child(settings, "emulator", {}, EngineChoice("fixed", "", False, "engine fixed"))
+    assert fixed.on_crash == ""
 
 
 async def test_an_exception_in_the_supervisor_stops_everything(tmp_path: Path) -> None:
