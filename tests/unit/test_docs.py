@@ -267,10 +267,13 @@ def test_the_mtls_recipe_works_as_written(tmp_path: Path) -> None:
     ports = {"8000": free_port(), "9901": free_port(), "50051": free_port(), "8080": free_port()}
 
     def local(command: str) -> str:
+        """The guide's ports and /tmp paths first, on its own text only: the paths put in after them (the checkout's,
+        which may itself live under /tmp or hold a port's digits) stay as they are."""
+        command = re.sub(r"\b(8000|9901|50051|8080)\b", lambda m: str(ports[m.group(1)]), command)
+        command = command.replace("/tmp/", f"{tmp_path}/")
         command = command.replace(".venv/bin/shimmy-emulator", f"{sys.executable} -m shimmy")
         command = command.replace(".venv/bin/shimmy-extproc", f"{sys.executable} -m extproc.cli")
-        command = command.replace(".venv/bin/envoy", envoy_binary()).replace("/tmp/", f"{tmp_path}/")
-        return re.sub(r"\b(8000|9901|50051|8080)\b", lambda m: str(ports[m.group(1)]), command)
+        return command.replace(".venv/bin/envoy", envoy_binary())
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HEALTH_INTERVAL_S": "0.5"}
     subprocess.run(["bash", "-euc", blocks_by_key["make-dev-certs"]], cwd=tmp_path, check=True, env=env, timeout=60)
