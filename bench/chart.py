@@ -57,7 +57,7 @@ def _panel(ax: Any, title: str, values: dict[str, float], missing: dict[str, str
 def draw(results: Results, path: Path, subtitle: str) -> str | None:
     """Write the PNG; else why not (matplotlib is missing, or the run measured neither quantity)."""
     if not available():
-        return "matplotlib is not installed (pip install -e '.[bench]')"
+        return "matplotlib is not installed (make bench installs it)"
     import matplotlib
 
     matplotlib.use("Agg")

@@ -309,9 +309,9 @@ def missing_contenders() -> dict[str, str]:
     """Contenders whose software is not installed here (the `bench` extra), and why."""
     missing: dict[str, str] = {}
     if any(importlib.util.find_spec(m) is None for m in ("flask", "gunicorn", "requests")):
-        missing[FLASK] = "Flask, gunicorn or requests is not installed (pip install -e '.[bench]')"
+        missing[FLASK] = "Flask, gunicorn or requests is not installed (make bench installs it)"
     if importlib.util.find_spec("litellm") is None or not (Path(sys.executable).parent / "litellm").exists():
-        missing[LITELLM] = "LiteLLM is not installed (pip install -e '.[bench]')"
+        missing[LITELLM] = "LiteLLM is not installed (make bench installs it)"
     return missing
 
 

@@ -381,7 +381,7 @@ def _profile(stack: Stack, options: Options, results: Results, workdir: Path) ->
     """py-spy on the processor while the 16-connection non-stream load runs through the gateway."""
     py_spy = profile.available()
     if py_spy is None:
-        results.profile_note = "py-spy is not installed (pip install -e '.[bench]'): no profile"
+        results.profile_note = "py-spy is not installed (make bench installs it): no profile"
         return
     runner = _request_runner(options.wrk, stack, GATEWAY, workdir)
     raw = workdir / "profile.txt"

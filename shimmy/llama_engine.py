@@ -8,7 +8,14 @@ every request (Shimmy 2.x), samples with the request's `temperature`, `top_p`, `
 penalty 1.1 over the last 64 tokens, as Shimmy), and stops at an end-of-generation token or `max_tokens`.
 
 llama.cpp blocks, so a generation runs on the engine's one worker thread and hands tokens to the event loop
-through a queue as they are sampled; one generation runs at a time (a lock, as Shimmy 2.x holds one model).
+through a queue as they are sampled; one generation runs at a time (a lock, as Shimmy 2.x holds one model), and a
+thread lock on the model keeps any second thread from ever decoding on it at the same time.
+
+**Portable.** A crash inside llama.cpp is a crash of the emulator, so the model is opened only on a build without
+CPU-specific kernels that crash: `make` builds llama.cpp with GGML_NATIVE=OFF (AVX2 level), and a build with AMX
+kernels (`-march=native` on a CPU with AMX: every generation died of signal 11 there) is refused with a clear
+error. llama-cpp-python 0.3.36's `Llama()` has no `use_extra_bufts` parameter (extra keywords are silently
+ignored), so the build is the only way to keep those kernels out; only its public API is used here.
 
 **One event per engine token, text possibly empty.** A token's bytes can end inside a UTF-8 character (byte-fallback
 pieces of emoji or CJK). An incremental decoder carries the partial bytes over to the next token, so each event
@@ -56,7 +63,10 @@ ENGINES = ("fixed", "llama")
 CHOICES = ("auto", *ENGINES)
 N_CTX = 4096  # Shimmy's context size (1.x builds a 4096-token context per request)
 REPEAT_LAST_N = 64  # llama.cpp's default penalty window, as Shimmy uses it
-INSTALL_HINT = "install the llm extra: .venv/bin/pip install -e '.[llm]'"
+INSTALL_HINT = "install a C++ compiler and CMake, then: make clean && make"
+# Kernels of a `-march=native` build that crashed llama.cpp (signal 11 at every decode) on the CPUs they target.
+UNSAFE_KERNELS = ("AMX_INT8 = 1",)
+REBUILD_HINT = "rebuild it portably: .uv/bin/uv cache clean llama-cpp-python && make clean && make"
 _END = object()
 
 
@@ -205,6 +215,7 @@ class LlamaEngine:
         self._load_lock = asyncio.Lock()
         self._lock = asyncio.Lock()  # one generation at a time; released when the worker thread is done
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llama")
+        self._model_lock = threading.Lock()  # held by whichever thread uses the Llama object's context
 
     @property
     def loaded(self) -> bool:
@@ -222,11 +233,17 @@ class LlamaEngine:
                     raise LoadError(str(exc)) from exc
 
     def _open(self) -> Any:
-        from llama_cpp import Llama
+        import llama_cpp
 
         route_llama_logs()
+        unsafe = [k.split()[0] for k in UNSAFE_KERNELS if k in llama_cpp.llama_print_system_info().decode()]
+        if unsafe:
+            raise ValueError(
+                f"this llama.cpp build has {', '.join(unsafe)} kernels (built with -march=native), which crash on "
+                f"every generation: {REBUILD_HINT}; or EMULATOR_ENGINE=fixed"
+            )
         path = self.gguf or str(models.default_gguf())
-        llm = Llama(
+        llm = llama_cpp.Llama(
             model_path=path,
             n_ctx=self.n_ctx,
             n_threads=self.n_threads,
@@ -283,40 +300,48 @@ class LlamaEngine:
     def _run(
         self, params: GenParams, max_tokens: int, put: Callable[[object], bool], cancelled: threading.Event
     ) -> None:
-        """The worker thread: evaluate the prompt, then sample and hand over one token at a time."""
-        import llama_cpp
-
-        llm = self._llm
+        """The worker thread: the generation, under the model's lock, then its end (or its failure) to the queue."""
         try:
-            prompt = self.tokenize(params.prompt)
-            room = llm.n_ctx() - len(prompt)
-            if room <= 0:
-                raise ValueError(f"the prompt is {len(prompt)} tokens; the context holds {llm.n_ctx()}")
-            budget = min(max_tokens, room)
-            if budget > 0:
-                vocab = llm._model.vocab
-                pieces = Utf8Pieces()
-                llm.reset()  # no KV reuse between requests: Shimmy 2.x clears it, and outputs stay repeatable
-                llm.set_seed(params.seed % 2**32)
-                sampled = llm.generate(
-                    prompt,
-                    top_k=params.top_k,
-                    top_p=params.top_p,
-                    min_p=0.0,
-                    temp=params.temperature,
-                    repeat_penalty=params.repeat_penalty,
-                )
-                count = 0
-                for token in sampled:
-                    if cancelled.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
-                        break
-                    if not put(make_token(pieces.feed(token_piece(vocab, token)))):
-                        break
-                    count += 1
-                    if count >= budget:
-                        break
-                sampled.close()
+            with self._model_lock:
+                self._generate(params, max_tokens, put, cancelled)
             put(_END)
         except Exception as exc:  # llama.cpp decode failures, a prompt over the context
             log.error("generation failed: %s", exc)
             put(exc)
+
+    def _generate(
+        self, params: GenParams, max_tokens: int, put: Callable[[object], bool], cancelled: threading.Event
+    ) -> None:
+        """Evaluate the prompt, then sample and hand over one token at a time."""
+        import llama_cpp
+
+        llm = self._llm
+        prompt = self.tokenize(params.prompt)
+        room = llm.n_ctx() - len(prompt)
+        if room <= 0:
+            raise ValueError(f"the prompt is {len(prompt)} tokens; the context holds {llm.n_ctx()}")
+        budget = min(max_tokens, room)
+        if budget <= 0:
+            return
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        pieces = Utf8Pieces()
+        llm.reset()  # no KV reuse between requests: Shimmy 2.x clears it, and outputs stay repeatable
+        llm.set_seed(params.seed % 2**32)
+        sampled = llm.generate(
+            prompt,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=0.0,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+        )
+        count = 0
+        for token in sampled:
+            if cancelled.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            if not put(make_token(pieces.feed(token_piece(vocab, token)))):
+                break
+            count += 1
+            if count >= budget:
+                break
+        sampled.close()

