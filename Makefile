@@ -13,7 +13,7 @@ SYNC := $(UV) sync --locked --python $(PYTHON)
 # llama.cpp without the build machine's CPU tuning (-march=native): the AVX2 level, no AVX-512 or AMX kernels.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: run test bench lock clean
+.PHONY: run test test-fast bench lock clean
 
 $(UV): scripts/uv-requirements.txt
 	@$(PYTHON) -m venv .uv || { rm -rf .uv; \
@@ -38,10 +38,16 @@ $(STAMP): pyproject.toml uv.lock $(UV)
 run: $(STAMP)
 	$(BIN)/shimmy-gateway up
 
+# Everything, as CI runs it (.ci/run): the unit tests, then the integration tests against real stacks.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+# The pure unit tests, in about a minute: nothing marked `stack` (stacks, Envoy, the emulator as a process, a model).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not stack and not slow" tests/unit
 
 bench: $(STAMP)
 	$(SYNC) --inexact --extra bench

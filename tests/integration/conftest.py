@@ -78,10 +78,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     a later test, failed that test once (`test_raw_http_garbage`), while a whole run that collected after
     every test found no test leaving one. The gateway's own processes run as subprocesses, whose warnings never
     reach this filter; the unit tests, which run the processor in this process, keep every ResourceWarning an error.
+    Each is marked `stack` too: `make test-fast` leaves them out.
     """
     for item in items:
         if _INTEGRATION in item.path.parents:
             item.add_marker(pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"))
+            item.add_marker(pytest.mark.stack)  # every integration test drives real processes
 
 
 def start_stack(extra_env: dict[str, str] | None = None, timeout: float = 60.0, wait: bool = True) -> Stack:

@@ -257,6 +257,7 @@ def _terminal_commands(guide: str) -> dict[str, str]:
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("curl") is None, reason="needs openssl and curl")
+@pytest.mark.stack
 def test_the_mtls_recipe_works_as_written(tmp_path: Path) -> None:
     """docs/standalone.md's four terminals, run as written from a copy of the repository root, on free ports:
     the certificates from the script, the emulator, the processor over mTLS, Envoy with the example; then the

@@ -710,6 +710,7 @@ async def test_stats_show_what_reached_shimmy(emu: Emulator) -> None:
 # --- the console script ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.stack
 def test_console_script_serves_and_stops_on_sigterm() -> None:
     script = shutil.which("shimmy-emulator", path=os.path.dirname(sys.executable))
     assert script is not None
@@ -951,6 +952,7 @@ def _start_emulator(version: str, port: int) -> subprocess.Popen[str]:
     raise AssertionError(f"the emulator did not start: {proc.communicate()[1]}")
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize(
     ("config", "body", "sig", "last_words"),
     [
@@ -995,6 +997,7 @@ def test_the_emulator_process_dies_as_the_real_one(
             proc.communicate()
 
 
+@pytest.mark.stack
 @pytest.mark.skipif(not llama_engine.engine_available()[0], reason="no llm extra (llama.cpp and its model)")
 async def test_1x_decodes_greedily_whatever_the_sampling_fields_say() -> None:
     """1.x's sampler chain ends in greedy(): temperature and seed change nothing. 2.x samples (seed 42 default)."""

@@ -83,6 +83,7 @@ def _control_strings(vocab: object) -> list[str]:
     return [llm.detokenize([i], special=True).decode() for i in ids]
 
 
+@pytest.mark.stack
 @needs_llm
 def test_users_end_of_turn_is_not_the_special_token(vocab: object) -> None:
     (end_of_turn,) = vocab.tokenize("<end_of_turn>", bos=False)  # type: ignore[attr-defined]
@@ -93,6 +94,7 @@ def test_users_end_of_turn_is_not_the_special_token(vocab: object) -> None:
     assert honest.count(start_of_turn) == forged.count(start_of_turn) == 2  # the user's turn and the opener
 
 
+@pytest.mark.stack
 @needs_llm
 def test_no_control_token_of_the_vocabulary_survives_neutralizing(vocab: object) -> None:
     """All of them (6,250 in Gemma 3): neutralized, special-token parsing finds nothing to parse."""

@@ -64,6 +64,7 @@ def stack() -> Iterator[Stack]:
     started.log.unlink(missing_ok=True)
 
 
+@pytest.mark.stack
 def test_every_quickstart_snippet_runs_as_written(stack: Stack) -> None:
     """Each client API's snippets, curl and SDK, exit 0 against the live stack (curl failing on HTTP errors)."""
     assert quickstart_blocks("bash") and quickstart_blocks("python")
@@ -76,6 +77,7 @@ def test_every_quickstart_snippet_runs_as_written(stack: Stack) -> None:
         assert result.returncode == 0, f"{result.stderr}\n{body}"
 
 
+@pytest.mark.stack
 def test_the_chat_quickstart_shows_what_it_says(stack: Stack) -> None:
     [curl_calls] = quickstart_blocks("bash", CHAT)
     result = subprocess.run(["bash", "-c", STRICT_CURL + live(curl_calls, stack)], capture_output=True, text=True,
@@ -108,6 +110,7 @@ def default_stack() -> Iterator[Stack]:
     started.log.unlink(missing_ok=True)
 
 
+@pytest.mark.stack
 @pytest.mark.timeout(600)  # a real model on 2 shared cores: 256 tokens per answer at 10 to 60 tokens/s
 def test_the_chat_quickstart_runs_on_the_default_engine(default_stack: Stack) -> None:
     """What `make run` gives: a real model answers the chat snippets, streams included, and the emulator never dies

@@ -28,6 +28,7 @@ from shimmy.llama_engine import EngineChoice
 from tests.integration.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.stack  # real child processes, most of them for seconds
 
 # Prints its PID, then writes the ready file named by argv[1] and sleeps; argv[2], if given, is an exit delay.
 SLEEPER = textwrap.dedent("""
