@@ -285,6 +285,27 @@ def test_the_image_installs_from_the_lock(dockerfile: Dockerfile) -> None:
     assert "llama-cpp-python" in LOCKED, "the tokenizer extra is locked too"
 
 
+UV = ROOT / ".uv" / "bin" / "uv"
+
+
+@pytest.mark.skipif(not UV.is_file(), reason="make installs the pinned uv into .uv/")
+def test_the_lock_agrees_with_pyproject_and_a_stale_one_is_refused(tmp_path: Path) -> None:
+    """make, CI and the image install with `uv sync --locked`, which refuses a uv.lock that disagrees with
+    pyproject.toml. Offline and without uv's cache: a lock that agrees needs no resolution; one that does not would."""
+
+    def check(project: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(UV), "lock", "--check", "--offline", "--no-cache", "--project", str(project)],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    done = check(ROOT)
+    assert done.returncode == 0, f"uv.lock disagrees with pyproject.toml: run .uv/bin/uv lock\n{done.stderr}"
+    for name in ("pyproject.toml", "uv.lock", "README.md"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace("dependencies = [\n", 'dependencies = [\n  "idna>=3",\n', 1))
+    assert check(tmp_path).returncode != 0, "a dependency the lock lacks went unnoticed"
+
+
 def test_llama_cpp_is_built_for_a_cpu_level_not_the_build_machine(dockerfile: Dockerfile) -> None:
     """No -march=native in either llama.cpp build: an image built on a CPU with AVX-512 or AMX would stop with SIGILL
     (or crash) on an older node. ggml-cpu.cmake sets GGML_NATIVE=OFF and the TARGET_CPU level in both builds."""
