@@ -276,7 +276,8 @@ def test_the_mtls_recipe_works_as_written(tmp_path: Path) -> None:
         command = command.replace(".venv/bin/shimmy-extproc", f"{sys.executable} -m extproc.cli")
         return command.replace(".venv/bin/envoy", envoy_binary())
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HEALTH_INTERVAL_S": "0.5"}
+    # The fixed engine, as in every stack the tests start: a real model on loaded cores outlasts the probes below.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HEALTH_INTERVAL_S": "0.5", "EMULATOR_ENGINE": "fixed"}
     subprocess.run(["bash", "-euc", blocks_by_key["make-dev-certs"]], cwd=tmp_path, check=True, env=env, timeout=60)
     envoy_block = blocks_by_key["envoy -c"].splitlines()
     subprocess.run(["bash", "-euc", local(envoy_block[0])], cwd=tmp_path, check=True, env=env, timeout=60)
