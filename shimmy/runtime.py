@@ -85,6 +85,9 @@ class EmulatorConfig:
     max_generations: int | None = None
     generation_memory_mib: float = 1536.0  # one 1.x generation's context: Phi-3 mini's 4096-token f16 KV cache
     replies: list[str] = field(default_factory=list)  # raw replies for the next generations, one each (fixed engine)
+    # Streams hold every token until the generation ends, then send them at once, as a real 1.x stream can arrive
+    # (its generation never yields to tokio: docs/shimmy-versions.md, "Streams in one burst"). Headers go out first.
+    stream_burst: bool = False
 
     def __post_init__(self) -> None:
         profile_for(self.version)
@@ -299,7 +302,9 @@ class Runtime:
     def _tokens(self, gen: _Generation, max_tokens: int, params: GenParams | None) -> AsyncIterator[Token]:
         engine = self.engine
         if params is not None and self.profile.backend.deterministic:
-            params = dataclasses.replace(params, temperature=0.0)  # 1.x decodes greedily, whatever was asked
+            # 1.x picks greedily; its misordered repeat penalty (docs/shimmy-versions.md) is not reproduced, so
+            # this is real 1.x at temperature 0, plain greedy, whatever was asked
+            params = dataclasses.replace(params, temperature=0.0)
         if gen.reply is not None and isinstance(engine, Engine):
             return engine.generate(max_tokens, params, tokens=tokenize(gen.reply))
         return engine.generate(max_tokens, params)
@@ -334,13 +339,17 @@ class Runtime:
             sink = _Sink(response)
             await sink.send(frames.head)
             sent = 0
+            held: list[bytes] | None = [] if self.config.stream_burst else None
             try:
                 async with aclosing(self._tokens(gen, max_tokens, params)) as tokens:
                     async for token in tokens:
                         frame = frames.token(token)
                         if frame is None:
                             _drop(request)
-                        await sink.send(frame)
+                        if held is None:
+                            await sink.send(frame)
+                        else:
+                            held.append(frame)
                         sent += 1
                         gen.emitted()
                         if sent == drop_after:
@@ -350,7 +359,7 @@ class Runtime:
                 tail = frames.error(e)
             if drop_after is not None:
                 _drop(request)
-            await sink.send(tail)
+            await sink.send(b"".join(held or ()) + tail)
             return response
 
 

@@ -18,9 +18,11 @@ __all__ = ["PINNED", "BackendProfile", "parse_version", "profile_for"]
 PINNED = "1.8.1"  # the Dockerfile's SHIMMY_VERSION (a unit test keeps them equal); why: docs/shimmy-versions.md
 
 # llama.cpp's sampler chain in 1.x: temp -> top_p -> top_k -> penalties -> greedy. Greedy takes the best remaining
-# candidate, so decoding is deterministic: temperature, top_p and top_k are passed on but only decide which
-# candidates survive for the repeat penalty (1.1 over the last 64 tokens, fixed on /api/generate) to reorder; none
-# of them makes the output vary as OpenAI means it. No seed is used.
+# candidate, so decoding is deterministic, but the penalty reaches llama.cpp as repeat 0.0 / presence 1.1 (arguments
+# misordered), so a candidate seen in the last 64 tokens with a positive logit becomes +inf and wins: repeats are
+# favoured. temperature <= 0 keeps only the best token (plain greedy); otherwise temperature, top_p and top_k only
+# decide which candidates the penalty may pick; none makes the output vary as OpenAI means it. No seed is used.
+# Details: docs/shimmy-versions.md, "Sampling".
 _SAMPLING_1X = frozenset({"max_tokens"})
 # Airframe (2.x) samples for real: temperature (0 = greedy), top_p, repetition penalty and a seed (42 by default);
 # `top_k` is dropped (src/engine/airframe.rs@v2.5.0:55-64).
@@ -43,7 +45,7 @@ class BackendProfile:
     serialized: bool  # generations run one at a time (2.x: one model behind a mutex); else concurrently (1.x)
     model_load_per_request: bool  # 1.x reloads the GGUF and builds a fresh context for every request
     sampling: frozenset[str]  # /api/generate fields honoured as OpenAI means them (the rest are accepted, moot)
-    deterministic: bool  # same prompt, same output whatever the sampling fields say (1.x: greedy)
+    deterministic: bool  # same prompt and sampling fields, same output, no seed (1.x: a greedy pick)
     seeded: bool  # a seed is used (2.x: always 42 on /api/generate, which has no `seed` field)
     parses_special_tokens: bool  # prompt text such as `<|end|>` becomes the control token itself
     utf8_split_fails: bool  # a generated token that is not whole UTF-8 fails the generation (byte-level BPE vocabs)

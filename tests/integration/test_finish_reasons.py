@@ -132,3 +132,13 @@ def test_a_cut_answer_says_so_with_exact_counts_on_a_real_model(image_like: Stac
     reason, tokens, text, kind = outcome(image_like, api, stream, 3)
     assert (reason, tokens, kind) == (CUT[api], 3, "exact"), text
     assert image_like.emulator_stats()["last_generate_body"]["stream"] is stream  # 1.x: one piece unless streamed
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_stream_that_arrives_in_one_burst_counts_the_same(stack: Stack, api: str) -> None:
+    """A real 1.x stream can arrive in one burst at the end of its generation (docs/shimmy-versions.md): the events
+    are still one per token, so the count and the stop reason are the same as when they trickle in."""
+    stack.configure(stream_burst=True, token_delay_ms=20)
+    assert httpx.get(f"{stack.emulator}/config").json()["stream_burst"] is True
+    assert outcome(stack, api, True, 3) == (CUT[api], 3, "Hello! I", "exact")
+    assert stack.emulator_stats()["last_generate_body"]["stream"] is True

@@ -377,6 +377,15 @@ async def test_tokens_are_paced_and_flushed_one_by_one(emu: Emulator) -> None:
     assert all(0.15 <= gap <= 0.6 for gap in gaps), gaps
 
 
+async def test_stream_burst_sends_every_token_at_once_after_the_generation(emu: Emulator) -> None:
+    """A real 1.x stream can arrive in one burst (docs/shimmy-versions.md): one body chunk holds all the events."""
+    await emu.configure(reply="one two three four", token_delay_ms=50, stream_burst=True)
+    async with emu.client.stream("POST", "/api/generate", json={"model": MODEL, "stream": True}) as r:
+        assert r.status_code == 200
+        chunks = [chunk async for chunk in r.aiter_raw()]
+    assert chunks == [b"data: one\n\ndata:  two\n\ndata:  three\n\ndata:  four\n\ndata: [DONE]\n\n"]
+
+
 async def test_load_delay_once_in_2x_every_time_in_1x(emu: Emulator) -> None:
     async def elapsed() -> float:
         start = time.monotonic()
@@ -648,6 +657,7 @@ async def test_config_controls(emu: Emulator) -> None:
         "max_generations",
         "generation_memory_mib",
         "replies",
+        "stream_burst",
     }
     assert config["engine"] == "fixed"
     r = await emu.client.put("/_emulator/config", json={"reply": "x", "bogus": 1})
