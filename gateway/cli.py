@@ -154,6 +154,23 @@ def backend_version(settings: Settings, backend: str, ask_binary: bool = True) -
     return settings.emulator_version if backend == "emulator" else settings.shimmy_version
 
 
+def estimated_counts(settings: Settings, backend: str) -> str | None:
+    """Why the processor will only estimate token counts of real Shimmy's model, or None: it counts exactly.
+
+    `children` gives it the GGUF Shimmy serves (SHIMMY_BASE_GGUF) when llama-cpp-python can read it; without that,
+    a 1.x one-piece answer's stop reason errs towards `length` (docs/shimmy-versions.md), which `up` says once.
+    """
+    if backend not in ("shimmy", "external") or settings.tokenizer_gguf.strip():
+        return None
+    if backend == "external":
+        return "an external Shimmy's model has no TOKENIZER_GGUF"
+    if not settings.shimmy_base_gguf:
+        return "SHIMMY_MODEL_DIR names no one file: set TOKENIZER_GGUF to the GGUF of MODEL_NAME"
+    if not llama_importable():
+        return "llama-cpp-python (the tokenizer extra) is not installed"
+    return None
+
+
 def children(
     settings: Settings,
     backend: str,
@@ -262,6 +279,9 @@ def up(settings: Settings) -> int:
         fail(PROG, str(exc))
     if engine is not None:
         say.info("emulator %s", engine.reason)
+    why = estimated_counts(settings, backend)
+    if why:
+        say.warning("token counts are estimated (%s); a one-piece answer near max_tokens is called cut", why)
     version = backend_version(settings, backend)
     say.info("Shimmy %s (%s backend): the processor follows its profile", version, backend)
     workdir = Path(tempfile.mkdtemp(prefix="shimmy-gateway-"))
