@@ -18,6 +18,7 @@ from extproc.tools import check_schema
 
 __all__ = [
     "ChatRequest",
+    "CompactRequest",
     "CompletionRequest",
     "InputItem",
     "JsonObjectFormat",
@@ -30,6 +31,7 @@ __all__ = [
     "TextPart",
     "decode",
     "parse_chat_request",
+    "parse_compact_request",
     "parse_completion_request",
     "parse_responses_request",
 ]
@@ -228,17 +230,18 @@ STATELESS = "the gateway stores no responses (its replicas share no state); send
 
 class InputItem(msgspec.Struct, kw_only=True):
     """A Responses input item: a message (`type` may be left out), an earlier `function_call`, or its
-    `function_call_output`. One struct for all three, because a message item may come without its `type` tag;
-    `check()` then requires each type's own fields. An `item_reference` is refused with the stateless reason;
-    other item types (reasoning...) fail by name."""
+    `function_call_output`, or a `compaction` item (`/v1/responses/compact`'s summary). One struct for all, because
+    a message item may come without its `type` tag; `check()` then requires each type's own fields. An
+    `item_reference` is refused with the stateless reason; other item types (reasoning...) fail by name."""
 
-    type: Literal["message", "function_call", "function_call_output", "item_reference"] = "message"
+    type: Literal["message", "function_call", "function_call_output", "compaction", "item_reference"] = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | list[InputText | OutputText] | None = None
     call_id: str | None = None
     name: str | None = None
     arguments: str | None = None
     output: str | list[InputText | OutputText] | None = None
+    encrypted_content: str | None = None  # a compaction item's summary (plain text: see extproc/apis/responses.py)
     id: str | None = None  # accepted: an earlier output item's own id
     status: str | None = None
 
@@ -247,7 +250,7 @@ class InputItem(msgspec.Struct, kw_only=True):
             raise InvalidRequest(f"Item references are not supported: {STATELESS}", param=f"input[{i}]",
                                  code="unsupported_parameter")
         needs = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
-                 "function_call_output": ("call_id", "output")}[self.type]
+                 "function_call_output": ("call_id", "output"), "compaction": ("encrypted_content",)}[self.type]
         for field in needs:
             if getattr(self, field) is None:
                 raise InvalidRequest(f"A {self.type} item needs {field}", param=f"input[{i}].{field}")
@@ -287,11 +290,14 @@ class TextOptions(msgspec.Struct):
     verbosity: str | None = None  # accepted without effect
 
 
+ResponsesInput = Annotated[str, msgspec.Meta(min_length=1)] | Annotated[list[InputItem], msgspec.Meta(min_length=1)]
+
+
 class ResponsesRequest(msgspec.Struct):
     """`POST /v1/responses`, stateless: the whole conversation comes in `input` every time."""
 
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    input: Annotated[str, msgspec.Meta(min_length=1)] | Annotated[list[InputItem], msgspec.Meta(min_length=1)]
+    input: ResponsesInput
     instructions: str | None = None
     max_output_tokens: TokenLimit | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
@@ -320,9 +326,25 @@ class ResponsesRequest(msgspec.Struct):
     prompt: Any = None
 
 
+class CompactRequest(msgspec.Struct):
+    """`POST /v1/responses/compact`, stateless: the conversation to compact comes whole in `input`."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    input: ResponsesInput | None = None
+    instructions: str | None = None
+    # Accepted without effect: there is no prompt cache, and one service tier.
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    service_tier: str | None = None
+    # Refused by name.
+    previous_response_id: str | None = None
+
+
 _chat = msgspec.json.Decoder(ChatRequest)
 _completion = msgspec.json.Decoder(CompletionRequest)
 _responses = msgspec.json.Decoder(ResponsesRequest)
+_compact = msgspec.json.Decoder(CompactRequest)
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
 
@@ -408,6 +430,16 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         )
     )
     _check_responses_tools(request)
+    return request
+
+
+def parse_compact_request(body: bytes) -> CompactRequest:
+    request = decode(_compact, body)
+    refuse((("previous_response_id", request.previous_response_id is not None, f"Not supported: {STATELESS}"),))
+    if request.input is None:
+        raise InvalidRequest(f"input is required: there is nothing stored to compact ({STATELESS})", param="input")
+    for i, item in enumerate(request.input if isinstance(request.input, list) else ()):
+        item.check(i)
     return request
 
 

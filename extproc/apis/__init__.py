@@ -11,10 +11,11 @@ from __future__ import annotations
 from extproc.apis.chat import ChatCompletions
 from extproc.apis.completions import Completions
 from extproc.apis.messages import Messages
-from extproc.apis.responses import Responses
+from extproc.apis.responses import Responses, ResponsesCompact
 from extproc.generation import Api
 
 __all__ = ["APIS"]
 
-_ADAPTERS: tuple[type[Api], ...] = (ChatCompletions, Messages, Responses, Completions)
+# Routes match in this order: compaction's path lies below /v1/responses, whose 404 for stored responses it precedes.
+_ADAPTERS: tuple[type[Api], ...] = (ChatCompletions, Messages, ResponsesCompact, Responses, Completions)
 APIS: dict[str, type[Api]] = {api.route: api for api in _ADAPTERS}

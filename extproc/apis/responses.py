@@ -23,11 +23,17 @@ import msgspec
 
 from extproc.errors import GatewayError
 from extproc.generation import Generation, GenerationRequest, Message
-from extproc.openai_schema import ResponsesNamedChoice, ResponsesRequest, parse_responses_request
+from extproc.openai_schema import (
+    CompactRequest,
+    ResponsesNamedChoice,
+    ResponsesRequest,
+    parse_compact_request,
+    parse_responses_request,
+)
 from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS
 from extproc.tools import NO_TOOLING, Tool, ToolCall, Tooling
 
-__all__ = ["Responses"]
+__all__ = ["Responses", "ResponsesCompact"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -36,13 +42,13 @@ def _event(kind: str, payload: dict[str, Any]) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (kind.encode(), _encode({"type": kind, **payload}))
 
 
-def _messages(request: ResponsesRequest) -> list[Message]:
+def _messages(request: ResponsesRequest | CompactRequest) -> list[Message]:
     """The conversation: instructions, then the input items; consecutive function_call items are one assistant
-    turn's (parallel) calls, a function_call_output a tool turn."""
+    turn's (parallel) calls, a function_call_output a tool turn, a compaction item the summary it holds."""
     out = [Message("system", request.instructions)] if request.instructions else []
     if isinstance(request.input, str):
         return [*out, Message("user", request.input)]
-    for item in request.input:
+    for item in request.input or ():
         if item.type == "function_call":
             call = ToolCall(item.call_id or "", item.name or "", item.arguments or "{}")
             if out and out[-1].role == "assistant" and out[-1].tool_calls:
@@ -51,6 +57,8 @@ def _messages(request: ResponsesRequest) -> list[Message]:
                 out.append(Message("assistant", "", (call,)))
         elif item.type == "function_call_output":
             out.append(Message("tool", item.text()))
+        elif item.type == "compaction":
+            out.append(Message("system", f"{_SUMMARY_HEADING}\n{item.encrypted_content}"))
         else:
             out.append(Message(item.role or "user", item.text()))
     return out
@@ -288,3 +296,84 @@ class Responses:
         error = {"code": exc.code or exc.type, "message": exc.message}
         output = [self._item("incomplete", "".join(self.texts))] if self.message else []
         return self._next("response.failed", {"response": self._response(gen, "failed", output, error=error)})
+
+
+_SUMMARY_HEADING = "Summary of the earlier conversation:"
+SUMMARY_REQUEST = (
+    "Summarize the conversation so far for whoever continues it: the user's goals, what was done and decided, "
+    "the facts, names and numbers that matter, and what is still open. Write only the summary."
+)
+SUMMARY_MAX_TOKENS = 1024  # a summary's budget (the context limit may clamp it further)
+
+
+class ResponsesCompact:
+    """`POST /v1/responses/compact`, stateless: the conversation in `input` becomes its user messages and one
+    `compaction` item holding a summary that the model writes of the whole conversation.
+
+    OpenAI's compaction item carries `encrypted_content`, opaque to the client. The gateway stores nothing and holds
+    no key, so its `encrypted_content` is the summary in plain text: sent back as an input item (to
+    `/v1/responses` or to another compaction), it becomes a system turn that opens with "Summary of the earlier
+    conversation:". The answer is never streamed (OpenAI's endpoint has no `stream`)."""
+
+    route: ClassVar[str] = "responses_compact"
+    operation: ClassVar[str] = "chat"
+    path: ClassVar[str] = "/v1/responses/compact"
+    error_shape: ClassVar[str] = "openai"
+    endpoints: ClassVar[dict[str, str]] = {}
+    subpath_error: ClassVar[tuple[str, str] | None] = None
+    __slots__ = ("created_at", "id", "request")
+
+    def __init__(self, request: CompactRequest) -> None:
+        self.request = request
+        self.id = f"resp_{random.getrandbits(128):032x}"
+        self.created_at = int(time.time())
+
+    @classmethod
+    def parse(cls, body: bytes) -> tuple[GenerationRequest, ResponsesCompact]:
+        request = parse_compact_request(body)
+        generation = GenerationRequest(
+            model=request.model,
+            messages=[*_messages(request), Message("user", SUMMARY_REQUEST)],
+            max_tokens=SUMMARY_MAX_TOKENS,
+        )
+        return generation, cls(request)
+
+    @staticmethod
+    def error_body(exc: GatewayError) -> bytes:
+        return exc.body()
+
+    def _kept(self) -> list[dict[str, Any]]:
+        """The user messages of the input, as output items."""
+        given = self.request.input
+        texts = [given] if isinstance(given, str) else [i.text() for i in given or () if i.type == "message" and
+                                                        (i.role or "user") == "user"]
+        return [
+            {"id": f"msg_{random.getrandbits(128):032x}", "type": "message", "status": "completed", "role": "user",
+             "content": [{"type": "input_text", "text": text}]}
+            for text in texts
+        ]
+
+    def render(self, gen: Generation, text: str) -> bytes:
+        summary = {"id": f"cmp_{random.getrandbits(128):032x}", "type": "compaction", "encrypted_content": text}
+        return _encode({
+            "id": self.id,
+            "object": "response.compaction",
+            "created_at": self.created_at,
+            "output": [*self._kept(), summary],
+            "usage": Responses._usage(gen),
+        })
+
+    # Never called: a compaction's GenerationRequest never streams. Here for the Api protocol.
+    def stream_start(self, gen: Generation) -> bytes:
+        raise AssertionError("a compaction is never streamed")
+
+    stream_end = stream_start
+
+    def stream_text(self, gen: Generation, pieces: list[str]) -> bytes:
+        raise AssertionError("a compaction is never streamed")
+
+    def stream_calls(self, gen: Generation, calls: tuple[ToolCall, ...]) -> bytes:
+        raise AssertionError("a compaction is never streamed")
+
+    def stream_error(self, gen: Generation, exc: GatewayError) -> bytes:
+        raise AssertionError("a compaction is never streamed")

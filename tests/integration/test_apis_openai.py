@@ -313,3 +313,30 @@ def test_metrics_and_access_log_lines_carry_the_api(streamed: Stack, api: str, p
     assert metric(after, tokens, **output) - metric(before, tokens, **output) == 3
     entry = access_log(stack, f"api-{api}")
     assert (entry["api"], entry["outcome"], entry["completion_tokens"]) == (api, "ok", 3)
+
+
+def test_sdk_responses_compact_then_continue_from_the_compaction(stack: Stack) -> None:
+    """Issue 24: /v1/responses/compact needs no storage: the conversation comes in, its user messages and a
+    compaction item (the model's summary) come out, and that item carries the conversation on."""
+    stack.configure(reply="Trip to Rome in May.")
+    conversation = [{"role": "user", "content": "Plan a trip to Rome"},
+                    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sure"}]},
+                    {"role": "user", "content": "In May"}]
+    with sdk(stack) as client:
+        compacted = client.responses.compact(model="phi3-lora", input=conversation)
+        assert compacted.object == "response.compaction" and compacted.usage.output_tokens > 0
+        assert [item.type for item in compacted.output] == ["message", "message", "compaction"]
+        assert compacted.output[-1].encrypted_content == "Trip to Rome in May."
+        assert "Summarize the conversation" in stack.emulator_stats()["last_generate_body"]["prompt"]
+        stack.configure(reply=REPLY)
+        # The SDK types every output message as the assistant's (output_text); compaction keeps user messages
+        # (input_text), as OpenAI's reference example shows, so its dump warns of the content type.
+        kept = [item.model_dump(exclude_none=True, warnings=False) for item in compacted.output]
+        follow = client.responses.create(model="phi3-lora", input=[*kept, {"role": "user", "content": "Hotels?"}])
+        assert follow.output_text == REPLY
+        prompt = stack.emulator_stats()["last_generate_body"]["prompt"]
+        assert "Summary of the earlier conversation:\nTrip to Rome in May." in prompt and "Hotels?" in prompt
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.compact(model="phi3-lora", previous_response_id="resp_1")
+    assert refused.value.body["param"] == "previous_response_id" and "share no state" in refused.value.message
+    assert httpx.get(f"{stack.url}/v1/responses/compact").status_code == 405

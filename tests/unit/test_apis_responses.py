@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from extproc.apis.responses import Responses
+from extproc.apis.responses import SUMMARY_MAX_TOKENS, SUMMARY_REQUEST, Responses, ResponsesCompact
 from extproc.errors import InvalidRequest
 from extproc.generation import Message
 from tests.open_responses import check_event, check_response
@@ -178,3 +178,48 @@ def test_a_stream_of_text_then_a_call_and_an_empty_answer() -> None:
     _, empty = start_api(Responses, body(stream=True))
     events = typed(empty.relay(shimmy_stream(), True))
     assert [item["content"][0]["text"] for item in events[-1]["response"]["output"]] == [""]
+
+
+def compact(**fields: object) -> bytes:
+    return json.dumps({"model": "phi3-lora", **fields}).encode()
+
+
+def test_compact_summarizes_the_input_and_keeps_the_user_messages() -> None:
+    conversation = [{"role": "user", "content": "Plan a trip to Rome"},
+                    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sure"}]},
+                    {"role": "user", "content": [{"type": "input_text", "text": "In May"}]}]
+    shimmy, exchange = start_api(ResponsesCompact, compact(input=conversation))
+    sent = json.loads(shimmy)
+    assert sent["prompt"].endswith(f"<|user|>\n{SUMMARY_REQUEST}<|end|>\n<|assistant|>\n")
+    assert "<|assistant|>\nSure<|end|>" in sent["prompt"] and sent["max_tokens"] == SUMMARY_MAX_TOKENS
+    answer = json.loads(exchange.complete(shimmy_stream("A trip", " to Rome in May.")))
+    check_response(answer, "CompactResource")
+    assert answer["object"] == "response.compaction"
+    assert [(i["type"], i.get("role")) for i in answer["output"]] == [("message", "user"), ("message", "user"),
+                                                                       ("compaction", None)]
+    assert [i["content"][0]["text"] for i in answer["output"][:2]] == ["Plan a trip to Rome", "In May"]
+    assert answer["output"][2]["encrypted_content"] == "A trip to Rome in May."
+    assert answer["usage"]["output_tokens"] == 2
+
+
+def test_a_compaction_item_goes_back_into_the_prompt_as_its_summary() -> None:
+    shimmy, _ = start_api(Responses, body(input=[{"type": "compaction", "encrypted_content": "Trip to Rome, May."},
+                                                 {"role": "user", "content": "Hotels?"}]))
+    assert json.loads(shimmy)["prompt"].startswith(
+        "<|system|>\nSummary of the earlier conversation:\nTrip to Rome, May.<|end|>\n<|user|>\nHotels?<|end|>")
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (compact(), "input"),
+        (compact(input="x", previous_response_id="resp_1"), "previous_response_id"),
+        (compact(input=[{"type": "item_reference", "id": "msg_1"}]), "input[0]"),
+        (compact(input=[{"type": "compaction"}]), "input[0].encrypted_content"),
+        (compact(input="x", model=""), "model"),
+    ],
+)
+def test_compact_refusals_name_the_param(raw: bytes, param: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        ResponsesCompact.parse(raw)
+    assert json.loads(refused.value.body())["error"]["param"] == param
