@@ -105,14 +105,15 @@ PRE_ROUTE = (
     # The heap limit (overload manager): every new request is refused until Envoy's heap falls back.
     Reply(_cel("response.code_details == 'overload'"), "overloaded", "server_error",
           "The gateway is short of memory; retry later", 503, retry_after="1"),
-    # Request headers past max_request_headers_kb or max_headers_count (Envoy's codec answers 431).
-    Reply(_status_is(431), "headers_too_large", "invalid_request_error",
-          f"The request's headers are larger than the gateway accepts ({HEADERS_KB} KiB, {HEADERS_COUNT} headers)",
-          431),
     # An upgrade of a type Envoy does not proxy (h2c, ...): refused before routing.
     Reply(_cel("response.code_details == 'upgrade_failed'"), "upgrade_not_supported", "invalid_request_error",
           "This path does not accept a protocol upgrade", 400),
 )
+# Request headers past max_request_headers_kb or max_headers_count: Envoy's HTTP/1 codec answers 431 before it has
+# a path (HTTP/2 resets the stream), so this one is in the default shape only.
+HEADERS_TOO_LARGE = Reply(
+    _status_is(431), "headers_too_large", "invalid_request_error",
+    f"The request's headers are larger than the gateway accepts ({HEADERS_KB} KiB, {HEADERS_COUNT} headers)", 431)
 ROUTED = (
     Reply(_flags("UO"), "queue_full", "rate_limit_error",
           "Shimmy is busy and the gateway's queue is full; retry later", 429, retry_after="2"),
@@ -356,7 +357,8 @@ def local_reply_mappers(apis: Mapping[str, type[Api]], key_header: str) -> list[
             names = ", ".join(f"'{n}'" for api in members for n in _route_names(api))
             route_filter = _cel(f"xds.route_name in [{names}]")
         hint = default_hint if shape == DEFAULT_SHAPE else None
-        mappers += [_mapper(_both(reply.match, path_filter), reply, by_shape[shape], hint) for reply in PRE_ROUTE]
+        pre_route = PRE_ROUTE if shape != DEFAULT_SHAPE else (HEADERS_TOO_LARGE, *PRE_ROUTE)
+        mappers += [_mapper(_both(reply.match, path_filter), reply, by_shape[shape], hint) for reply in pre_route]
         mappers += [_mapper(_both(route_filter, reply.match), reply, by_shape[shape], hint) for reply in ROUTED]
     return mappers
 
