@@ -514,6 +514,25 @@ def test_forwarding_headers_never_reach_shimmy_and_the_log_has_the_real_client(s
     assert entry["client"] == "127.0.0.1", entry
 
 
+def test_behind_a_trusted_proxy_the_log_names_the_client_it_forwarded() -> None:
+    """XFF_TRUSTED_HOPS=1 (one proxy in front, e.g. an ingress): the access log's client is the address that proxy
+    appended to X-Forwarded-For, not an earlier entry a client wrote; Shimmy still sees no forwarding header."""
+    stack = start_stack({"XFF_TRUSTED_HOPS": "1"})
+    try:
+        marker = f"hop-{time.monotonic_ns()}"
+        resp = httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, timeout=10, headers={
+            "X-Forwarded-For": "203.0.113.9, 198.51.100.7", "x-request-id": marker})
+        assert resp.status_code == 200, resp.text
+        assert not {k.lower() for k in stack.emulator_stats()["last_generate_headers"]} & {"x-forwarded-for"}
+        deadline = time.monotonic() + 5
+        while not (lines := [ln for ln in stack.output().splitlines() if marker in ln and '"source":"envoy"' in ln]):
+            assert time.monotonic() < deadline, "no access log line"
+            time.sleep(0.1)
+        assert json.loads(lines[-1].partition("] ")[2])["client"] == "198.51.100.7"
+    finally:
+        stop_stack(stack)
+
+
 UPGRADE = b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" \
           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
 
