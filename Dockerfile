@@ -157,8 +157,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     SHIMMY_PORT=8080 \
     LOG_LEVEL=info \
     WARMUP=true
-# Fail the build, not the deployment: the binary loads (libraries, CPU baseline) and the Envoy config renders.
-RUN shimmy --version && shimmy-gateway config > /dev/null
+# Fail the build, not the deployment: the binary loads (libraries, CPU baseline), the Envoy config renders, and the
+# processor will count tokens exactly with the served model's own vocabulary (docs/shimmy-versions.md).
+RUN shimmy --version && shimmy-gateway config > /dev/null \
+ && python -c "import gateway.cli, settings; gateway.cli.require_exact_counts(settings.load(argv=[]))"
 WORKDIR /app
 USER 65534:65534
 EXPOSE 8000

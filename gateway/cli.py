@@ -171,6 +171,20 @@ def estimated_counts(settings: Settings, backend: str) -> str | None:
     return None
 
 
+def require_exact_counts(settings: Settings) -> None:
+    """The image's build check: the processor will count real Shimmy's model exactly (with its vocabulary, which
+    loads), or SystemExit saying why not, so the build fails instead of the deployment estimating."""
+    why = estimated_counts(settings, settings.shimmy_backend)
+    if why:
+        raise SystemExit(f"token counts would be estimated: {why}")
+    path = settings.tokenizer_gguf.strip() or settings.shimmy_base_gguf
+    try:
+        count = tokens.counter(path).count(settings.model_name, "Hello")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"exact token counts with {path}: 'Hello' is {count} tokens with BOS")
+
+
 def children(
     settings: Settings,
     backend: str,

@@ -8,13 +8,57 @@ vocabulary, or it lacks the tokenizer.
 
 from __future__ import annotations
 
+import importlib.util
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from gateway import cli
 from settings import load
-from tests.unit.test_deployment import DOCKERFILE, NON_SETTING_ENV, Dockerfile
+from tests.unit.test_deployment import DOCKERFILE, NON_SETTING_ENV, ROOT, Dockerfile
+
+PHI3_VOCAB = ROOT / "tests" / "data" / "ggml-vocab-phi-3.gguf"
+
+
+def tokenizer_problems(text: str) -> list[str]:
+    """What in a Dockerfile would make the image ship without an exact tokenizer for its model."""
+    image = Dockerfile.parse(text)
+    problems = []
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    if not any(re.match(r"llama-cpp-python\b", dep) for dep in extras.get("tokenizer", [])):
+        problems.append("pyproject's tokenizer extra has no llama-cpp-python")
+    syncs = [i.args for i in image.stage("python").all("RUN") if "uv sync" in i.args]
+    if not syncs or "--extra tokenizer" not in syncs[-1]:
+        problems.append("the python stage's last uv sync does not install the tokenizer extra")
+    copies = [i.args.split() for i in image.final.all("COPY")]
+    if ["--from=python", "/opt/venv", "/opt/venv"] not in copies:
+        problems.append("the runtime stage does not copy the python stage's /opt/venv")
+    kinds = [(i.keyword, i.args) for i in image.final.instructions]
+    model = next((n for n, (k, a) in enumerate(kinds) if k == "COPY" and a.startswith("--from=model")), None)
+    check = next((n for n, (k, a) in enumerate(kinds) if k == "RUN" and "require_exact_counts" in a), None)
+    user = next((n for n, (k, _) in enumerate(kinds) if k == "USER"), len(kinds))
+    if check is None or model is None or not model < check < user:
+        problems.append("no build step checks the tokenizer against the model the image ships")
+    env = image.final.env({"PATH": "/usr/bin"})
+    if env.get("TOKENIZER_GGUF", "") not in ("", env.get("SHIMMY_BASE_GGUF")):
+        problems.append("TOKENIZER_GGUF names another file than the model served")
+    return problems
+
+
+def test_the_image_installs_the_tokenizer_and_checks_it_at_build() -> None:
+    text = DOCKERFILE.read_text()
+    assert tokenizer_problems(text) == []
+    # Each way the image could lose it is caught:
+    mutations = {
+        "tokenizer extra": text.replace("--extra tokenizer", ""),
+        "/opt/venv": text.replace("COPY --from=python /opt/venv /opt/venv", "COPY --from=python /src /src"),
+        "no build step": re.sub(r" \\\n && python -c \"[^\n]*require_exact_counts[^\n]*", "", text),
+        "another file": text.replace("SHIMMY_BACKEND=shimmy \\", "SHIMMY_BACKEND=shimmy TOKENIZER_GGUF=/x.gguf \\"),
+    }
+    for words, mutated in mutations.items():
+        assert any(words in problem for problem in tokenizer_problems(mutated)), words
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +100,18 @@ def test_without_the_tokenizer_the_counts_are_estimated_and_the_start_says_why(
     assert cli.estimated_counts(load(argv=[], environ={}), "external")
     assert cli.estimated_counts(load(argv=[], environ={"TOKENIZER_GGUF": "/m.gguf"}), "external") is None
     assert cli.estimated_counts(load(argv=[], environ={}), "emulator") is None  # the engine's own rule: exact
+
+
+def test_the_build_check_passes_only_with_an_exact_tokenizer(
+    image_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "llama_importable", lambda: False)
+    with pytest.raises(SystemExit, match="estimated: llama-cpp-python"):
+        cli.require_exact_counts(load(argv=[], environ=image_env))
+    monkeypatch.setattr(cli, "llama_importable", lambda: True)
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed here (the tokenizer extra)")
+    with pytest.raises(SystemExit, match="cannot load its vocabulary"):
+        cli.require_exact_counts(load(argv=[], environ={**image_env, "SHIMMY_BASE_GGUF": "/nonexistent.gguf"}))
+    cli.require_exact_counts(load(argv=[], environ={**image_env, "SHIMMY_BASE_GGUF": str(PHI3_VOCAB)}))
+    assert "exact token counts with" in capsys.readouterr().out
