@@ -18,7 +18,7 @@ import time
 
 from extproc.apis.chat import ChatCompletions
 from extproc.generation import start
-from extproc.openai_schema import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
+from extproc.stops import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
 
 __all__ = ["CASES", "table"]
 

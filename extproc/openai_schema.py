@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from extproc.errors import InvalidRequest
+from extproc.stops import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, check_stops
 from extproc.tools import check_schema
 
 __all__ = [
@@ -36,9 +37,6 @@ __all__ = [
     "parse_responses_request",
 ]
 
-MAX_STOP_SEQUENCES = 4  # OpenAI's own limit
-MAX_STOP_LENGTH = 256  # characters per stop sequence: ours (OpenAI documents none); the matcher's cost does not grow
-# with it, but its automaton is built per request, and no real end-of-answer marker is this long
 MAX_TOOLS = 128  # OpenAI's own limit
 MAX_TOKENS_LIMIT = 131072  # Shimmy 2.x rejects more; no GGUF we serve has a longer context
 I32_MAX = 2**31 - 1  # Shimmy reads top_k as i32 and answers 422 beyond it
@@ -133,7 +131,7 @@ class StreamOptions(msgspec.Struct):
 TokenLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]  # OpenAI refuses limits below 1
 StopText = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_LENGTH)]
 StopList = Annotated[list[StopText], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)]
-Stop = StopText | StopList  # chat's `stop`, also legacy completions'
+Stop = StopText | StopList  # chat's `stop`, also legacy completions' (their total: `check_stops`)
 
 
 class ChatRequest(msgspec.Struct):
@@ -398,6 +396,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     """Decode and validate, or raise InvalidRequest naming the offending param."""
     request = decode(_chat, body)
     _refuse_unsupported(request)
+    check_stops(request.stop_sequences, "stop")
     return request
 
 
@@ -415,6 +414,7 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     )
     if request.stream_options is not None and not request.stream:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
+    check_stops(request.stop_sequences, "stop")
     return request
 
 

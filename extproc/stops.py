@@ -7,14 +7,47 @@ The matcher is an Aho-Corasick automaton fed one character at a time: its state 
 that is a prefix of some stop sequence, so the work per character is constant (amortised over the failure links)
 however long the stop sequences are, and the client cannot make the processor's work grow with output x stop length.
 No library fits: the Aho-Corasick packages on PyPI search a whole string, none resumes between tokens.
+
+The client's stop sequences are bounded before any work (`check_stops`, the same limits on every API): building the
+automaton costs time and memory in proportion to their characters (about 250 bytes and 0.5 us each), so a maximal
+set (2,048 characters) builds in under 2 ms and weighs about 0.5 MiB, and the cache of automata is bounded by the
+characters it holds, not by its count of entries.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from functools import lru_cache
+from collections.abc import Sequence
 
-__all__ = ["StopMatcher"]
+from extproc.cache import SizedCache
+from extproc.errors import InvalidRequest
+
+__all__ = [
+    "AUTOMATON_CACHE_CHARACTERS",
+    "MAX_STOP_CHARACTERS",
+    "MAX_STOP_LENGTH",
+    "MAX_STOP_SEQUENCES",
+    "StopMatcher",
+    "check_stops",
+]
+
+MAX_STOP_SEQUENCES = 16  # per request, on every API (OpenAI's own limit is 4; Anthropic documents none)
+MAX_STOP_LENGTH = 256  # characters per stop sequence: no real end-of-answer marker is this long
+MAX_STOP_CHARACTERS = 2048  # all of a request's stop sequences together: what the automaton's size grows with
+AUTOMATON_CACHE_CHARACTERS = 8192  # the cache of automata holds at most this many stop characters (~2 MiB)
+
+
+def check_stops(stops: Sequence[str], param: str) -> None:
+    """InvalidRequest naming `param` (`stop`, `stop_sequences`) unless the client's stop sequences are within the
+    limits; the request schemas check count and length while decoding, this the total (and both again, cheaply)."""
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed", param=param)
+    for i, stop in enumerate(stops):
+        if not stop or len(stop) > MAX_STOP_LENGTH:
+            raise InvalidRequest(f"A stop sequence has 1 to {MAX_STOP_LENGTH} characters", param=f"{param}[{i}]")
+    if sum(map(len, stops)) > MAX_STOP_CHARACTERS:
+        raise InvalidRequest(f"The stop sequences have at most {MAX_STOP_CHARACTERS} characters together",
+                             param=param)
 
 
 class _Automaton:
@@ -58,12 +91,12 @@ class _Automaton:
                     self.stop_at[child] = self.stop_at[self.fail[child]]
 
 
-@lru_cache(maxsize=64)
-def _automaton(stops: tuple[str, ...]) -> _Automaton:
-    """Built once per set of stop sequences (a template's markers, plus a client's own): it is never changed after
-    construction, and building it was a quarter of the processor's own work per request. 64 sets of at most four
-    256-character stops bound the cache to a few MiB whatever clients send."""
-    return _Automaton(stops)
+_automata: SizedCache[tuple[str, ...], _Automaton] = SizedCache(
+    _Automaton, lambda stops: sum(map(len, stops)), AUTOMATON_CACHE_CHARACTERS
+)
+"""Built once per set of stop sequences (a template's markers, plus a client's own): an automaton is never changed
+after construction, and building one was a quarter of the processor's own work per request. Bounded by the stop
+characters held, so many maximal sets evict each other while the templates' few markers stay."""
 
 
 class StopMatcher:
@@ -77,8 +110,8 @@ class StopMatcher:
     __slots__ = ("_auto", "_cut", "_held", "_held_len", "_node", "_pos", "matched", "stopped")
 
     def __init__(self, stops: tuple[str, ...]) -> None:
-        """`stops` are non-empty strings (the request schema refuses empty ones and caps their length)."""
-        self._auto = _automaton(stops) if stops else None
+        """`stops` are non-empty strings, within the limits (`check_stops`) plus the template's markers."""
+        self._auto = _automata.get(stops) if stops else None
         self._node = 0
         self._pos = 0  # characters fed so far
         self._held: deque[str] = deque()  # the text fed but not yet emitted, in pieces

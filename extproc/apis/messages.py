@@ -21,6 +21,7 @@ from extproc.errors import GatewayError, InvalidRequest
 from extproc.generation import Generation, GenerationRequest
 from extproc.generation import Message as Turn
 from extproc.openai_schema import I32_MAX, MAX_TOKENS_LIMIT, decode, refuse
+from extproc.stops import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, check_stops
 from extproc.tools import NO_TOOLING, Tool, ToolCall, Tooling, check_schema
 
 __all__ = ["Messages", "MessagesCountTokens", "error_type"]
@@ -30,8 +31,6 @@ _encode = msgspec.json.Encoder().encode
 
 def _json(value: Any) -> str:
     return _encode(value).decode()
-
-MAX_STOP_SEQUENCES = 16  # Anthropic sets none; each one costs the stop matcher work on every token
 
 _STOP_REASONS = {"end": "end_turn", "length": "max_tokens", "stop_sequence": "stop_sequence", "tool_calls": "tool_use"}
 _ERROR_TYPES = {
@@ -182,9 +181,12 @@ class _Prompt(msgspec.Struct, kw_only=True):
 class MessagesRequest(_Prompt, kw_only=True):
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]  # required, as Anthropic requires it
     stop_sequences: (
-        Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)]
+        Annotated[
+            list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_LENGTH)]],
+            msgspec.Meta(max_length=MAX_STOP_SEQUENCES),
+        ]
         | None
-    ) = None
+    ) = None  # their total: `check_stops`, as every API's
     temperature: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_k: Annotated[int, msgspec.Meta(ge=1, le=I32_MAX)] | None = None  # sampling: honoured when sent (SDK 2.x
@@ -238,6 +240,7 @@ class Messages:
     def parse(cls, body: bytes) -> tuple[GenerationRequest, Messages]:
         request = decode(_messages, body)
         request.refuse_unsupported()
+        check_stops(request.stop_sequences or (), "stop_sequences")
         generation = GenerationRequest(
             model=request.model,
             messages=request.prompt(),

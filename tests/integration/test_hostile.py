@@ -570,3 +570,43 @@ def test_oversized_headers_are_the_gateways_431_and_large_ones_are_served(stack:
 def _headers(answer: bytes) -> dict[str, str]:
     head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
     return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head)}
+
+
+# -- issue 22: what a client's own values make the processor do (schemas, stop sequences, tool-call detection) ------
+
+
+def test_a_one_mib_stop_sequence_is_a_400_naming_it(hostile: Stack) -> None:
+    body = {"model": "phi3-lora", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}],
+            "stop_sequences": ["s" * 1_000_000]}
+    resp = httpx.post(f"{hostile.url}/v1/messages", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text[:500]
+    assert "stop_sequences" in resp.json()["error"]["message"]
+
+
+def test_a_hundred_maximal_stop_sets_leave_the_processor_memory_flat(hostile: Stack) -> None:
+    import random
+    import string
+
+    from bench.soak import extproc_pid, rss_bytes
+    from extproc.stops import MAX_STOP_CHARACTERS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
+
+    pid = extproc_pid(hostile.proc.pid)
+    assert pid is not None
+    count = min(MAX_STOP_SEQUENCES, MAX_STOP_CHARACTERS // MAX_STOP_LENGTH)
+    rng = random.Random(22)
+    body = {"model": "phi3-lora", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}
+
+    def maximal() -> list[str]:
+        return ["".join(rng.choices(string.ascii_letters, k=MAX_STOP_LENGTH)) for _ in range(count)]
+
+    with httpx.Client(timeout=30) as http:
+        for _ in range(5):  # the processor's own warm-up (imports, first allocations) is not what is measured
+            resp = http.post(f"{hostile.url}/v1/messages", json={**body, "stop_sequences": maximal()})
+            assert resp.status_code == 200, resp.text
+        before = rss_bytes(pid)
+        for api, key in [("/v1/messages", "stop_sequences"), ("/v1/chat/completions", "stop")] * 50:
+            resp = http.post(f"{hostile.url}{api}", json={**body, key: maximal()})
+            assert resp.status_code == 200, resp.text
+        after = rss_bytes(pid)
+    assert before is not None and after is not None
+    assert after - before < 20 * 2**20, f"processor RSS grew by {(after - before) / 2**20:.1f} MiB"

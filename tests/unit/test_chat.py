@@ -94,7 +94,9 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", 
         pytest.param(body(max_tokens="9"), "max_tokens", "invalid_value", id="string-max-tokens"),
         pytest.param(body(temperature=2.5), "temperature", "invalid_value", id="temperature-range"),
         pytest.param(body(top_p=1.5), "top_p", "invalid_value", id="top-p-range"),
-        pytest.param(body(stop=["a", "b", "c", "d", "e"]), "stop", "invalid_value", id="too-many-stops"),
+        pytest.param(body(stop=["a"] * 17), "stop", "invalid_value", id="too-many-stops"),
+        pytest.param(body(stop=["x" * 256] * 8 + ["y"]), "stop", "invalid_value", id="too-many-characters"),
+        pytest.param(body(stop=["x" * 256] * 15 + ["y" * 257]), "stop[15]", "invalid_value", id="sixteenth-too-long"),
         pytest.param(body(stop="x" * 257), "stop", "invalid_value", id="stop-too-long"),
         pytest.param(body(stop=["a", "x" * 257]), "stop[1]", "invalid_value", id="one-stop-too-long"),
         pytest.param(body(model=""), "model", "invalid_value", id="empty-model"),
@@ -355,3 +357,15 @@ def test_stream_past_the_deadline_ends_in_band() -> None:
     assert json.loads(frames[-2].removeprefix("data: "))["error"]["code"] == "timeout"
     assert frames[-1] == "data: [DONE]"
     assert state.relay(shimmy_stream("b"), end=True) == b""
+
+
+def test_a_maximal_stop_set_is_accepted_on_chat_and_messages() -> None:
+    from extproc.apis.messages import Messages
+    from extproc.stops import MAX_STOP_CHARACTERS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
+
+    stops = [f"{i:x}" * (MAX_STOP_CHARACTERS // MAX_STOP_SEQUENCES) for i in range(MAX_STOP_SEQUENCES)]
+    assert sum(map(len, stops)) == MAX_STOP_CHARACTERS and max(map(len, stops)) <= MAX_STOP_LENGTH
+    start_chat(body(stop=stops), {})
+    request, _ = Messages.parse(json.dumps({"model": "m", "max_tokens": 3, "stop_sequences": stops,
+                                            "messages": [{"role": "user", "content": "x"}]}).encode())
+    assert request.stops == tuple(stops)

@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 
 from extproc.errors import GatewayError
 from extproc.generation import Exchange
-from extproc.openai_schema import MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, ChatRequest
+from extproc.openai_schema import MAX_TOKENS_LIMIT, ChatRequest
 from extproc.sse import MAX_PENDING_BYTES
+from extproc.stops import MAX_STOP_SEQUENCES
 from extproc.templates import neutralize
 from tests.unit.translate import start_chat
 
