@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from extproc.errors import InvalidRequest
+from extproc.schemas import check_schemas
 from extproc.stops import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, check_stops
-from extproc.tools import check_schema
 
 __all__ = [
     "ChatRequest",
@@ -447,18 +447,17 @@ def _check_responses_tools(request: ResponsesRequest) -> None:
     """As chat's `_check_tools`, in Responses' field names; and each input item has its type's fields."""
     choice = request.tool_choice
     _check_offer(
-        [(t.name, t.parameters) for t in request.tools or ()],
+        [t.name for t in request.tools or ()],
         choice.name if isinstance(choice, ResponsesNamedChoice) else None,
         choice == "required",
-        "tools[{}].parameters",
     )
     fmt = request.text.format if request.text is not None else None
-    if fmt is not None and fmt.type == "json_schema":
-        if fmt.schema is None or not fmt.name:
-            raise InvalidRequest("A json_schema format needs name and schema", param="text.format")
-        problem = check_schema(fmt.schema)
-        if problem is not None:
-            raise InvalidRequest(f"Invalid JSON schema: {problem}", param="text.format.schema")
+    if fmt is not None and fmt.type == "json_schema" and (fmt.schema is None or not fmt.name):
+        raise InvalidRequest("A json_schema format needs name and schema", param="text.format")
+    check_schemas(
+        [(f"tools[{i}].parameters", t.parameters) for i, t in enumerate(request.tools or ())]
+        + [("text.format.schema", fmt.schema if fmt is not None and fmt.type == "json_schema" else None)]
+    )
     for i, item in enumerate(request.input if isinstance(request.input, list) else ()):
         item.check(i)
 
@@ -484,19 +483,11 @@ def _refuse_unsupported(request: ChatRequest) -> None:
     _check_tools(request)
 
 
-def _check_offer(
-    tools: list[tuple[str, dict[str, Any] | None]], named: str | None, required: bool, schema_param: str
-) -> None:
-    """An OpenAI tool offer (chat and Responses name its fields apart, check them alike): unique names, each
-    `parameters` a JSON Schema (`schema_param` formats its path), a `named` tool_choice among the tools,
-    `required` with tools."""
-    names = [name for name, _ in tools]
+def _check_offer(names: list[str], named: str | None, required: bool) -> None:
+    """An OpenAI tool offer (chat and Responses name its fields apart, check them alike): unique names, a `named`
+    tool_choice among the tools, `required` with tools. The schemas: `check_schemas`, with the output format's."""
     if len(set(names)) != len(names):
         raise InvalidRequest("Tool names must be unique", param="tools")
-    for i, (_, parameters) in enumerate(tools):
-        problem = check_schema(parameters) if parameters is not None else None
-        if problem is not None:
-            raise InvalidRequest(f"Invalid JSON schema: {problem}", param=schema_param.format(i))
     if named is not None and named not in names:
         raise InvalidRequest(f"tool_choice names {named!r}, which is not in tools", param="tool_choice")
     if required and not names:
@@ -507,16 +498,16 @@ def _check_tools(request: ChatRequest) -> None:
     """What msgspec cannot see: tool_choice names an offered tool, schemas are schemas, histories are coherent."""
     choice = request.tool_choice
     _check_offer(
-        [(t.function.name, t.function.parameters) for t in request.tools or ()],
+        [t.function.name for t in request.tools or ()],
         choice.function.name if isinstance(choice, NamedToolChoice) else None,
         choice == "required",
-        "tools[{}].function.parameters",
     )
     fmt = request.response_format
-    if isinstance(fmt, JsonSchemaFormat) and fmt.json_schema.schema is not None:
-        problem = check_schema(fmt.json_schema.schema)
-        if problem is not None:
-            raise InvalidRequest(f"Invalid JSON schema: {problem}", param="response_format.json_schema.schema")
+    output = fmt.json_schema.schema if isinstance(fmt, JsonSchemaFormat) else None
+    check_schemas(
+        [(f"tools[{i}].function.parameters", t.function.parameters) for i, t in enumerate(request.tools or ())]
+        + [("response_format.json_schema.schema", output)]
+    )
     for i, m in enumerate(request.messages):
         if m.tool_calls and m.role != "assistant":
             raise InvalidRequest("Only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls")

@@ -14,6 +14,10 @@ passed off as delivered: `OutputError` (502) says what was missing or invalid.
 
 Whatever the family, the parser also accepts a bare JSON call object (`arguments` or `parameters`), a list of
 them, or either inside a ```json fence: small models emit these whatever they were shown.
+
+Prose is never eaten: output that is not a complete call is the answer's text, unless it begins a call in one of
+these syntaxes (`<tool_call>`, `<|python_tag|>`, `{"name"`, `[{"name"`) and does not finish it (an
+`invalid_tool_call`), or the request requires a call (`missing_tool_call`). `[1] The answer is 42.` is text.
 """
 
 from __future__ import annotations
@@ -23,13 +27,12 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import msgspec
 
 from extproc.errors import UpstreamError
+from extproc.schemas import SchemaFailure, check_schema, schema_violation
 
 if TYPE_CHECKING:
     from extproc.generation import Message
@@ -103,24 +106,6 @@ class OutputError(UpstreamError):
 def call_id() -> str:
     """Fresh, unique, not secret (as the processor's completion ids)."""
     return f"call_{random.getrandbits(96):024x}"
-
-
-def check_schema(schema: Mapping[str, Any]) -> str | None:
-    """Why `schema` is not a usable JSON Schema, or None: checked when the request arrives, not after generating.
-
-    Cached by the schema's text: an agent sends the same tools with every request, and checking a schema against
-    its meta-schema costs far more than the rest of the request."""
-    return _schema_problem(_dumps(schema))
-
-
-@lru_cache(maxsize=256)
-def _schema_problem(schema_json: str) -> str | None:
-    schema = json.loads(schema_json)
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        return str(exc.message)
-    return None
 
 
 # -- into the prompt ---------------------------------------------------------------------------------------------
@@ -217,6 +202,11 @@ _PYTHON_TAG = "<|python_tag|>"
 _JSON_OPENERS = ('{"name"', '{ "name"', '[{"name"', '[{ "name"')
 # What may begin a call in a stream: text after one of these is held until the end and parsed.
 _OPENERS = ("<tool_call>", "```", _PYTHON_TAG, *_JSON_OPENERS)
+# The output begins a JSON call: a failure to decode it is a broken call, not prose.
+_CALL_START = re.compile(r'\[?\s*\{\s*"name"\s*:')
+# How an answer that is a call may begin, whitespace removed: a stream holds text back only while its start is one
+# of these or could still become one (`{"` may be a call with any key first; `{x` or `[1` is prose).
+_HELD_STARTS = ('{"', '[{"', "<tool_call>", _PYTHON_TAG, "```")
 _RAW_DECODE = json.JSONDecoder().raw_decode
 
 
@@ -282,26 +272,18 @@ def _find_calls(output: str) -> tuple[str, list[tuple[str, Any]]] | None:
         found = _as_calls(value)
         if found is not None:
             return (output[:start] + output[end:]).strip(), found
-    if stripped[:1] in ("{", "[") and decoded is None:  # it set out to write a call and did not finish one
+    if decoded is None and (_CALL_START.match(stripped) or output.lstrip().startswith(_PYTHON_TAG)):
+        # it set out to write a call and did not finish one
         raise OutputError(f"The model's tool call is not valid JSON: {stripped[:200]!r}", code="invalid_tool_call")
     return None
 
 
-@lru_cache(maxsize=256)
-def _validator(schema_json: str) -> jsonschema.protocols.Validator:
-    schema = json.loads(schema_json)
-    return jsonschema.validators.validator_for(schema)(schema)
-
-
-def _violation(schema: Mapping[str, Any], value: Any) -> str | None:
-    validator = _validator(_dumps(schema))
-    if validator.is_valid(value):
-        return None
-    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
-    if error is None:
-        return None
-    where = "/".join(str(p) for p in error.absolute_path)
-    return f"{error.message}" + (f" (at {where})" if where else "")
+def _violation(schema: Mapping[str, Any], value: Any, code: str) -> str | None:
+    """`schema_violation`, a schema that cannot be applied being the model's failure to deliver (502, `code`)."""
+    try:
+        return schema_violation(schema, value)
+    except SchemaFailure as exc:
+        raise OutputError(f"The model's output could not be checked: {exc}", code=code) from None
 
 
 def _structured(output: str, schema: Mapping[str, Any]) -> Parsed:
@@ -311,7 +293,7 @@ def _structured(output: str, schema: Mapping[str, Any]) -> Parsed:
     value = _decode(document)
     if not isinstance(value, dict):
         raise OutputError(f"The model's answer is not a JSON object: {stripped[:200]!r}", code="invalid_json_output")
-    problem = _violation(schema, value) if schema else None
+    problem = _violation(schema, value, "invalid_json_output") if schema else None
     if problem is not None:
         raise OutputError(f"The model's JSON does not match the schema: {problem}", code="invalid_json_output")
     return Parsed(_dumps(value))
@@ -336,7 +318,7 @@ def parse_output(output: str, tooling: Tooling) -> Parsed:
                 if not isinstance(arguments, dict):
                     raise OutputError(f"The model's arguments for {name!r} are not a JSON object",
                                       code="invalid_tool_call")
-                problem = _violation(tool.parameters, arguments)
+                problem = _violation(tool.parameters, arguments, "invalid_tool_call")
                 if problem is not None:
                     raise OutputError(f"The model's arguments for {name!r} do not match its schema: {problem}",
                                       code="invalid_tool_call")
@@ -351,12 +333,23 @@ def parse_output(output: str, tooling: Tooling) -> Parsed:
     return Parsed(output)
 
 
+def _may_start_call(text: str) -> bool | None:
+    """Whether text (stripped, non-empty) begins as a call would: True, False, or None while too short to tell."""
+    compact = "".join(text[:32].split())
+    if any(compact.startswith(s) for s in _HELD_STARTS):
+        return True
+    if any(s.startswith(compact) for s in _HELD_STARTS) and len(text) < 32:
+        return None
+    return False
+
+
 class CallDetector:
     """A stream's text, released as it comes until a tool call (or a structured answer) may be starting; from
     there on it is held, to be parsed whole at the end, so a client never sees half a call as text.
 
-    A call may start where the text starts with `{`, `[` or `<`, or wherever a call opener (`<tool_call>`, a
-    code fence) appears; a structured answer is held whole. The held-back tail is at most an opener's length.
+    A call may start where the text starts as a call does (`{"`, `[{"`, `<tool_call>`, `<|python_tag|>`, a code
+    fence), or wherever a call opener appears later; a structured answer is held whole. Text whose start can no
+    longer become a call (`[1] The answer`) is released; the held-back tail is at most an opener's length.
     """
 
     __slots__ = ("_held", "_holding", "_started")
@@ -377,8 +370,12 @@ class CallDetector:
             if not stripped:
                 self._held = buf
                 return ""
+            start = _may_start_call(stripped)
+            if start is None:  # too short to tell yet
+                self._held = buf
+                return ""
             self._started = True
-            if stripped[0] in "{[<`":
+            if start:
                 self._holding = True
                 self._held = buf
                 return ""

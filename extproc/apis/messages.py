@@ -21,8 +21,9 @@ from extproc.errors import GatewayError, InvalidRequest
 from extproc.generation import Generation, GenerationRequest
 from extproc.generation import Message as Turn
 from extproc.openai_schema import I32_MAX, MAX_TOKENS_LIMIT, decode, refuse
+from extproc.schemas import check_schemas
 from extproc.stops import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, check_stops
-from extproc.tools import NO_TOOLING, Tool, ToolCall, Tooling, check_schema
+from extproc.tools import NO_TOOLING, Tool, ToolCall, Tooling
 
 __all__ = ["Messages", "MessagesCountTokens", "error_type"]
 
@@ -157,13 +158,10 @@ class _Prompt(msgspec.Struct, kw_only=True):
     def refuse_unsupported(self) -> None:
         thinking = self.thinking is not None and bool(self.thinking) and self.thinking.get("type") != "disabled"
         names = [t.name for t in self.tools or ()]
-        for i, tool in enumerate(self.tools or ()):
-            problem = check_schema(tool.input_schema)
-            if problem is not None:
-                raise InvalidRequest(f"Invalid JSON schema: {problem}", param=f"tools[{i}].input_schema")
-        problem = check_schema(self.schema) if self.schema is not None else None
-        if problem is not None:
-            raise InvalidRequest(f"Invalid JSON schema: {problem}", param="output_config.format.schema")
+        check_schemas(
+            [(f"tools[{i}].input_schema", tool.input_schema) for i, tool in enumerate(self.tools or ())]
+            + [("output_config.format.schema", self.schema)]
+        )
         choice = self.tool_choice
         if choice is not None and choice.type == "tool" and choice.name not in names:
             raise InvalidRequest(f"tool_choice names {choice.name!r}, which is not in tools", param="tool_choice")

@@ -23,7 +23,7 @@ import h2.exceptions
 import httpx
 import pytest
 
-from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.integration.conftest import Stack, free_port, start_stack, stop_stack
 from tests.integration.test_security import http_body, json_error_status, raw_request
 
 CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
@@ -575,6 +575,105 @@ def _headers(answer: bytes) -> dict[str, str]:
 # -- issue 22: what a client's own values make the processor do (schemas, stop sequences, tool-call detection) ------
 
 
+class _Witness:
+    """A loopback HTTP server that a client's `$ref` points at: the gateway must never ask it for anything."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        self.requests: list[str] = []
+        witness = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                witness.requests.append(self.path)
+                body = b'{"type": "string"}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/schema+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/x.json"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def witness() -> Iterator[_Witness]:
+    server = _Witness()
+    yield server
+    server.close()
+
+
+def _schema_requests(ref: str) -> list[tuple[str, dict, str, str]]:
+    """(path, body, the param the 400 must name, the model reply that would be validated) for each place a client's
+    schema goes: chat's response_format and tool parameters, Messages' input_schema, Responses' text.format."""
+    schema = {"type": "object", "properties": {"a": {"$ref": ref}}, "required": ["a"]}
+    call = '{"name": "f", "arguments": {"a": 1}}'
+    ask = [{"role": "user", "content": "x"}]
+    return [
+        ("/v1/chat/completions",
+         {"model": "phi3-lora", "messages": ask,
+          "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}},
+         "response_format.json_schema.schema", '{"a": 1}'),
+        ("/v1/chat/completions",
+         {"model": "phi3-lora", "messages": ask,
+          "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]},
+         "tools[0].function.parameters", call),
+        ("/v1/messages",
+         {"model": "phi3-lora", "max_tokens": 16, "messages": ask,
+          "tools": [{"name": "f", "input_schema": schema}]},
+         "tools[0].input_schema", call),
+        ("/v1/responses",
+         {"model": "phi3-lora", "input": "x",
+          "text": {"format": {"type": "json_schema", "name": "s", "schema": schema}}},
+         "text.format.schema", '{"a": 1}'),
+    ]
+
+
+def _error_text(resp: httpx.Response) -> str:
+    error = resp.json()["error"]
+    return f"{error.get('param') or ''} {error['message']}"
+
+
+def test_a_schema_ref_to_a_url_is_a_400_and_never_fetched(hostile: Stack, witness: _Witness) -> None:
+    for path, body, param, reply in _schema_requests(witness.url):
+        hostile.configure(reply=reply)
+        resp = httpx.post(f"{hostile.url}{path}", json=body, timeout=30)
+        assert resp.status_code == 400, (path, resp.status_code, resp.text)
+        assert param in _error_text(resp), (path, resp.text)
+    assert witness.requests == []
+
+
+def test_a_schema_ref_to_a_file_is_a_400_and_its_content_never_comes_back(hostile: Stack, tmp_path) -> None:
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"type": "string", "description": "TOP-SECRET-7f3a"}')
+    for path, body, param, reply in _schema_requests(secret.as_uri()):
+        hostile.configure(reply=reply)
+        resp = httpx.post(f"{hostile.url}{path}", json=body, timeout=30)
+        assert resp.status_code == 400, (path, resp.status_code, resp.text)
+        assert "TOP-SECRET" not in resp.text and param in _error_text(resp), (path, resp.text)
+
+
+def test_an_unresolvable_local_ref_is_a_400_not_a_500(hostile: Stack) -> None:
+    for path, body, param, reply in _schema_requests("#/$defs/missing"):
+        hostile.configure(reply=reply)
+        resp = httpx.post(f"{hostile.url}{path}", json=body, timeout=30)
+        assert resp.status_code == 400, (path, resp.status_code, resp.text)
+        assert param in _error_text(resp), (path, resp.text)
+    assert "Traceback" not in hostile.output()
+
+
 def test_a_one_mib_stop_sequence_is_a_400_naming_it(hostile: Stack) -> None:
     body = {"model": "phi3-lora", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}],
             "stop_sequences": ["s" * 1_000_000]}
@@ -610,3 +709,30 @@ def test_a_hundred_maximal_stop_sets_leave_the_processor_memory_flat(hostile: St
         after = rss_bytes(pid)
     assert before is not None and after is not None
     assert after - before < 20 * 2**20, f"processor RSS grew by {(after - before) / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("prose", ["[1] The answer is 42.", "[citation needed] maybe", "{braces} are prose too"])
+def test_prose_that_begins_with_a_bracket_is_text_with_tools_offered(hostile: Stack, prose: str) -> None:
+    hostile.configure(reply=prose)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    ask = [{"role": "user", "content": "x"}]
+    chat = {"model": "phi3-lora", "messages": ask, "max_tokens": 32,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]}
+    with httpx.Client(base_url=hostile.url, timeout=30) as http:
+        resp = http.post("/v1/chat/completions", json=chat)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"] == prose
+        with http.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as streamed:
+            events = [json.loads(line[6:]) for line in streamed.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        assert all("error" not in event for event in events), events
+        assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices")) == prose
+        resp = http.post("/v1/messages", json={"model": "phi3-lora", "max_tokens": 32, "messages": ask,
+                                               "tools": [{"name": "f", "input_schema": schema}]})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["content"] == [{"type": "text", "text": prose}]
+        resp = http.post("/v1/responses", json={"model": "phi3-lora", "input": "x",
+                                                "tools": [{"type": "function", "name": "f", "parameters": schema}]})
+        assert resp.status_code == 200, resp.text
+        [message] = [item for item in resp.json()["output"] if item["type"] == "message"]
+        assert message["content"][0]["text"] == prose
