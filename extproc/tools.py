@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from extproc.errors import UpstreamError
-from extproc.schemas import SchemaFailure, check_schema, schema_violation
+from extproc.schemas import SchemaFailure, schema_violation
 
 if TYPE_CHECKING:
     from extproc.generation import Message
@@ -46,7 +46,6 @@ __all__ = [
     "ToolCall",
     "Tooling",
     "call_id",
-    "check_schema",
     "parse_output",
     "to_turns",
 ]
