@@ -37,7 +37,9 @@ __all__ = [
     "parse_responses_request",
 ]
 
-MAX_TOOLS = 128  # OpenAI's own limit
+MAX_TOOLS = 128  # OpenAI's own limit; Messages uses it too
+MAX_MESSAGES = 4096  # messages (Responses: input items) per request, on every API: each costs the prompt's rendering
+MAX_CONTENT_PARTS = 1024  # content parts (Messages: blocks) per message
 MAX_TOKENS_LIMIT = 131072  # Shimmy 2.x rejects more; no GGUF we serve has a longer context
 I32_MAX = 2**31 - 1  # Shimmy reads top_k as i32 and answers 422 beyond it
 
@@ -65,7 +67,8 @@ class ToolCallItem(msgspec.Struct):
 
 class Message(msgspec.Struct):
     role: Role
-    content: str | list[TextPart] | None = None  # null (or absent) only in an assistant message with tool_calls
+    content: str | Annotated[list[TextPart], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = None  # null (or
+    # absent) only in an assistant message with tool_calls
     tool_calls: list[ToolCallItem] | None = None  # assistant messages only
     tool_call_id: str | None = None  # tool messages: the call this is the result of
     name: str | None = None
@@ -136,7 +139,7 @@ Stop = StopText | StopList  # chat's `stop`, also legacy completions' (their tot
 
 class ChatRequest(msgspec.Struct):
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1, max_length=MAX_MESSAGES)]
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     max_tokens: TokenLimit | None = None
@@ -234,11 +237,11 @@ class InputItem(msgspec.Struct, kw_only=True):
 
     type: Literal["message", "function_call", "function_call_output", "compaction", "item_reference"] = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
-    content: str | list[InputText | OutputText] | None = None
+    content: str | Annotated[list[InputText | OutputText], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = None
     call_id: str | None = None
     name: str | None = None
     arguments: str | None = None
-    output: str | list[InputText | OutputText] | None = None
+    output: str | Annotated[list[InputText | OutputText], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = None
     encrypted_content: str | None = None  # a compaction item's summary (plain text: see extproc/apis/responses.py)
     id: str | None = None  # accepted: an earlier output item's own id
     status: str | None = None
@@ -288,7 +291,10 @@ class TextOptions(msgspec.Struct):
     verbosity: str | None = None  # accepted without effect
 
 
-ResponsesInput = Annotated[str, msgspec.Meta(min_length=1)] | Annotated[list[InputItem], msgspec.Meta(min_length=1)]
+ResponsesInput = (
+    Annotated[str, msgspec.Meta(min_length=1)]
+    | Annotated[list[InputItem], msgspec.Meta(min_length=1, max_length=MAX_MESSAGES)]
+)
 
 
 class ResponsesRequest(msgspec.Struct):

@@ -20,7 +20,15 @@ import msgspec
 from extproc.errors import GatewayError, InvalidRequest
 from extproc.generation import Generation, GenerationRequest
 from extproc.generation import Message as Turn
-from extproc.openai_schema import I32_MAX, MAX_TOKENS_LIMIT, decode, refuse
+from extproc.openai_schema import (
+    I32_MAX,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_TOKENS_LIMIT,
+    MAX_TOOLS,
+    decode,
+    refuse,
+)
 from extproc.schemas import check_schemas
 from extproc.stops import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, check_stops
 from extproc.tools import NO_TOOLING, Tool, ToolCall, Tooling
@@ -70,7 +78,7 @@ class ToolResultBlock(msgspec.Struct, tag="tool_result", tag_field="type"):
     """A call's result, in a user message."""
 
     tool_use_id: str
-    content: str | list[TextBlock] = ""
+    content: str | Annotated[list[TextBlock], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] = ""
     is_error: bool = False
 
     def text(self) -> str:
@@ -78,9 +86,12 @@ class ToolResultBlock(msgspec.Struct, tag="tool_result", tag_field="type"):
         return f"Error: {text}" if self.is_error else text
 
 
+Block = TextBlock | ToolUseBlock | ToolResultBlock
+
+
 class Message(msgspec.Struct):
     role: Literal["user", "assistant"]
-    content: str | list[TextBlock | ToolUseBlock | ToolResultBlock]
+    content: str | Annotated[list[Block], msgspec.Meta(max_length=MAX_CONTENT_PARTS)]
 
     def turns(self) -> list[Turn]:
         """The canonical turns: tool results are turns of their own (before the user's text, as Anthropic orders
@@ -127,9 +138,9 @@ class _Prompt(msgspec.Struct, kw_only=True):
     """What both endpoints read: the prompt, and the parameters refused because they would change it."""
 
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
-    system: str | list[TextBlock] | None = None
-    tools: list[ToolDefinition] | None = None
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1, max_length=MAX_MESSAGES)]
+    system: str | Annotated[list[TextBlock], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = None
+    tools: Annotated[list[ToolDefinition], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     thinking: dict[str, Any] | None = None
     mcp_servers: list[Any] | None = None

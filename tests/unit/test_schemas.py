@@ -3,6 +3,7 @@ the caches of what the processor builds from client values are bounded by size (
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -137,3 +138,39 @@ def test_a_required_call_is_still_required_of_prose() -> None:
     with pytest.raises(OutputError) as caught:
         parse_output("[1] The answer is 42.", Tooling(tools=TOOLING.tools, choice="required"))
     assert caught.value.code == "missing_tool_call"
+
+
+def _too_many(api: str) -> list[tuple[bytes, str]]:
+    from extproc.openai_schema import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_TOOLS
+
+    def encode(value: object) -> bytes:
+        return json.dumps(value).encode()
+
+    user = {"role": "user", "content": "x"}
+    parts = [{"type": "text", "text": "x"}] * (MAX_CONTENT_PARTS + 1)
+    if api == "chat":
+        base = {"model": "m"}
+        return [(encode({**base, "messages": [user] * (MAX_MESSAGES + 1)}), "messages"),
+                (encode({**base, "messages": [{"role": "user", "content": parts}]}), "messages[0].content")]
+    if api == "messages":
+        base = {"model": "m", "max_tokens": 3}
+        tool = {"name": "f", "input_schema": {"type": "object"}}
+        return [(encode({**base, "messages": [user] * (MAX_MESSAGES + 1)}), "messages"),
+                (encode({**base, "messages": [{"role": "user", "content": parts}]}), "messages[0].content"),
+                (encode({**base, "messages": [user], "system": parts}), "system"),
+                (encode({**base, "messages": [user], "tools": [tool] * (MAX_TOOLS + 1)}), "tools")]
+    parts = [{"type": "input_text", "text": "x"}] * (MAX_CONTENT_PARTS + 1)
+    return [(encode({"model": "m", "input": [user] * (MAX_MESSAGES + 1)}), "input"),
+            (encode({"model": "m", "input": [{"role": "user", "content": parts}]}), "input[0].content")]
+
+
+@pytest.mark.parametrize("api", ["chat", "messages", "responses"])
+def test_messages_content_parts_and_tools_are_counted_before_any_work(api: str) -> None:
+    from extproc.apis.messages import Messages
+    from extproc.openai_schema import parse_chat_request, parse_responses_request
+
+    parse = {"chat": parse_chat_request, "messages": Messages.parse, "responses": parse_responses_request}[api]
+    for body, param in _too_many(api):
+        with pytest.raises(InvalidRequest) as caught:
+            parse(body)
+        assert caught.value.param == param, caught.value.message
