@@ -50,7 +50,9 @@ __all__ = [
 MAX_SCHEMA_BYTES = 32 * 1024  # one schema, as compact JSON: a large real tool (GitHub's MCP tools) is under 8 KiB
 MAX_SCHEMAS_BYTES = 128 * 1024  # all of a request's schemas (tools and output format) together
 MAX_SCHEMA_DEPTH = 32  # nesting of objects and arrays in one schema: pydantic's nested models stay under 12
-MAX_PATTERN_MEMORY = 1 << 20  # RE2's memory for one compiled pattern (its default is 8 MiB)
+MAX_PATTERN_MEMORY = 256 * 1024  # RE2's memory for one pattern, program and DFA (its default is 8 MiB)
+_PATTERN_COST = 32 * 1024  # what a cached pattern is charged: a typical one measured 5-20 KiB once it has searched
+_PATTERN_CACHE = 2 << 20  # so at most 64 compiled patterns are kept (16 MiB if each used all it may)
 _CACHE_BYTES = 2 << 20  # schema text held by each cache (checks, validators): ~10x that in parsed objects at most
 
 # Keywords whose value is a schema, a list of schemas, or an object of schemas (names -> schemas): the walk follows
@@ -237,7 +239,9 @@ def _regex_options() -> re2.Options:
 
 
 _OPTIONS = _regex_options()
-_regexes: SizedCache[str, re2._Regexp] = SizedCache(lambda p: re2.compile(p, _OPTIONS), len, 256 * 1024)
+_regexes: SizedCache[str, re2._Regexp] = SizedCache(
+    lambda p: re2.compile(p, _OPTIONS), lambda p: _PATTERN_COST + len(p), _PATTERN_CACHE
+)
 
 
 def _regex(pattern: str) -> re2._Regexp:
