@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 
-from extproc.tokens import estimate_tokens
 from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the seed guide's calls need curl")
@@ -81,23 +80,21 @@ def test_shimmy_receives_a_rendered_prompt_with_explicit_stream(stack: Stack) ->
 
 
 def test_completion_tokens_are_exact_and_length_is_truthful(versioned_stack: Stack) -> None:
-    """2.x streams to us, one event per token: exact. 1.x answers in one piece, which the processor tokenizes: the
-    fixed-reply emulator has no GGUF, so that count is the estimate, and the header says so."""
+    """2.x streams to us, one event per token: exact. 1.x answers in one piece, which the processor tokenizes with
+    the fixed engine's own rule (the supervisor's TOKENIZER_GGUF=fixed): exact too, and the headers say so."""
     stack = versioned_stack
-    one_piece = stack.shimmy_version().startswith("1.")
     stack.configure(reply="one two three four five six", repeat=False)
     full = httpx.post(f"{stack.url}/v1/chat/completions",
                       json={"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}]}).json()
     assert full["choices"][0]["message"]["content"] == "one two three four five six"
-    assert full["usage"]["completion_tokens"] == (estimate_tokens("one two three four five six") if one_piece else 6)
+    assert full["usage"]["completion_tokens"] == 6
     assert full["choices"][0]["finish_reason"] == "stop"
     cut = httpx.post(f"{stack.url}/v1/chat/completions",
                      json={"model": "phi3-lora", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]})
     assert cut.json()["choices"][0]["message"]["content"] == "one two three"
     assert cut.json()["usage"]["completion_tokens"] == 3
     assert cut.json()["choices"][0]["finish_reason"] == "length"
-    assert cut.headers["x-gateway-prompt-tokens"] == "estimated"
-    assert cut.headers["x-gateway-completion-tokens"] == ("estimated" if one_piece else "exact")
+    assert cut.headers["x-gateway-prompt-tokens"] == cut.headers["x-gateway-completion-tokens"] == "exact"
 
 
 def test_stop_sequences_are_enforced_by_the_gateway(stack: Stack) -> None:
@@ -110,8 +107,7 @@ def test_stop_sequences_are_enforced_by_the_gateway(stack: Stack) -> None:
 
 
 def test_openai_sdk_chat_and_models(stack: Stack) -> None:
-    # 1.x (one piece, no GGUF for the fixed reply) estimates the count: these 4 tokens make 21 bytes, estimated at 6
-    # and capped at max_tokens, so "length" holds on both versions
+    # 1.x answers in one piece, counted with the fixed engine's own rule: 4 of its 5 tokens, so "length"
     stack.configure(reply="Lorem ipsum dolor sit amet")
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
     models = client.models.list()
