@@ -256,7 +256,8 @@ class LlamaEngine:
         return llm
 
     def tokenize(self, prompt: str) -> list[int]:
-        """As Shimmy: BOS always added, special tokens parsed. Needs the model loaded."""
+        """As Shimmy: BOS always added, special tokens parsed. Needs the model loaded. It reads the vocabulary only,
+        never the context, so the event loop may call it while the worker thread decodes."""
         return list(self._llm.tokenize(prompt.encode(), add_bos=True, special=True))
 
     def prompt_tokens(self, prompt: str) -> int | None:
