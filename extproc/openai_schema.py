@@ -16,6 +16,7 @@ import msgspec
 from extproc.errors import InvalidRequest
 from extproc.schemas import check_schemas
 from extproc.stops import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, check_stops
+from extproc.tools import Grammar, check_grammar
 
 __all__ = [
     "ChatRequest",
@@ -235,13 +236,15 @@ class InputItem(msgspec.Struct, kw_only=True):
     a message item may come without its `type` tag; `check()` then requires each type's own fields. An
     `item_reference` is refused with the stateless reason; other item types (reasoning...) fail by name."""
 
-    type: Literal["message", "function_call", "function_call_output", "compaction", "item_reference"] = "message"
+    type: Literal["message", "function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output",
+                  "compaction", "item_reference"] = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | Annotated[list[InputText | OutputText], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = None
     call_id: str | None = None
     name: str | None = None
     arguments: str | None = None
     output: str | Annotated[list[InputText | OutputText], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = None
+    input: str | None = None  # a custom tool call's
     encrypted_content: str | None = None  # a compaction item's summary (plain text: see extproc/apis/responses.py)
     id: str | None = None  # accepted: an earlier output item's own id
     status: str | None = None
@@ -251,28 +254,44 @@ class InputItem(msgspec.Struct, kw_only=True):
             raise InvalidRequest(f"Item references are not supported: {STATELESS}", param=f"input[{i}]",
                                  code="unsupported_parameter")
         needs = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
-                 "function_call_output": ("call_id", "output"), "compaction": ("encrypted_content",)}[self.type]
+                 "function_call_output": ("call_id", "output"), "custom_tool_call": ("call_id", "name", "input"),
+                 "custom_tool_call_output": ("call_id", "output"), "compaction": ("encrypted_content",)}[self.type]
         for field in needs:
             if getattr(self, field) is None:
                 raise InvalidRequest(f"A {self.type} item needs {field}", param=f"input[{i}].{field}")
 
     def text(self) -> str:
-        content = self.output if self.type == "function_call_output" else self.content
+        content = self.output if self.type.endswith("_output") else self.content
         if content is None or isinstance(content, str):
             return content or ""
         return "".join(part.text for part in content)
 
 
+MAX_GRAMMAR_CHARS = 65536  # a custom tool's grammar: ours (OpenAI documents none); it is compiled per request
+
+
+class CustomToolFormat(msgspec.Struct):
+    """A custom tool's input format: free-form `text`, or a `grammar` (`lark` or `regex`) the input must match."""
+
+    type: Literal["text", "grammar"] = "text"
+    syntax: Literal["lark", "regex"] | None = None
+    definition: Annotated[str, msgspec.Meta(max_length=MAX_GRAMMAR_CHARS)] | None = None
+
+
 class ResponsesTool(msgspec.Struct):
-    type: Literal["function"]  # built-in tools (web search, file search, computer use...) fail by name
+    """A `function` tool (JSON arguments against `parameters`) or a `custom` one (one text input, free-form or
+    bound by `format`'s grammar). Built-in tools (web search, file search, computer use...) fail by name."""
+
+    type: Literal["function", "custom"]
     name: ToolName
     description: str = ""
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # accepted: arguments are always validated against `parameters`
+    format: CustomToolFormat | None = None  # custom tools only
 
 
 class ResponsesNamedChoice(msgspec.Struct):
-    type: Literal["function"]
+    type: Literal["function", "custom"]
     name: ToolName
 
 
@@ -457,6 +476,14 @@ def _check_responses_tools(request: ResponsesRequest) -> None:
         choice.name if isinstance(choice, ResponsesNamedChoice) else None,
         choice == "required",
     )
+    for i, tool in enumerate(request.tools or ()):
+        custom = tool.format if tool.type == "custom" else None
+        if custom is not None and custom.type == "grammar":
+            if custom.syntax is None or custom.definition is None:
+                raise InvalidRequest("A grammar format needs syntax and definition", param=f"tools[{i}].format")
+            problem = check_grammar(Grammar(custom.syntax, custom.definition))
+            if problem is not None:
+                raise InvalidRequest(f"Unsupported grammar: {problem}", param=f"tools[{i}].format.definition")
     fmt = request.text.format if request.text is not None else None
     if fmt is not None and fmt.type == "json_schema" and (fmt.schema is None or not fmt.name):
         raise InvalidRequest("A json_schema format needs name and schema", param="text.format")

@@ -27,9 +27,12 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+import lark
 import msgspec
+import re2
 
 from extproc.errors import UpstreamError
 from extproc.schemas import SchemaFailure, schema_violation
@@ -38,14 +41,18 @@ if TYPE_CHECKING:
     from extproc.generation import Message
 
 __all__ = [
+    "CUSTOM_INPUT",
     "NO_TOOLING",
     "CallDetector",
+    "Grammar",
     "OutputError",
     "Parsed",
     "Tool",
     "ToolCall",
     "Tooling",
     "call_id",
+    "check_grammar",
+    "custom_tool",
     "parse_output",
     "to_turns",
 ]
@@ -58,6 +65,73 @@ class Tool:
     name: str
     description: str = ""
     parameters: Mapping[str, Any] = field(default_factory=lambda: _NO_PARAMETERS)
+    grammar: Grammar | None = None  # a custom tool's: its one `input` argument must match it
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """A custom tool's input format (OpenAI Responses): a `lark` grammar (its `start` rule) or a `regex` the whole
+    input must match."""
+
+    syntax: str  # "lark" or "regex"
+    definition: str
+
+
+CUSTOM_INPUT = "input"  # the one argument a custom tool is offered with: its free-form (or grammar-bound) text
+
+
+def custom_tool(name: str, description: str, grammar: Grammar | None) -> Tool:
+    """A custom tool (free-form text input) as the prompt conventions know tools: a function whose one string
+    argument is the input; the grammar, if any, is shown in its description and checked on the call."""
+    about = "The tool's input, free-form text."
+    if grammar is not None:
+        about = f"The tool's input: text matching this {grammar.syntax} grammar exactly:\n{grammar.definition}"
+    parameters = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string", "description": about}},
+                  "required": [CUSTOM_INPUT], "additionalProperties": False}
+    return Tool(name, description, parameters, grammar)
+
+
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.max_mem = 8 << 20  # a client's regex compiles within bounded memory
+    options.log_errors = False  # a client's bad regex is its 400, not a line in the processor's log
+    return options
+
+
+_RE2 = _re2_options()
+
+
+def check_grammar(grammar: Grammar) -> str | None:
+    """Why `grammar` cannot be checked here, or None (cached by its text: agents resend their tools)."""
+    return _compiled(grammar.syntax, grammar.definition)[1]
+
+
+@lru_cache(maxsize=64)
+def _compiled(syntax: str, definition: str) -> tuple[Any, str | None]:
+    """(the compiled grammar, None) or (None, why not). Lark's Earley parser takes any context-free lark grammar;
+    a regex runs in RE2 (linear time, as a schema's `pattern` does: extproc/schemas.py), and one RE2 cannot compile
+    (lookaround, backreferences) is refused."""
+    if syntax == "regex":
+        try:
+            return re2.compile(definition, _RE2), None
+        except re2.error as exc:
+            reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+            return None, f"a regex the gateway cannot check (RE2 syntax: no lookaround, no backreferences): {reason}"
+    try:
+        return lark.Lark(definition, start="start", parser="earley"), None
+    except lark.exceptions.LarkError as exc:
+        return None, f"a lark grammar the gateway cannot check: {str(exc).strip()[:300]}"
+
+
+def _grammar_violation(grammar: Grammar, text: str) -> str | None:
+    compiled, _ = _compiled(grammar.syntax, grammar.definition)
+    if grammar.syntax == "regex":
+        return None if compiled.fullmatch(text) else "it does not match the regex"
+    try:
+        compiled.parse(text)
+    except lark.exceptions.LarkError as exc:
+        return str(exc).strip().splitlines()[0][:200]
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +394,10 @@ def parse_output(output: str, tooling: Tooling) -> Parsed:
                 problem = _violation(tool.parameters, arguments, "invalid_tool_call")
                 if problem is not None:
                     raise OutputError(f"The model's arguments for {name!r} do not match its schema: {problem}",
+                                      code="invalid_tool_call")
+                problem = _grammar_violation(tool.grammar, arguments[CUSTOM_INPUT]) if tool.grammar else None
+                if problem is not None:
+                    raise OutputError(f"The model's input for {name!r} does not match its grammar: {problem}",
                                       code="invalid_tool_call")
                 calls.append(ToolCall(call_id(), name, _dumps(arguments)))
             return Parsed(prose, tuple(calls))

@@ -10,7 +10,8 @@ response.content_part.added, response.output_text.delta..., and once the text is
 response.content_part.done, response.output_item.done; then response.completed, or response.incomplete
 (`incomplete_details.reason: max_output_tokens`), or response.failed (with `error`) instead of all after the deltas.
 Tool calls follow the message item (or stand alone) as function_call items: response.output_item.added,
-response.function_call_arguments.delta, response.function_call_arguments.done, response.output_item.done.
+response.function_call_arguments.delta, response.function_call_arguments.done, response.output_item.done; a custom
+tool's call is a custom_tool_call item (its text `input`), with response.custom_tool_call_input.delta and .done.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from extproc.openai_schema import (
     CompactRequest,
     ResponsesNamedChoice,
     ResponsesRequest,
+    ResponsesTool,
     parse_compact_request,
     parse_responses_request,
 )
 from extproc.shimmy_protocol import DEFAULT_MAX_TOKENS
-from extproc.tools import NO_TOOLING, Tool, ToolCall, Tooling
+from extproc.tools import CUSTOM_INPUT, NO_TOOLING, Grammar, Tool, ToolCall, Tooling, custom_tool
 
 __all__ = ["Responses", "ResponsesCompact"]
 
@@ -49,13 +51,14 @@ def _messages(request: ResponsesRequest | CompactRequest) -> list[Message]:
     if isinstance(request.input, str):
         return [*out, Message("user", request.input)]
     for item in request.input or ():
-        if item.type == "function_call":
-            call = ToolCall(item.call_id or "", item.name or "", item.arguments or "{}")
+        if item.type in ("function_call", "custom_tool_call"):
+            arguments = item.arguments if item.type == "function_call" else _encode({CUSTOM_INPUT: item.input}).decode()
+            call = ToolCall(item.call_id or "", item.name or "", arguments or "{}")
             if out and out[-1].role == "assistant" and out[-1].tool_calls:
                 out[-1] = Message("assistant", out[-1].text, (*out[-1].tool_calls, call))
             else:
                 out.append(Message("assistant", "", (call,)))
-        elif item.type == "function_call_output":
+        elif item.type in ("function_call_output", "custom_tool_call_output"):
             out.append(Message("tool", item.text()))
         elif item.type == "compaction":
             out.append(Message("system", f"{_SUMMARY_HEADING}\n{item.encrypted_content}"))
@@ -75,11 +78,42 @@ def _tooling(request: ResponsesRequest) -> Tooling:
         return NO_TOOLING
     choice = request.tool_choice
     return Tooling(
-        tools=tuple(Tool(t.name, t.description, t.parameters or {"type": "object"}) for t in request.tools or ()),
+        tools=tuple(_tool(t) for t in request.tools or ()),
         choice=choice.name if isinstance(choice, ResponsesNamedChoice) else choice or "auto",
         parallel=request.parallel_tool_calls is not False,
         schema=schema,
     )
+
+
+def _tool(tool: ResponsesTool) -> Tool:
+    if tool.type == "function":
+        return Tool(tool.name, tool.description, tool.parameters or {"type": "object"})
+    fmt = tool.format
+    grammar = Grammar(fmt.syntax, fmt.definition) if fmt and fmt.syntax and fmt.definition is not None else None
+    return custom_tool(tool.name, tool.description, grammar)
+
+
+def _echo(tool: ResponsesTool) -> dict[str, Any]:
+    """A tool as the response lists it: a function with every field (null where unset), a custom tool with its
+    format (free-form text by default)."""
+    if tool.type == "function":
+        return {"type": "function", "name": tool.name, "description": tool.description,
+                "parameters": tool.parameters, "strict": tool.strict}
+    fmt = msgspec.to_builtins(tool.format) if tool.format else {"type": "text"}
+    return {"type": "custom", "name": tool.name, "description": tool.description,
+            "format": {k: v for k, v in fmt.items() if v is not None}}
+
+
+def _input(call: ToolCall) -> str:
+    """A custom tool call's input: its one argument."""
+    value = msgspec.json.decode(call.arguments)[CUSTOM_INPUT]
+    assert isinstance(value, str)  # its schema says so, and the call was validated against it
+    return value
+
+
+def _custom_item(call: ToolCall, streaming: bool = False) -> dict[str, Any]:
+    return {"id": "ctc_" + call.id.removeprefix("call_"), "type": "custom_tool_call", "call_id": call.id,
+            "name": call.name, "input": "" if streaming else _input(call)}
 
 
 def _call_item(call: ToolCall, arguments: str | None = None) -> dict[str, Any]:
@@ -108,10 +142,11 @@ class Responses:
         " retrieved, listed, cancelled or deleted; send the whole conversation in input instead of"
         " previous_response_id",
     )
-    __slots__ = ("_delta", "_seq", "created_at", "id", "item_id", "message", "request", "texts")
+    __slots__ = ("_delta", "_seq", "created_at", "custom", "id", "item_id", "message", "request", "texts")
 
     def __init__(self, request: ResponsesRequest) -> None:
         self.request = request
+        self.custom = frozenset(t.name for t in request.tools or () if t.type == "custom")  # their calls' names
         self.id = f"resp_{random.getrandbits(128):032x}"
         self.item_id = f"msg_{random.getrandbits(128):032x}"
         self.created_at = int(time.time())
@@ -185,7 +220,7 @@ class Responses:
             "top_logprobs": 0,
             "text": {"format": fmt},
             "tool_choice": msgspec.to_builtins(r.tool_choice) if r.tool_choice is not None else "auto",
-            "tools": msgspec.to_builtins(r.tools or []),
+            "tools": [_echo(t) for t in r.tools or ()],
             "truncation": "disabled",
             "usage": self._usage(gen) if finished else None,
             "user": r.user,
@@ -213,7 +248,11 @@ class Responses:
     def _output(self, gen: Generation, status: str, text: str) -> list[dict[str, Any]]:
         """The output items: the message (left out when the answer is only calls), then each call."""
         items = [self._item(status, text)] if text or not gen.calls else []
-        return items + [_call_item(call) for call in gen.calls]
+        return items + [self._call(call) for call in gen.calls]
+
+    def _call(self, call: ToolCall) -> dict[str, Any]:
+        """A call's output item: a custom_tool_call with its text input, or a function_call."""
+        return _custom_item(call) if call.name in self.custom else _call_item(call)
 
     def render(self, gen: Generation, text: str) -> bytes:
         status, fields = self._ending(gen)
@@ -270,6 +309,15 @@ class Responses:
         out = [self._close_message(gen)]
         for index, call in enumerate(calls, start=1 if self.message else 0):
             at = {"output_index": index}
+            if call.name in self.custom:
+                text, item = _input(call), _custom_item(call)
+                out += (
+                    self._next("response.output_item.added", {**at, "item": _custom_item(call, streaming=True)}),
+                    self._next("response.custom_tool_call_input.delta", {**at, "item_id": item["id"], "delta": text}),
+                    self._next("response.custom_tool_call_input.done", {**at, "item_id": item["id"], "input": text}),
+                    self._next("response.output_item.done", {**at, "item": item}),
+                )
+                continue
             args = {**at, "item_id": "fc_" + call.id.removeprefix("call_")}
             out += (
                 self._next("response.output_item.added", {**at, "item": _call_item(call, arguments="")}),
@@ -285,7 +333,7 @@ class Responses:
         text = "".join(self.texts)
         status, fields = self._ending(gen)
         opening = b"" if gen.calls else self._open_message()
-        output = ([self._item(status, text)] if self.message else []) + [_call_item(call) for call in gen.calls]
+        output = ([self._item(status, text)] if self.message else []) + [self._call(call) for call in gen.calls]
         return (
             opening
             + self._close_message(gen)

@@ -298,3 +298,36 @@ def test_anthropic_structured_output_with_the_sdks_parse(stack: Stack) -> None:
         with pytest.raises(anthropic.APIStatusError) as failed:
             api.messages.create(model="phi3-lora", max_tokens=64, messages=ask, output_config={"format": schema})
     assert failed.value.status_code == 502 and "does not match the schema" in failed.value.message
+
+
+def test_responses_custom_tools_free_form_and_lark_grammar(stack: Stack, client: openai.OpenAI) -> None:
+    """Issue 24: custom tools (free-form text input, and a lark grammar the model's input is checked against),
+    through the openai SDK: create, stream, and the call's output sent back."""
+    grammar = 'start: expr\nexpr: NUMBER (("+" | "*") NUMBER)*\n%import common.NUMBER\n%ignore " "'
+    calc = {"type": "custom", "name": "calc", "description": "Arithmetic",
+            "format": {"type": "grammar", "syntax": "lark", "definition": grammar}}
+    note = {"type": "custom", "name": "note", "description": "Write a note"}
+    stack.configure(reply='{"name": "calc", "arguments": {"input": "2 + 3 * 4"}}')
+    response = client.responses.create(model="phi3-lora", input="What is 2 + 3 * 4?", tools=[calc, note])
+    [call] = response.output
+    assert (call.type, call.name, call.input) == ("custom_tool_call", "calc", "2 + 3 * 4")
+    assert "lark grammar" in stack.emulator_stats()["last_generate_body"]["prompt"]
+    stack.configure(reply='{"name": "note", "arguments": {"input": "buy milk, then eggs"}}')
+    with client.responses.stream(model="phi3-lora", input="Note it", tools=[calc, note]) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.custom_tool_call_input.delta"]
+        streamed = stream.get_final_response()
+    assert "".join(deltas) == "buy milk, then eggs" and streamed.output[0].input == "buy milk, then eggs"
+    stack.configure(reply="It is 14.")
+    follow = client.responses.create(model="phi3-lora", tools=[calc, note], input=[
+        {"role": "user", "content": "What is 2 + 3 * 4?"}, call.model_dump(exclude_none=True),
+        {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "14"}])
+    assert follow.output_text == "It is 14."
+    stack.configure(reply='{"name": "calc", "arguments": {"input": "two plus three"}}')
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.responses.create(model="phi3-lora", input="2+3?", tools=[calc])
+    assert "does not match its grammar" in failed.value.message
+    lookbehind = {"type": "grammar", "syntax": "regex", "definition": r"(?<=a)b"}  # not in RE2's (nor OpenAI's) syntax
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="phi3-lora", input="x",
+                                tools=[{"type": "custom", "name": "z", "format": lookbehind}])
+    assert refused.value.body["param"] == "tools[0].format.definition" and "cannot check" in refused.value.message

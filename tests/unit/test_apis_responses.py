@@ -7,7 +7,7 @@ import json
 import pytest
 
 from extproc.apis.responses import SUMMARY_MAX_TOKENS, SUMMARY_REQUEST, Responses, ResponsesCompact
-from extproc.errors import InvalidRequest
+from extproc.errors import InvalidRequest, UpstreamError
 from extproc.generation import Message
 from tests.open_responses import check_event, check_response
 from tests.unit.translate import shimmy_stream, start_api
@@ -222,4 +222,67 @@ def test_a_compaction_item_goes_back_into_the_prompt_as_its_summary() -> None:
 def test_compact_refusals_name_the_param(raw: bytes, param: str) -> None:
     with pytest.raises(InvalidRequest) as refused:
         ResponsesCompact.parse(raw)
+    assert json.loads(refused.value.body())["error"]["param"] == param
+
+
+MATH = 'start: expr\nexpr: NUMBER (("+" | "*") NUMBER)*\n%import common.NUMBER\n%ignore " "'
+CUSTOM = [{"type": "custom", "name": "calc", "description": "Arithmetic",
+           "format": {"type": "grammar", "syntax": "lark", "definition": MATH}},
+          {"type": "custom", "name": "note"},
+          {"type": "custom", "name": "zip", "format": {"type": "grammar", "syntax": "regex", "definition": r"\d{5}"}}]
+
+
+def test_custom_tools_are_offered_and_their_calls_are_text_checked_by_grammar() -> None:
+    shimmy, exchange = start_api(Responses, body(tools=CUSTOM))
+    prompt = json.loads(shimmy)["prompt"]
+    assert '"calc"' in prompt and "lark grammar" in prompt and "free-form" in prompt
+    answer = whole(exchange.complete(shimmy_stream('{"name": "calc", "arguments": {"input": "2 + 3 * 4"}}')))
+    [call] = answer["output"]
+    assert (call["type"], call["name"], call["input"]) == ("custom_tool_call", "calc", "2 + 3 * 4")
+    assert [t["type"] for t in answer["tools"]] == ["custom"] * 3 and answer["tools"][1]["format"] == {"type": "text"}
+    for name, text in (("note", "anything at all"), ("zip", "75001")):
+        _, free = start_api(Responses, body(tools=CUSTOM))
+        reply = json.dumps({"name": name, "arguments": {"input": text}})
+        assert whole(free.complete(shimmy_stream(reply)))["output"][0]["input"] == text
+    for name, text in (("calc", "2 + + 3"), ("zip", "7500")):
+        _, wrong = start_api(Responses, body(tools=CUSTOM))
+        with pytest.raises(UpstreamError) as failed:
+            wrong.complete(shimmy_stream(json.dumps({"name": name, "arguments": {"input": text}})))
+        assert failed.value.code == "invalid_tool_call" and "does not match its grammar" in failed.value.message
+
+
+def test_a_custom_tool_call_streams_its_input_events() -> None:
+    _, exchange = start_api(Responses, body(stream=True, tools=CUSTOM, tool_choice={"type": "custom", "name": "calc"}))
+    events = typed(exchange.relay(shimmy_stream('{"name": "calc", "arguments": {"input": "1+1"}}'), True))
+    assert [e["type"] for e in events][2:] == [
+        "response.output_item.added", "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done",
+        "response.output_item.done", "response.completed",
+    ]
+    assert events[3]["delta"] == events[4]["input"] == "1+1"
+    assert events[-1]["response"]["output"][0]["input"] == "1+1"
+
+
+def test_a_custom_call_and_its_output_go_back_into_the_prompt() -> None:
+    shimmy, _ = start_api(Responses, body(tools=CUSTOM, input=[
+        {"role": "user", "content": "2+2?"},
+        {"type": "custom_tool_call", "call_id": "c1", "name": "calc", "input": "2+2"},
+        {"type": "custom_tool_call_output", "call_id": "c1", "output": "4"}]))
+    prompt = json.loads(shimmy)["prompt"]
+    assert '{"name": "calc", "arguments": {"input":"2+2"}}' in prompt
+    assert "<tool_response>\n4\n</tool_response>" in prompt
+
+
+@pytest.mark.parametrize(
+    ("tool", "param"),
+    [
+        ({"format": {"type": "grammar", "syntax": "lark", "definition": "start: ("}}, "tools[0].format.definition"),
+        ({"format": {"type": "grammar", "syntax": "regex", "definition": r"(?<=a)b"}}, "tools[0].format.definition"),
+        ({"format": {"type": "grammar", "syntax": "lark"}}, "tools[0].format"),
+        ({"format": {"type": "grammar", "syntax": "ebnf", "definition": "x"}}, "tools[0].format.syntax"),
+        ({"format": {"type": "grammar", "syntax": "lark", "definition": "x" * 65537}}, "tools[0].format.definition"),
+    ],
+)
+def test_grammars_that_cannot_be_checked_are_refused(tool: dict, param: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        Responses.parse(body(tools=[{"type": "custom", "name": "t", **tool}]))
     assert json.loads(refused.value.body())["error"]["param"] == param
