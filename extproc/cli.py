@@ -31,6 +31,7 @@ from extproc.admission import Admission
 from extproc.health import ShimmyMonitor
 from extproc.limits import ContextLimits, parse_context_tokens
 from extproc.processors import Context
+from extproc.responses_ws import ResponsesSocket, WsLimits, serve
 from extproc.server import ExternalProcessor, GrpcServer
 from settings import PROCESSOR_MARGIN_S, Settings, fail, load, parse_pairs
 from shimmy.versions import BackendProfile, profile_for
@@ -65,6 +66,14 @@ SETTINGS = (
     "EXTPROC_MESSAGE_TIMEOUT_MS",
     "EXTPROC_WORKERS",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "RESPONSES_WS_SOCKET",
+    "RESPONSES_WS_MAX_CONNECTIONS",
+    "RESPONSES_WS_MAX_TURNS",
+    "RESPONSES_WS_IDLE_TIMEOUT_S",
+    "GATEWAY_PORT",
+    "MAX_REQUEST_BYTES",
+    "GATEWAY_API_KEYS",
+    "GATEWAY_API_KEY_HEADER",
 )
 
 log = logging.getLogger("extproc")
@@ -132,8 +141,12 @@ def tls_credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCredentia
     )
 
 
-async def _run(ctx: Context, server: GrpcServer, grace: float) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully; a second signal cuts the grace short."""
+async def _run(
+    ctx: Context, server: GrpcServer, grace: float, websocket: tuple[str, ResponsesSocket] | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully; a second signal cuts the grace short.
+
+    `websocket`: the unix socket and handler of Responses WebSocket mode, served beside the gRPC server."""
     loop = asyncio.get_running_loop()
     stop, hurry = asyncio.Event(), asyncio.Event()
 
@@ -147,8 +160,11 @@ async def _run(ctx: Context, server: GrpcServer, grace: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     monitor = asyncio.create_task(ctx.monitor.run(), name="shimmy-monitor")
+    ws_runner = None
     try:
         await server.start()
+        if websocket is not None:
+            ws_runner = await serve(*websocket)
         waiter = asyncio.create_task(stop.wait(), name="signals")
         try:
             await asyncio.wait({waiter, monitor}, return_when=asyncio.FIRST_COMPLETED)
@@ -160,6 +176,8 @@ async def _run(ctx: Context, server: GrpcServer, grace: float) -> None:
             monitor.result()
         await server.stop(grace, hurry)
     finally:
+        if ws_runner is not None:
+            await ws_runner.cleanup()  # open sockets are closed with 1001 going away
         await server.stop(0)  # no-op after a graceful stop; cancels live streams on any other way out
         monitor.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -218,6 +236,26 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
     return ctx, server
 
 
+def websocket(settings: Settings) -> tuple[str, ResponsesSocket] | None:
+    """Responses WebSocket mode when RESPONSES_WS_SOCKET names its socket: its turns go to Envoy's own port, with
+    one of the configured keys (Envoy checked the client's on the upgrade, docs/apis.md)."""
+    path = settings.responses_ws_socket.strip()
+    if not path:
+        return None
+    keys = [k.strip() for k in settings.gateway_api_keys.split(",") if k.strip()]
+    header = settings.gateway_api_key_header.strip().lower() or "authorization"
+    credential = None
+    if keys:
+        credential = (header, f"Bearer {keys[0]}" if header == "authorization" else keys[0])
+    limits = WsLimits(
+        max_connections=settings.responses_ws_max_connections,
+        max_turns=settings.responses_ws_max_turns,
+        idle_timeout_s=settings.responses_ws_idle_timeout_s,
+        max_bytes=settings.max_request_bytes,
+    )
+    return path, ResponsesSocket(f"http://127.0.0.1:{settings.gateway_port}", limits, credential)
+
+
 def build_admission(settings: Settings, shimmy_url: str, profile: BackendProfile) -> Admission:
     """Generation slots for the Shimmy at `shimmy_url`, following its version's profile (docs/admission.md).
 
@@ -252,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     tracing.configure(settings.otel_exporter_otlp_endpoint.strip())
     try:
         # asyncio's own loop: gRPC does its I/O in its C core, and uvloop measured no faster here (bench steps).
-        asyncio.run(_run(ctx, server, grace))
+        asyncio.run(_run(ctx, server, grace, websocket(settings)))
     except OSError as exc:  # the address cannot be bound: a setting to change (EXTPROC_PORT, EXTPROC_HOST)
         fail(PROG, f"{exc}; change EXTPROC_PORT (or EXTPROC_HOST)")
     finally:

@@ -33,7 +33,8 @@ __all__ = ["main"]
 PROG = "shimmy-gateway"
 # Inside the stack the processor always listens on loopback in plaintext (see children()): the settings of a
 # standalone processor's address and TLS are shimmy-extproc's alone, and shimmy-gateway refuses them as flags.
-_STANDALONE_ONLY = {"EXTPROC_HOST", "EXTPROC_TLS_CERT", "EXTPROC_TLS_KEY", "EXTPROC_TLS_CLIENT_CA"}
+_STANDALONE_ONLY = {"EXTPROC_HOST", "EXTPROC_TLS_CERT", "EXTPROC_TLS_KEY", "EXTPROC_TLS_CLIENT_CA",
+                    "RESPONSES_WS_SOCKET"}
 NAMES = tuple(s.env for s in SETTINGS if s.env not in _STANDALONE_ONLY)
 
 ENVOY_LOG_LEVELS = {"debug": "debug", "info": "warn", "warning": "warn", "error": "error"}
@@ -132,7 +133,8 @@ def extproc_children(settings: Settings, env: dict[str, str]) -> list[Child]:
                 "extproc" if i == 0 else f"extproc-{i + 1}",
                 [sys.executable, "-m", "extproc.cli"],
                 partial(probes.grpc_serving, target),
-                env={**env, "EXTPROC_PORT": port},
+                # Responses WebSocket mode is served by the first worker alone (its state is per connection).
+                env={**env, "EXTPROC_PORT": port, **({"RESPONSES_WS_SOCKET": ""} if i else {})},
                 restart=True,
                 ports=ports,
             )
@@ -298,7 +300,8 @@ def up(settings: Settings) -> int:
         say.warning("token counts are estimated (%s); a one-piece answer near max_tokens is called cut", why)
     version = backend_version(settings, backend)
     say.info("Shimmy %s (%s backend): the processor follows its profile", version, backend)
-    workdir = Path(tempfile.mkdtemp(prefix="shimmy-gateway-"))
+    workdir = Path(tempfile.mkdtemp(prefix="shimmy-gateway-"))  # mode 0700: the WebSocket socket is ours alone
+    settings = Settings({**settings.values, "responses_ws_socket": str(workdir / "responses-ws.sock")})
     envoy_config = workdir / "envoy.json"
     envoy_config.write_text(json.dumps(render(settings)))
     url = f"http://127.0.0.1:{settings.gateway_port}"

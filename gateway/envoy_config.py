@@ -23,6 +23,7 @@ import yaml
 
 from extproc.apis import APIS
 from extproc.generation import Api
+from extproc.responses_ws import MAX_AGE_S
 from gateway import envoy_apis
 from settings import ENVOY_MARGIN_S, Settings
 
@@ -103,6 +104,40 @@ def _require_bearer_scheme(routes: list[dict[str, Any]]) -> None:
             "typed_per_filter_config": _named(routes, "not_found")["typed_per_filter_config"],
         },
     )
+
+
+def _responses_websocket(settings: Settings, resources: dict[str, Any], routes: list[dict[str, Any]]) -> None:
+    """Route WebSocket upgrades of /v1/responses to the processor's socket (extproc/responses_ws.py), before the
+    upgrade routes that refuse them; without a socket (`config` renders no stack of its own) they stay refused.
+
+    Envoy's idle timer must not cut a connection the processor keeps (between turns it closes one itself after
+    RESPONSES_WS_IDLE_TIMEOUT_S; within a turn events flow, or the turn's own idle limit applies), and its stream
+    limit must let a turn begun just before the connection's hour is up finish. No ext_proc and no buffer here:
+    each turn comes back through this listener as a POST /v1/responses, where everything applies."""
+    cluster = _named(resources["clusters"], "responses_ws")
+    path = str(getattr(settings, "responses_ws_socket", "") or "").strip()
+    if not path:
+        resources["clusters"].remove(cluster)
+        return
+    _endpoint(cluster)["address"] = {"pipe": {"path": path}}
+    idle = max(settings.responses_ws_idle_timeout_s, settings.stream_idle_timeout_s) + 5
+    route = {
+        "name": "responses_websocket",
+        "match": {"path": "/v1/responses", "headers": [
+            {"name": ":method", "string_match": {"exact": "GET"}},
+            {"name": "upgrade", "string_match": {"exact": "websocket", "ignore_case": True}},
+        ]},
+        "route": {
+            "cluster": "responses_ws",
+            "timeout": "0s",  # a connection lives for many turns: max_stream_duration bounds it
+            "idle_timeout": _seconds(idle),
+            "max_stream_duration": {"max_stream_duration": _seconds(MAX_AGE_S + settings.generation_timeout_s)},
+        },
+        "typed_per_filter_config": envoy_apis.NO_FILTERS,
+    }
+    first_upgrade = next(i for i, r in enumerate(routes) if r["name"].endswith("_upgrade") or r["name"] ==
+                         "upgrade_not_supported")
+    routes.insert(first_upgrade, route)
 
 
 def _metrics_listener(gateway: dict[str, Any], port: int) -> dict[str, Any]:
@@ -260,6 +295,8 @@ def render(
         for route in envoy_apis.api_routes(api, _seconds(route_timeout), _seconds(settings.stream_idle_timeout_s))
     ]
     vhost["virtual_clusters"] += envoy_apis.virtual_clusters(apis)
+
+    _responses_websocket(settings, resources, routes)
 
     _named(hcm["http_filters"], "envoy.filters.http.buffer")["typed_config"]["max_request_bytes"] = (
         settings.max_request_bytes

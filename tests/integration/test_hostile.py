@@ -537,12 +537,19 @@ UPGRADE = b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websoc
           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
 
 
-@pytest.mark.parametrize("path", [b"/v1/chat/completions", b"/v1/responses", b"/v1/models", b"/nowhere"])
+# GET /v1/responses is WebSocket mode (tests/integration/test_responses_ws.py); a POST upgrade there is not.
+@pytest.mark.parametrize("path", [b"/v1/chat/completions", b"/v1/models", b"/nowhere"])
 def test_a_websocket_upgrade_is_refused_in_openai_shape(stack: Stack, path: bytes) -> None:
     answer = raw_request(stack, UPGRADE % path)
     status, body = json_error_status(answer)
     error = assert_openai_error(status, _headers(answer), body)
     assert (status, error["code"]) == (400, "websocket_not_supported"), answer
+
+
+def test_a_post_upgrade_on_responses_is_refused(stack: Stack) -> None:
+    answer = raw_request(stack, UPGRADE.replace(b"GET", b"POST") % b"/v1/responses")
+    status, body = json_error_status(answer)
+    assert (status, assert_openai_error(status, _headers(answer), body)["code"]) == (400, "websocket_not_supported")
 
 
 def test_a_websocket_upgrade_on_messages_is_refused_in_anthropic_shape(stack: Stack) -> None:
