@@ -13,10 +13,8 @@ used (`Generation.prompt_tokens_kind`).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
-
-from shimmy.engine import split
 
 __all__ = [
     "ESTIMATE",
@@ -117,17 +115,20 @@ class SplitCounter:
     kind = EXACT
 
     def __init__(self, models: Collection[str] | None = None) -> None:
+        from shimmy.engine import split  # the emulator's module (aiohttp with it): only where the fixed engine serves
+
+        self._split: Callable[[str], list[str]] = split
         self.models = frozenset(models) if models is not None else None
 
     def count(self, model: str, prompt: str) -> int | None:
         if self.models is not None and model not in self.models:
             return None
-        return 1 + len(split(prompt))
+        return 1 + len(self._split(prompt))
 
     def count_text(self, model: str, text: str) -> int | None:
         if self.models is not None and model not in self.models:
             return None
-        return len(split(text))
+        return len(self._split(text))
 
 
 def counter(tokenizer_gguf: str, models: Collection[str] | None = None) -> PromptCounter:
