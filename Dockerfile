@@ -10,7 +10,7 @@
 # The deployment guide is the README section "Deployment: SAP AI Core and KServe". tests/unit/test_deployment.py checks this file's invariants.
 #
 # Build arguments:
-#   SHIMMY_VERSION  Shimmy release; must equal PINNED in shimmy/versions.py (a test checks it). 1.8.1: the last
+#   SHIMMY_VERSION  Shimmy release; must equal PINNED in shimmy_spec/versions.py (a test checks it). 1.8.1: the last
 #                   llama.cpp (CPU) release on crates.io; 2.x needs a GPU. Why: docs/shimmy-versions.md.
 #   SHIMMY_SOURCE   `crates` (default): `cargo install` from crates.io, which verifies every crate's checksum.
 #                   `release`: the GitHub release binary, verified against SHIMMY_SHA256 (no default).
@@ -120,6 +120,7 @@ COPY settings ./settings
 COPY gateway ./gateway
 COPY extproc ./extproc
 COPY shimmy ./shimmy
+COPY shimmy_spec ./shimmy_spec
 RUN uv sync --locked --no-dev --no-editable --extra tokenizer \
  && uv pip check --python /opt/venv/bin/python \
  && /opt/venv/bin/python -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"

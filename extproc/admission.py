@@ -75,12 +75,18 @@ class Pace:
 
     tpot: float = 0.25  # seconds per output token
     ttft: float = 5.0  # seconds from admission to the first token (1.x loads the model for every request)
+    tpot_learned: bool = False  # a measurement replaced the default: later ones are averaged with it
+    ttft_learned: bool = False
 
     def learn(self, tpot: float | None, ttft: float | None) -> None:
+        """The first measurement replaces the default outright (a default averaged in would keep a fast Shimmy's
+        abandoned slots taken for several times their real work); later ones move the average."""
         if tpot is not None:
-            self.tpot += _ALPHA * (tpot - self.tpot)
+            self.tpot = tpot if not self.tpot_learned else self.tpot + _ALPHA * (tpot - self.tpot)
+            self.tpot_learned = True
         if ttft is not None:
-            self.ttft += _ALPHA * (ttft - self.ttft)
+            self.ttft = ttft if not self.ttft_learned else self.ttft + _ALPHA * (ttft - self.ttft)
+            self.ttft_learned = True
 
 
 @dataclass(eq=False, slots=True)

@@ -34,7 +34,7 @@ from extproc.processors import Context
 from extproc.responses_ws import ResponsesSocket, WsLimits, serve
 from extproc.server import ExternalProcessor, GrpcServer
 from settings import PROCESSOR_MARGIN_S, Settings, fail, load, parse_pairs
-from shimmy.versions import BackendProfile, profile_for
+from shimmy_spec.versions import BackendProfile, profile_for
 
 __all__ = ["backend", "grpc_address", "main", "tls_credentials"]
 
@@ -58,6 +58,7 @@ SETTINGS = (
     "MODEL_CONTEXT_TOKENS",
     "MODEL_ALIASES",
     "GENERATION_TIMEOUT_S",
+    "STREAM_IDLE_TIMEOUT_S",
     "HEALTH_INTERVAL_S",
     "WARMUP",
     "LOG_LEVEL",
@@ -218,6 +219,7 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         templates=overrides,
         monitor=monitor,
         generation_timeout=settings.generation_timeout_s - PROCESSOR_MARGIN_S,
+        keepalive=keepalive_interval(settings.stream_idle_timeout_s),
         aliases=parse_pairs(settings.model_aliases, "MODEL_ALIASES"),
         prompt_counter=tokens.counter(settings.tokenizer_gguf, models={settings.model_name}),
         admission=admission,
@@ -254,6 +256,12 @@ def websocket(settings: Settings) -> tuple[str, ResponsesSocket] | None:
         max_bytes=settings.max_request_bytes,
     )
     return path, ResponsesSocket(f"http://127.0.0.1:{settings.gateway_port}", limits, credential)
+
+
+def keepalive_interval(stream_idle_timeout_s: float) -> float:
+    """Seconds of silence on a stream before its keep-alive: a third of Envoy's idle timeout (so a slow prefill
+    never trips it, nor a proxy in front with the usual 60 s), and at most 15 s."""
+    return min(15.0, stream_idle_timeout_s / 3)
 
 
 def build_admission(settings: Settings, shimmy_url: str, profile: BackendProfile) -> Admission:

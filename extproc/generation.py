@@ -36,9 +36,23 @@ from extproc.sse import SSEDecoder, SSEError
 from extproc.stops import StopMatcher
 from extproc.tokens import ESTIMATE, ESTIMATED, EXACT, PromptCounter, estimate_tokens
 from extproc.tools import NO_TOOLING, CallDetector, ToolCall, Tooling, parse_output, to_turns
-from shimmy.versions import BackendProfile
+from shimmy_spec.versions import BackendProfile
 
-__all__ = ["Api", "Exchange", "Generation", "GenerationRequest", "Message", "StopReason", "count_prompt", "start"]
+__all__ = [
+    "SSE_KEEPALIVE",
+    "TIMEOUT_MESSAGE",
+    "Api",
+    "Exchange",
+    "Generation",
+    "GenerationRequest",
+    "Message",
+    "StopReason",
+    "count_prompt",
+    "start",
+]
+
+TIMEOUT_MESSAGE = "The generation took longer than the gateway allows"
+SSE_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: every client skips it, every proxy sees traffic
 
 StopReason = Literal["end", "length", "stop_sequence", "tool_calls"]
 """How a generation ended: the model ended its turn, it reached `max_tokens`, a client stop sequence matched, or
@@ -139,7 +153,7 @@ class Generation:
         if end and not self.done:
             return UpstreamError("Shimmy's stream ended before [DONE]", code="generation_failed")
         if not self.done and time.monotonic() > self.deadline:
-            return Timeout("The generation took longer than the gateway allows")
+            return Timeout(TIMEOUT_MESSAGE)
         return None
 
     @property
@@ -202,6 +216,7 @@ class Api(Protocol):
     error_shape: ClassVar[str]
     endpoints: ClassVar[dict[str, str]]
     subpath_error: ClassVar[tuple[str, str] | None]
+    keepalive: ClassVar[bytes]  # what a stream sends while Shimmy is silent: an SSE comment, Anthropic's ping
 
     @classmethod
     def parse(cls, body: bytes) -> tuple[GenerationRequest, Api]:
@@ -294,6 +309,28 @@ class Exchange:
         except GatewayError as exc:
             self.failure = exc.code or exc.type
             raise
+
+    def keepalive(self) -> bytes:
+        """Bytes that keep a stream alive while Shimmy is silent (a slow prefill): the stream's opening if it has
+        not gone out yet (every other event must follow it), else the API's keep-alive."""
+        if self.finished:
+            return b""
+        if not self.started:
+            self.started = True
+            return self.api.stream_start(self.gen)
+        return self.api.keepalive
+
+    def expire(self) -> GatewayError:
+        """The deadline passed while Shimmy was silent: the exchange ends with the timeout, nothing more is sent."""
+        exc = Timeout(TIMEOUT_MESSAGE)
+        self.finished, self.failure = True, exc.code or exc.type
+        return exc
+
+    def expire_stream(self) -> bytes:
+        """The stream's end at the deadline: the API's in-band error event (after its opening, if still due)."""
+        opening = b"" if self.started else self.api.stream_start(self.gen)
+        self.started = True
+        return opening + self.api.stream_error(self.gen, self.expire())
 
     def relay(self, data: bytes, end: bool) -> bytes:
         """Shimmy's SSE bytes (one body chunk) -> the client's stream bytes to send now (possibly empty)."""

@@ -14,12 +14,9 @@ the convention's; `shimmy_*` ones are this gateway's. `api` is the client API (`
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-if TYPE_CHECKING:
-    from extproc.admission import Admission
 
 __all__ = [
     "ABANDONED",
@@ -30,6 +27,7 @@ __all__ = [
     "TIME_PER_OUTPUT_TOKEN",
     "TIME_TO_FIRST_TOKEN",
     "TOKENS",
+    "Occupancy",
     "exposition",
     "request_ended",
     "watch_admission",
@@ -106,7 +104,21 @@ BACKLOG = Gauge(
 QUEUED = Gauge("shimmy_admission_queued", "Requests waiting for a generation slot.", registry=REGISTRY)
 
 
-def watch_admission(admission: Admission) -> None:
+class Occupancy(Protocol):
+    """What the gauges read of the generation slots (`extproc.admission.Admission`, which imports this module)."""
+
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def busy(self) -> int: ...
+    @property
+    def abandoned(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    def backlog(self) -> float: ...
+
+
+def watch_admission(admission: Occupancy) -> None:
     """Read the admission gauges from `admission` at every scrape."""
     SLOTS.set(admission.capacity)
     SLOTS_BUSY.set_function(lambda: admission.busy)

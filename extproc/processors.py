@@ -23,29 +23,31 @@ A phase a processor does not override answers "continue unchanged" (the `Process
 
 from __future__ import annotations
 
-import datetime
+import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import Literal
 from urllib.parse import unquote
 
 import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
-from extproc import metrics, mutations, tracing
-from extproc.admission import AbandonReason, Admission, Busy, Ticket
+from extproc import metrics, mutations
+from extproc.admission import AbandonReason, Admission, Busy
 from extproc.apis import APIS
 from extproc.apis.messages import MessagesCountTokens
 from extproc.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable, UpstreamError
-from extproc.generation import Api, Exchange, count_prompt, start
+from extproc.generation import Api, Exchange, Generation, count_prompt, start
 from extproc.health import ShimmyMonitor
+from extproc.lease import SlotLease
 from extproc.limits import ContextLimits
+from extproc.record import RequestRecord
 from extproc.shimmy_protocol import GENERATE_PATH, model_names, upstream_error
 from extproc.tokens import ESTIMATE, PromptCounter
-from shimmy.versions import BackendProfile
+from shimmy_spec.versions import BackendProfile
 
 __all__ = [
     "ROUTES",
@@ -69,6 +71,7 @@ class Context:
     templates: Mapping[str, str]
     monitor: ShimmyMonitor
     generation_timeout: float  # seconds; a stream still running then ends with an in-band error
+    keepalive: float = 15.0  # seconds of silence on a stream before a keep-alive goes out (0: never; cli sets it)
     aliases: Mapping[str, str] = field(default_factory=dict)  # client-facing name -> Shimmy's model
     prompt_counter: PromptCounter = ESTIMATE  # exact with TOKENIZER_GGUF, else the estimate
     admission: Admission | None = None  # generation slots; None admits everything (Envoy's breaker alone)
@@ -135,6 +138,16 @@ class Processor:
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | None:
         """None answers nothing for this chunk, which only a FULL_DUPLEX_STREAMED body allows."""
         return mutations.continue_response_body()
+
+    timed = False  # GenerationProcessor: the stream loop calls `tick` when `wake_at` comes, message or not
+
+    def wake_at(self) -> float | None:
+        """When (time.monotonic()) `tick` is due next; None: no timer."""
+        return None
+
+    def tick(self, now: float) -> list[ep.ProcessingResponse]:
+        """Answers the processor sends of its own accord, at `now` (full duplex bodies take them at any time)."""
+        return []
 
     def close(self) -> None:
         """The stream ended (normally, or because the client or Envoy went away)."""
@@ -241,8 +254,6 @@ class MetricsProcessor(Processor):
         return mutations.response_body(msg.body + metrics.exposition())
 
 
-_EXT_PROC = "envoy.filters.http.ext_proc"  # the key Envoy files the request attributes under
-
 _STREAM_HEADERS = (
     ("content-type", "text/event-stream"),
     ("cache-control", "no-cache"),
@@ -250,52 +261,59 @@ _STREAM_HEADERS = (
 )
 _JSON_HEADERS = (("content-type", "application/json"),)
 
+_SHIMMY_END = re.compile(rb"^data: ?\[(?:DONE|ERROR)", re.MULTILINE)  # Shimmy's last event, read past the answer's end
+
+Phase = Literal["request", "forwarded", "held", "streaming", "buffered", "passthrough"]
+
 
 class GenerationProcessor(Processor):
-    """A client API's request -> Shimmy `/api/generate` and back. The generation is `extproc.generation`'s, the
-    API's shapes are its adapter's (`extproc.apis`); this class only moves bytes between them and Envoy.
+    """A client API's request -> Shimmy `/api/generate` and back: the phase protocol, and nothing else.
 
-    Besides that, it keeps the request's metrics and, on its last answer, hands Envoy the request's model, token
-    counts and timings as dynamic metadata for the access log.
+    The generation is `extproc.generation`'s, the API's shapes are its adapter's (`extproc.apis`), the slot is the
+    `SlotLease`'s and the request's metrics and access-log summary are the `RequestRecord`'s; this class moves bytes
+    between them and Envoy, and keeps time: the deadline and the keep-alive fire from a timer (`wake_at`, `tick`),
+    not only when Shimmy's next chunk arrives, so a Shimmy gone silent still gets the client its error.
     """
+
+    timed = True
 
     def __init__(self, ctx: Context, api: type[Api]) -> None:
         super().__init__(ctx)
         self.api = api
         self.exchange: Exchange | None = None
-        self.started = time.monotonic()
-        self.model = ""  # as the client named it, once the body is read
-        self.served_model = False  # a generation started for it, on a model in Shimmy's list (or its alias)
-        self.outcome: str | None = None  # set once the request's end is recorded
-        self.ticket: Ticket | None = None  # this generation's slot, until Shimmy is done with it
-        self.held_headers: list[mutations.Header] | None = None  # a non-stream answer's headers, until it is whole
-        self.queued: tuple[float, float] | None = None  # (since, until): the wait for a slot, when there was one
+        self.lease = SlotLease(ctx.admission)
+        self.record = RequestRecord(api.route, api.operation)
+        self.phase: Phase = "request"
+        self.held_headers: list[mutations.Header] | None = None  # the client's headers, until they can go (below)
+        self.body_seen = False  # Shimmy's first body chunk arrived: Envoy takes body answers from now on
+        self.quiet_since = 0.0  # when the client last got bytes of a stream (the keep-alive counts from it)
+
+    @property  # type: ignore[override]
+    def traceparent(self) -> str:
+        return self.record.traceparent
+
+    @traceparent.setter
+    def traceparent(self, value: str) -> None:
+        """The server sets it (Envoy's span context); the request's span continues it (`RequestRecord`)."""
+        self.record.traceparent = value
 
     def attributes(self, attributes: Mapping[str, struct_pb2.Struct]) -> None:
-        """The request's arrival (Envoy's `request.time`): its deadline and duration count from there, not from the
-        moment its body was whole, so a slow upload cannot push the answer past the outer proxy's limit."""
-        sent = attributes.get(_EXT_PROC)
-        arrival = sent.fields.get("request.time") if sent is not None else None
-        if arrival is None or not arrival.string_value:
-            return
-        try:
-            arrived = datetime.datetime.fromisoformat(arrival.string_value).timestamp()
-        except ValueError:
-            return
-        self.started = time.monotonic() - max(0.0, time.time() - arrived)
+        self.record.arrived(attributes)
+
+    # --- request ---------------------------------------------------------------------------------------------
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]:
         """Shimmy's request, once a generation slot is free: at once, or (awaitable) after queueing for one."""
-        ctx = self.ctx
+        ctx, record = self.ctx, self.record
         try:
             request, api = self.api.parse(msg.body)
-            self.model = request.model
-            body, self.exchange = start(
+            record.model = request.model
+            body, exchange = start(
                 request,
                 api,
                 ctx.templates,
                 ctx.known_models,
-                ctx.generation_timeout - (time.monotonic() - self.started),  # the deadline counts from arrival
+                ctx.generation_timeout - (time.monotonic() - record.started),  # the deadline counts from arrival
                 ctx.aliases,
                 counter=ctx.prompt_counter,
                 profile=ctx.profile,
@@ -303,82 +321,73 @@ class GenerationProcessor(Processor):
             )
         except GatewayError as exc:
             return self._failed(exc)
-        self.served_model = ctx.known_models is not None  # checked against Shimmy's list, not taken on trust
+        self.exchange = exchange
+        record.served_model = ctx.known_models is not None  # checked against Shimmy's list, not taken on trust
         forward = mutations.request_body(
             body,
             [(":path", GENERATE_PATH), ("content-type", "application/json"), ("content-length", str(len(body)))],
         )
-        admission, gen = ctx.admission, self.exchange.gen
-        if admission is None:
-            return forward
-        self.ticket = admission.try_admit(gen.model, gen.max_tokens, gen.prompt_tokens)
-        if self.ticket is not None:
+        gen = exchange.gen
+        if self.lease.try_acquire(gen.model, gen.max_tokens, gen.prompt_tokens):
+            self.phase = "forwarded"
             return forward
         if not ctx.monitor.healthy:  # no slot, and none will come soon from a Shimmy that is not answering
             self.exchange = None  # nothing reached Shimmy
             return self._failed(Unavailable("Shimmy is not available; retry later"))
-        return self._queue(admission, forward)
+        return self._queue(gen, forward)
 
-    async def _queue(self, admission: Admission, forward: ep.ProcessingResponse) -> ep.ProcessingResponse:
+    async def _queue(self, gen: Generation, forward: ep.ProcessingResponse) -> ep.ProcessingResponse:
         """Wait for a slot (bounded below Envoy's message_timeout), else 429 with Retry-After."""
-        gen = self.exchange.gen if self.exchange is not None else None
-        assert gen is not None
         since = time.monotonic()
         try:
-            self.ticket = await admission.admit(gen.model, gen.max_tokens, gen.prompt_tokens)
+            await self.lease.acquire(gen.model, gen.max_tokens, gen.prompt_tokens)
         except Busy as exc:
-            self.queued = (since, time.monotonic())
+            self.record.queued = (since, time.monotonic())
             self.exchange = None  # nothing reached Shimmy
             return self._failed(exc)
-        self.queued = (since, time.monotonic())
+        self.record.queued = (since, time.monotonic())
+        self.phase = "forwarded"
         return forward
 
-    def _shimmy_progress(self, end: bool) -> None:
-        """Tell the slot how far Shimmy got; `end`: Shimmy's response is over, so is its generation."""
-        ticket = self.ticket
-        if ticket is None:
-            return
-        gen = self.exchange.gen if self.exchange is not None else None
-        if gen is not None and gen.upstream_stream:  # a one-piece answer (1.x) arrives whole: no pace to learn
-            ticket.progress(gen.completion_tokens)
-        if end or (gen is not None and (gen.upstream_done or gen.upstream_failed)):
-            ticket.finish()  # Shimmy's [DONE] or [ERROR]: the ext_proc stream may close before its last byte
+    # --- response --------------------------------------------------------------------------------------------
 
     def response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse | None:
+        status, envoy_reply = _status(msg), _local_reply(msg)
+        self.lease.upstream_status(status, envoy_reply)  # first, whatever branch answers: a non-200 ends Shimmy's work
         exchange = self.exchange
-        status = _status(msg)
-        if exchange is None or (status != 200 and _local_reply(msg)):
+        if exchange is None or (status != 200 and envoy_reply):
             # Either an earlier filter answered (an Envoy local reply, already JSON) and it passes through, or
             # a request without a body still reached Shimmy, whose answer must not count.
+            self.phase = "passthrough"
             if exchange is None and 200 <= status < 300:
                 return self._failed(InvalidRequest("The request body is missing", code="missing_body"))
             self.exchange = None  # Shimmy generated nothing: no tokens to count
-            if self.ticket is not None:
-                if status == 504:  # Envoy's deadline: Shimmy may still be generating
-                    self.ticket.abandon("deadline")
-                else:  # Envoy answered instead of Shimmy, or Shimmy's connection died
-                    self.ticket.finish()
             response = mutations.continue_response_headers()
-            return response if exchange is None else self._record(response, "error", f"http_{status}")
+            return response if exchange is None else self.record.end(response, "error", f"http_{status}", None)
         gen = exchange.gen
         if status == 502 and not gen.upstream_stream:  # 1.x one-piece answer: its only way to say it failed
             message = "Shimmy failed to generate the answer (502: the generation failed, or the model's load did)"
             return self._failed(UpstreamError(message, code="generation_failed"))
-        if status != 200:
-            self._shimmy_progress(end=True)  # Shimmy refused or failed before generating
+        if status != 200:  # Shimmy refused or failed before generating
             return self._failed(upstream_error(status, b"", gen.model))
         counted = (  # "exact" or "estimated"
             ("x-gateway-prompt-tokens", gen.prompt_tokens_kind),
             ("x-gateway-completion-tokens", gen.completion_tokens_kind),
         )
-        if gen.stream:
-            return mutations.response_headers(_STREAM_HEADERS + counted, ["content-length"], mutations.DUPLEX_RESPONSE)
-        if not self.response_duplex:  # BUFFERED: the whole body comes in one message, headers still held by Envoy
+        if not self.response_duplex:  # BUFFERED (an Envoy of the user's own): the headers are answered at once
+            if gen.stream:  # and the stream switches to full duplex here
+                self.phase, self.quiet_since = "streaming", time.monotonic()
+                stream_headers = _STREAM_HEADERS + counted
+                return mutations.response_headers(stream_headers, ["content-length"], mutations.DUPLEX_RESPONSE)
+            self.phase = "buffered"  # the whole body comes in one message, headers still held by Envoy
             return mutations.response_headers(_JSON_HEADERS + counted, ["content-length"])
-        # Non-stream: the headers wait until the answer is whole, so its status can still be an error (a Shimmy
-        # failure mid-generation is a 502, never a 200 with a broken body). Envoy streams Shimmy's body to us
-        # meanwhile (FULL_DUPLEX_STREAMED): a stop sequence or the deadline ends the answer without Shimmy's rest.
-        self.held_headers = [*_JSON_HEADERS, *counted]
+        # FULL_DUPLEX_STREAMED: the headers wait. A stream's, for Shimmy's first body chunk: Envoy takes no body
+        # answer before one, so until then only an immediate response (the deadline's 504) can reach the client.
+        # A non-stream answer's, until it is whole, so its status can still be an error (a Shimmy failure
+        # mid-generation is a 502, never a 200 with a broken body); a stop sequence or the deadline ends the answer
+        # without Shimmy's rest.
+        self.phase = "held"
+        self.held_headers = [*(_STREAM_HEADERS if gen.stream else _JSON_HEADERS), *counted]
         return None
 
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | list[ep.ProcessingResponse] | None:
@@ -387,41 +396,69 @@ class GenerationProcessor(Processor):
             if self.response_duplex:
                 return mutations.streamed_body(msg.body, msg.end_of_stream)
             return mutations.continue_response_body()
+        gen, end = exchange.gen, msg.end_of_stream
+        self.body_seen = True
         if exchange.finished:  # the client's answer is complete; Shimmy's late chunks only count its tokens
-            if self.ticket is not None:
-                self.ticket.progress(self.ticket.tokens + msg.body.count(b"\n\n"))  # about one per event
-            self._shimmy_progress(msg.end_of_stream)
+            self.lease.progress(self.lease.tokens + msg.body.count(b"\n\n"))  # about one per event
+            if end or _SHIMMY_END.search(msg.body) is not None:
+                self.lease.shimmy_done()
             return None
-        if exchange.gen.stream:
-            out = exchange.relay(msg.body, msg.end_of_stream)
-            self._shimmy_progress(msg.end_of_stream)
-            if not exchange.finished:
-                return mutations.streamed_body(out, False) if out else None
-            outcome = ("error", exchange.failure) if exchange.failure else ("ok", "")
-            return self._record(mutations.streamed_body(out, True), *outcome)
+        if gen.stream:
+            if self.held_headers is not None:  # Shimmy's first chunk: the stream's headers go out with it
+                self.phase, self.quiet_since = "streaming", time.monotonic()
+                headers, self.held_headers = self.held_headers, None
+                first = self._stream_chunk(exchange, gen, msg.body, end)
+                released = mutations.response_headers(headers, ["content-length"])
+                return [released] if first is None else [released, first]
+            return self._stream_chunk(exchange, gen, msg.body, end)
         if not self.response_duplex:
             try:
                 body = exchange.complete(msg.body)
             except GatewayError as exc:
                 return self._failed(exc)
             finally:
-                self._shimmy_progress(end=True)  # a buffered body is Shimmy's whole answer
-            return self._record(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "")
+                self.lease.shimmy_done()  # a buffered body is Shimmy's whole answer
+            return self.record.end(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "", gen)
         try:
-            whole = exchange.collect(msg.body, msg.end_of_stream)
+            body = exchange.collect(msg.body, end)
         except GatewayError as exc:
-            # The headers were held, so the error gets its own status. Not an immediate response: Envoy's
-            # local-reply mappers would rewrite a 504 of ours as its own gateway_error.
-            self.held_headers = [(":status", str(exc.status)), *_JSON_HEADERS]
-            answer = self._release_held(self.api.error_body(exc))
-            self._record(answer[-1], "error", exc.code or exc.type)
-            return answer
+            return self._held_error(exc)
         finally:
-            self._shimmy_progress(msg.end_of_stream)
-        if whole is None:
+            self._shimmy_progress(gen, end)
+        if body is None:
             return None
-        answer = self._release_held(whole)
-        self._record(answer[-1], "ok", "")
+        answer = self._release_held(body)
+        self.record.end(answer[-1], "ok", "", gen)
+        return answer
+
+    def _stream_chunk(
+        self, exchange: Exchange, gen: Generation, data: bytes, end: bool
+    ) -> ep.ProcessingResponse | None:
+        """One chunk of Shimmy's stream -> the client's stream bytes, if any; its end is recorded."""
+        out = exchange.relay(data, end)
+        self._shimmy_progress(gen, end)
+        if not exchange.finished:
+            if not out:
+                return None
+            self.quiet_since = time.monotonic()
+            return mutations.streamed_body(out, False)
+        outcome = ("error", exchange.failure) if exchange.failure else ("ok", "")
+        return self.record.end(mutations.streamed_body(out, True), *outcome, gen)
+
+    def _shimmy_progress(self, gen: Generation, end: bool) -> None:
+        """Tell the slot how far Shimmy got; `end`: Shimmy's response is over, so is its generation."""
+        if gen.upstream_stream:  # a one-piece answer (1.x) arrives whole: no pace to learn
+            self.lease.progress(gen.completion_tokens)
+        if end or gen.upstream_done or gen.upstream_failed:
+            self.lease.shimmy_done()  # Shimmy's [DONE] or [ERROR]: the ext_proc stream may close before its last byte
+
+    def _held_error(self, exc: GatewayError) -> list[ep.ProcessingResponse]:
+        """A non-stream answer's error, with its own status (the headers were held for this), released as the held
+        headers and a body, as a whole answer is."""
+        self.held_headers = [(":status", str(exc.status)), *_JSON_HEADERS]
+        answer = self._release_held(self.api.error_body(exc))
+        gen = self.exchange.gen if self.exchange is not None else None
+        self.record.end(answer[-1], "error", exc.code or exc.type, gen)
         return answer
 
     def _release_held(self, body: bytes) -> list[ep.ProcessingResponse]:
@@ -429,12 +466,52 @@ class GenerationProcessor(Processor):
         headers, self.held_headers = self.held_headers or [], None
         return [mutations.response_headers(headers, ["content-length"]), mutations.streamed_body(body, True)]
 
+    # --- time ------------------------------------------------------------------------------------------------
+
+    def wake_at(self) -> float | None:
+        """The deadline, and a stream's next keep-alive, while Shimmy's answer is awaited and the client's is open.
+
+        Before Shimmy's response headers the processor has no message of Envoy's to answer: there Envoy's route
+        timeout, a second later, answers 504. A keep-alive needs the stream's headers out, which wait for Shimmy's
+        first byte (`response_headers`): a prefill gets none.
+        """
+        exchange, phase = self.exchange, self.phase
+        if exchange is None or exchange.finished or self.record.ended:
+            return None
+        if phase == "streaming":
+            keepalive = self.ctx.keepalive
+            deadline = exchange.gen.deadline
+            return min(deadline, self.quiet_since + keepalive) if keepalive > 0 else deadline
+        return exchange.gen.deadline if phase == "held" else None
+
+    def tick(self, now: float) -> list[ep.ProcessingResponse]:
+        """What is due at `now`: the deadline's error (in-band on a stream, the held status otherwise), or a
+        stream's keep-alive; nothing when the timer fired early or for an answer that has ended since."""
+        exchange = self.exchange
+        if exchange is None or exchange.finished or self.record.ended or self.phase not in ("streaming", "held"):
+            return []
+        if now >= exchange.gen.deadline:
+            if not self.body_seen:  # the headers message is still open: a JSON error before the headers
+                self.held_headers = None
+                return [self._failed(exchange.expire())]
+            if self.phase == "held":
+                return self._held_error(exchange.expire())
+            out = exchange.expire_stream()
+            return [self.record.end(mutations.streamed_body(out, True), "error", "timeout", exchange.gen)]
+        keepalive = self.ctx.keepalive
+        if self.phase != "streaming" or keepalive <= 0 or now < self.quiet_since + keepalive:
+            return []
+        self.quiet_since = now
+        data = exchange.keepalive()
+        return [mutations.streamed_body(data, False)] if data else []
+
+    # --- the end ---------------------------------------------------------------------------------------------
+
     def close(self) -> None:
-        if self.outcome is None and self.exchange is not None:  # the client or Envoy went away mid-request
-            self._record(None, "cancelled", "")
-        ticket = self.ticket
-        if ticket is not None and not ticket.released:  # Shimmy goes on generating for nobody
-            ticket.abandon(self._abandon_reason())
+        exchange = self.exchange
+        if exchange is not None:  # unless its end was recorded: the client or Envoy went away mid-request
+            self.record.end(None, "cancelled", "", exchange.gen)
+        self.lease.close(self._abandon_reason())  # a slot still held: Shimmy goes on generating for nobody
 
     def _abandon_reason(self) -> AbandonReason:
         exchange = self.exchange
@@ -446,73 +523,8 @@ class GenerationProcessor(Processor):
 
     def _failed(self, exc: GatewayError) -> ep.ProcessingResponse:
         response = mutations.immediate(exc.status, self.api.error_body(exc), _retry_after(exc))
-        return self._record(response, "error", exc.code or exc.type)
-
-    def _record(self, response: ResponseT, outcome: str, error_type: str) -> ResponseT:
-        """Count the request's end once, and put its summary in Envoy's dynamic metadata for the access log.
-
-        The metrics name the model only once it was checked against Shimmy's list and a generation started for it:
-        a name a client made up is `unknown` there, so no client can grow the metrics without bound. The access log
-        keeps it.
-        """
-        self.outcome = outcome
-        duration = time.monotonic() - self.started
-        exchange, model, api = self.exchange, self.model or "unknown", self.api.route
-        label = model if self.served_model else "unknown"
-        error = "cancelled" if outcome == "cancelled" else error_type
-        fields: dict[str, str | float] = {
-            "api": api,
-            "model": model,
-            "outcome": outcome,
-            "duration_ms": round(duration * 1000, 1),
-        }
-        if exchange is None:
-            metrics.request_ended(self.api.operation, label, api, error, duration)
-        else:
-            gen = exchange.gen
-            ttft = gen.first_content_at - self.started if gen.stream and gen.first_content_at is not None else None
-            tokens = (gen.prompt_tokens, gen.completion_tokens)
-            metrics.request_ended(self.api.operation, label, api, error, duration, gen.stream, tokens, ttft)
-            fields["prompt_tokens"], fields["completion_tokens"] = tokens
-            if ttft is not None:  # a non-stream client sees no first token
-                fields["ttft_ms"] = round(ttft * 1000, 1)
-        if response is not None:
-            mutations.set_metadata(response, fields)
-        if tracing.enabled():
-            self._trace(error)
-        return response
-
-    def _trace(self, error: str) -> None:
-        """The request's span (extproc.tracing): where its time went, its tokens and how it ended; no text."""
-        operation, exchange = self.api.operation, self.exchange
-        attributes: dict[str, str | int | float | list[str]] = {
-            "gen_ai.operation.name": operation,
-            "gen_ai.provider.name": "shimmy",
-            "gen_ai.request.model": self.model or "unknown",
-            "shimmy.api": self.api.route,
-        }
-        events: list[tuple[str, float]] = []
-        if self.queued is not None:
-            since, until = self.queued
-            attributes["shimmy.queue.wait"] = until - since
-            events += [("queued", since), ("admitted", until)]
-        if exchange is not None:
-            gen = exchange.gen
-            attributes["gen_ai.response.model"] = gen.shimmy_model
-            attributes["gen_ai.request.max_tokens"] = gen.max_tokens
-            attributes["gen_ai.usage.input_tokens"] = gen.prompt_tokens
-            attributes["gen_ai.usage.output_tokens"] = gen.completion_tokens
-            attributes["shimmy.stream"] = gen.stream
-            if not error:
-                attributes["gen_ai.response.finish_reasons"] = [gen.stop_reason]
-            if gen.first_content_at is not None:
-                attributes["gen_ai.server.time_to_first_token"] = gen.first_content_at - self.started
-                events.append(("first_token", gen.first_content_at))
-        name = f"{operation} {self.model}" if self.model else operation
-        tracing.record(name, self.traceparent, self.started, attributes, events, error)
-
-
-ResponseT = TypeVar("ResponseT", ep.ProcessingResponse, None)
+        gen = self.exchange.gen if self.exchange is not None else None
+        return self.record.end(response, "error", exc.code or exc.type, gen)
 
 
 ROUTES: dict[str, Callable[[Context], Processor]] = {

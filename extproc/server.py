@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
 
@@ -32,6 +33,7 @@ ROUTE_METADATA = "x-gateway-route"
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 MAX_MESSAGE_BYTES = 8 << 20  # above the largest body Envoy may buffer (MAX_REQUEST_BYTES)
+_TICK, _END = object(), object()  # a timed stream's inbox: the processor's timer fired; Envoy closed the stream
 
 
 class ExternalProcessor:
@@ -88,6 +90,10 @@ class ExternalProcessor:
         self.live_streams += 1
         metrics.LIVE_STREAMS.inc()
         try:
+            if processor.timed:
+                async for response in self._timed(processor, requests):
+                    yield response
+                return
             async for msg in requests:
                 response = self.dispatch(processor, msg)
                 if inspect.isawaitable(response):
@@ -101,6 +107,61 @@ class ExternalProcessor:
             self.live_streams -= 1
             metrics.LIVE_STREAMS.dec()
             processor.close()
+
+    async def _timed(
+        self, processor: Processor, requests: AsyncIterator[ep.ProcessingRequest]
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        """The stream loop of a processor that keeps time: Envoy's messages and the processor's timer share one
+        inbox, so the processor answers on its own (a full-duplex body takes a response at any time) when Shimmy
+        is silent: the deadline's error, a keep-alive.
+
+        The timer is armed lazily: only when the processor wants waking earlier than the armed time. A tick that
+        comes early (a keep-alive pushed back by traffic) is answered with nothing and re-arms it.
+        """
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[ep.ProcessingRequest | object] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for msg in requests:
+                    inbox.put_nowait(msg)
+            except Exception:  # the stream broke under us (Envoy went away): the loop ends as at a close
+                log.debug("reading an ext_proc stream failed", exc_info=True)
+            finally:
+                inbox.put_nowait(_END)
+
+        reader = asyncio.ensure_future(read())
+        timer: asyncio.TimerHandle | None = None
+        armed: float | None = None
+        try:
+            while True:
+                wake = processor.wake_at()
+                if wake is not None and (armed is None or wake < armed):
+                    if timer is not None:
+                        timer.cancel()
+                    armed = wake
+                    timer = loop.call_later(max(wake - time.monotonic(), 0.0), inbox.put_nowait, _TICK)
+                item = await inbox.get()
+                if item is _END:
+                    return
+                if item is _TICK:
+                    timer = armed = None
+                    for each in processor.tick(time.monotonic()):
+                        yield each
+                    continue
+                assert isinstance(item, ep.ProcessingRequest)
+                response = self.dispatch(processor, item)
+                if inspect.isawaitable(response):
+                    response = await response
+                if isinstance(response, list):
+                    for each in response:
+                        yield each
+                elif response is not None:
+                    yield response
+        finally:
+            if timer is not None:
+                timer.cancel()
+            reader.cancel()
 
 
 def _handler(servicer: ExternalProcessor) -> grpc.GenericRpcHandler:

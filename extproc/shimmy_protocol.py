@@ -1,4 +1,5 @@
-"""Shimmy's native API as the gateway speaks it (see shared/reference/shimmy-api.md §2, §3, §6, §11).
+"""Shimmy's native API as the gateway speaks it (see shared/reference/shimmy-api.md §2, §3, §6, §11): its bodies,
+built and read; its errors, mapped. The facts the emulator shares (path, default, sentinels) are `shimmy_spec`'s.
 
 - We call `POST /api/generate` with a pre-rendered `prompt` and an explicit `"stream"`. Streaming is preferred,
   even for a non-stream client: one event per engine token is the only exact completion count Shimmy offers. But
@@ -13,6 +14,7 @@ from __future__ import annotations
 import msgspec
 
 from extproc.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
+from shimmy_spec.protocol import DEFAULT_MAX_TOKENS, DONE, ERROR_PREFIX, GENERATE_PATH
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -25,10 +27,7 @@ __all__ = [
     "upstream_error",
 ]
 
-GENERATE_PATH = "/api/generate"
-DEFAULT_MAX_TOKENS = 256  # Shimmy's own default; always sent explicitly so `finish_reason: length` is truthful
-DONE = "[DONE]"
-ERROR_PREFIX = "[ERROR]"
+# DEFAULT_MAX_TOKENS is always sent explicitly, so `finish_reason: length` is truthful.
 
 
 class _Generate(msgspec.Struct, omit_defaults=True):

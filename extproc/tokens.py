@@ -79,7 +79,7 @@ class GgufCounter:
             raise ValueError(
                 f"TOKENIZER_GGUF={path!r} needs llama-cpp-python: .venv/bin/pip install -e '.[llm]'"
             ) from None
-        from shimmy.llama_engine import route_llama_logs
+        from shimmy_spec.llama_logs import route_llama_logs
 
         route_llama_logs()
         try:

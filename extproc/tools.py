@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import lark
 import msgspec
@@ -36,9 +36,6 @@ import re2
 
 from extproc.errors import UpstreamError
 from extproc.schemas import SchemaFailure, schema_violation
-
-if TYPE_CHECKING:
-    from extproc.generation import Message
 
 __all__ = [
     "CUSTOM_INPUT",
@@ -242,7 +239,18 @@ def _render_calls(family: str, calls: Sequence[ToolCall]) -> str:
     return rendered[0] if len(rendered) == 1 else "[" + ", ".join(rendered) + "]"
 
 
-def to_turns(family: str, messages: Sequence[Message], tooling: Tooling) -> list[tuple[str, str]]:
+class Turn(Protocol):
+    """What `to_turns` reads of a conversation turn (`extproc.generation.Message`, whose module imports this one)."""
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]: ...
+
+
+def to_turns(family: str, messages: Sequence[Turn], tooling: Tooling) -> list[tuple[str, str]]:
     """Messages with tool calls and results -> plain (role, text) turns for the template, instructions included.
 
     The instructions open the first system turn (or become one); `tool_choice: none` adds none, but earlier calls

@@ -143,7 +143,7 @@ def extproc_children(settings: Settings, env: dict[str, str]) -> list[Child]:
 
 
 def backend_version(settings: Settings, backend: str, ask_binary: bool = True) -> str:
-    """The version of the Shimmy behind the gateway, whose profile (`shimmy.versions`) the processor follows.
+    """The version of the Shimmy behind the gateway, whose profile (`shimmy_spec.versions`) the processor follows.
 
     A started binary is asked (`shimmy --version`); the emulator is EMULATOR_VERSION; an external Shimmy is
     described by SHIMMY_VERSION. A binary that cannot say its version stops the start: it could not serve either.

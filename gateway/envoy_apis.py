@@ -139,8 +139,9 @@ ROUTED = (
                " && response.code_details != 'lua_response'"),
           "bad_request", "invalid_request_error", "The request is not valid HTTP, or its path is not allowed",
           None, nominal=400),
+    # Not every 504: the processor's deadline answers one of its own, which carries no details, as its replies do.
     Reply({"or_filter": {"filters": [
-        _status_is(500), _status_is(504), {"response_flag_filter": {}},
+        _status_is(500), {"response_flag_filter": {}},
         _cel("response.code >= 500 && response.code_details != '' && response.code_details != 'direct_response'"
              " && response.code_details != 'via_upstream'"),
     ]}}, "gateway_error", "server_error", "The gateway could not process the request", None, nominal=500),

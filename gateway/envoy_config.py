@@ -279,7 +279,8 @@ def render(
 
     # Deadlines nest inside GENERATION_TIMEOUT_S, the outer proxy's limit (settings.PROCESSOR_MARGIN_S): Envoy's
     # route timeout is a backstop between the processor's deadline and it, so a stream still flowing at the
-    # deadline ends with the processor's in-band error, and a silent Shimmy gets Envoy's 504 before the outer cut.
+    # deadline ends with the processor's error (in-band, or a 504 before Shimmy's first byte), and a 1.x one-piece
+    # answer (nothing before it is whole) gets Envoy's 504 before the outer cut.
     route_timeout = settings.generation_timeout_s - ENVOY_MARGIN_S
     vhost = hcm["route_config"]["virtual_hosts"][0]
     routes = vhost["routes"]

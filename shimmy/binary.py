@@ -1,6 +1,6 @@
 """How the real Shimmy binary is pinned, started and asked its version (spec §7).
 
-The pin (`shimmy.versions.PINNED`) is the last llama.cpp release published unyanked on crates.io: CPU-only, the
+The pin (`shimmy_spec.versions.PINNED`) is the last llama.cpp release published unyanked on crates.io: CPU-only, the
 fixed SSE framing, `--model-path`, template stop strings on chat, and a prompt batch as large as the 4096-token
 context (1.8.0; 1.7.x aborts the process past 2048 prompt tokens). docs/shimmy-versions.md has the evidence. With
 an explicit `--bind IP:PORT` it avoids v1.7.0's `--bind auto` panic. Shimmy reads neither `SHIMMY_PORT` nor
@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 
-from shimmy.versions import PINNED, parse_version
+from shimmy_spec.versions import PINNED, parse_version
 
 __all__ = ["SHIMMY_VERSION", "available", "command", "environment", "version"]
 

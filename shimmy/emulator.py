@@ -24,6 +24,7 @@ from shimmy import compat, native
 from shimmy.axum import BODY_LIMIT, Rejection, empty, json_response
 from shimmy.profiles import Profile, Route
 from shimmy.runtime import Die, Dropped, EmulatorConfig, Runtime
+from shimmy_spec.protocol import GENERATE_PATH
 
 __all__ = ["RUNTIME", "EmulatorConfig", "create_app"]
 
@@ -136,7 +137,7 @@ HANDLERS: dict[Route, Handler] = {
     ("GET", "/health"): health,
     ("GET", "/metrics"): metrics,
     ("GET", "/diag"): diag,
-    ("POST", "/api/generate"): native.generate,
+    ("POST", GENERATE_PATH): native.generate,
     ("GET", "/api/models"): native.list_models,
     ("POST", "/api/models/discover"): native.discover_models,
     ("POST", "/api/models/:name/load"): native.load_model,

@@ -44,6 +44,7 @@ from typing import Any
 
 from shimmy import models
 from shimmy.engine import GenerationError, GenParams, LoadError, Token, make_token
+from shimmy_spec.llama_logs import route_llama_logs
 
 __all__ = [
     "CHOICES",
@@ -54,7 +55,6 @@ __all__ = [
     "choose_engine",
     "engine_available",
     "llama_importable",
-    "route_llama_logs",
 ]
 
 log = logging.getLogger("shimmy.emulator")
@@ -129,36 +129,6 @@ def choose_engine(wanted: str, gguf: str = "") -> EngineChoice:
                 raise ValueError(f"EMULATOR_ENGINE=llama: cannot assemble the packaged model: {exc}") from None
             return EngineChoice("fixed", "", False, f"engine fixed (EMULATOR_ENGINE=auto): packaged model: {exc}")
     return EngineChoice("llama", gguf, packaged, f"engine llama.cpp (EMULATOR_ENGINE={wanted}): {why}, {gguf}")
-
-
-_GGML_ERROR, _GGML_CONT = 4, 5  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
-_log_callback: Any = None  # the installed ctypes callback, kept alive here
-
-
-def route_llama_logs() -> None:
-    """Send llama.cpp's own log lines to the `llama.cpp` logger: errors as errors, the rest (model metadata, the
-    SWA-cache and control-token warnings every load prints) at debug level.
-
-    llama-cpp-python's handler maps ggml's levels off by one, so with `verbose=False` warnings still reach stderr.
-    """
-    global _log_callback
-    if _log_callback is not None:
-        return
-    import llama_cpp
-
-    logger = logging.getLogger("llama.cpp")
-    last = [logging.DEBUG]
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: Any) -> None:
-        if level != _GGML_CONT:
-            last[0] = logging.ERROR if level == _GGML_ERROR else logging.DEBUG
-        message = text.decode("utf-8", "replace").rstrip()
-        if message and logger.isEnabledFor(last[0]):
-            logger.log(last[0], "%s", message)
-
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    _log_callback = callback
 
 
 class Utf8Pieces:

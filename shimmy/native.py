@@ -31,6 +31,7 @@ from shimmy.engine import GenerationError, GenParams, LoadError
 from shimmy.profiles import Profile
 from shimmy.runtime import Runtime, native_frames
 from shimmy.templates import family, render
+from shimmy_spec.protocol import DEFAULT_MAX_TOKENS
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -53,7 +54,6 @@ __all__ = [
 
 log = logging.getLogger("shimmy.emulator")
 
-DEFAULT_MAX_TOKENS = 256  # GenOptions::default()
 DISCOVERED_SIZE = 2_393_231_072  # every emulated model "file" is a Phi-3 mini Q4 GGUF
 _MODEL_TYPES = (("llama", "Llama"), ("phi", "Phi"), ("gemma", "Gemma"), ("mistral", "Mistral"), ("qwen", "Qwen"))
 _PARAMETER_COUNTS = ("3b", "7b", "13b", "70b")  # in Shimmy's order, so a 13b file reports 3B

@@ -1,8 +1,8 @@
 """Version profiles: the protocol quirks that differ between Shimmy releases (spec §1.2, §3, §4, §5.4).
 
 Every flag is derived from the version by the thresholds the spec gives, so any release from v0.1.0 on can be
-mimicked; the pinned release (`shimmy.versions.PINNED`, 1.x) and `2.5.0` (HEAD) are the ones the gateway is tested
-against. What a release does with a generation (context, batch, errors, concurrency) is `shimmy.versions`' backend
+mimicked; the pinned release (`shimmy_spec.versions.PINNED`, 1.x) and `2.5.0` (HEAD) are the ones the gateway is tested
+against. What a release does with a generation (context, batch, errors, concurrency) is `shimmy_spec.versions`' backend
 profile, carried here as `backend`.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shimmy import versions
+from shimmy_spec import versions
 
 __all__ = ["HEAD", "Profile", "Route", "profile_for"]
 

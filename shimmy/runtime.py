@@ -3,7 +3,7 @@
 A generation behaves like Shimmy's spawned task: it keeps running when the client goes away (sends just fail),
 and the failure injections that live below HTTP (`hang`, `drop_after`) are applied here for every route.
 
-What the version's engine does with load (`shimmy.versions`) is applied here too, for every route but /ws/generate:
+What the version's engine does with load (`shimmy_spec.versions`) is applied here too, for every route but /ws/generate:
 2.x runs one generation at a time (one model behind a mutex; the others wait, counted as `queued_generations`);
 1.x runs them side by side, each holding its own model context (`generation_memory_mib`), and past
 `max_generations` the process is killed as the kernel's OOM killer kills it (SIGKILL: connections reset, the
@@ -77,6 +77,9 @@ class EmulatorConfig:
     error_after: int | None = None  # generation fails after k tokens (or at its end)
     drop_after: int | None = None  # the TCP connection closes after k tokens (0: before the response), nothing more
     hang: bool = False  # generations never answer, until the client goes away
+    # A stream goes silent after k tokens (0: right after its headers, a prefill that never ends) and stays so,
+    # connection open, until the client goes away: Shimmy stuck mid-generation. Streams only.
+    stall_after: int | None = None
     # `fixed` replays `reply`; `llama` runs a GGUF with llama.cpp (`gguf`; empty = the packaged Gemma 3 270M).
     # Engine faults (`reply`, `repeat`, `*_delay_ms`, `fail_load`, `error_after`) apply to the fixed engine only.
     engine: str = "fixed"
@@ -95,7 +98,14 @@ class EmulatorConfig:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if not self.models:
             raise ValueError("models must not be empty")
-        for name in ("token_delay_ms", "load_delay_ms", "error_after", "drop_after", "generation_memory_mib"):
+        for name in (
+            "token_delay_ms",
+            "load_delay_ms",
+            "error_after",
+            "drop_after",
+            "stall_after",
+            "generation_memory_mib",
+        ):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -340,9 +350,12 @@ class Runtime:
             await sink.send(frames.head)
             sent = 0
             held: list[bytes] | None = [] if self.config.stream_burst else None
+            stall_after = self.config.stall_after
             try:
                 async with aclosing(self._tokens(gen, max_tokens, params)) as tokens:
                     async for token in tokens:
+                        if sent == stall_after:
+                            await _hang(request)
                         frame = frames.token(token)
                         if frame is None:
                             _drop(request)

@@ -10,7 +10,7 @@ from typing import ClassVar
 import msgspec
 
 from extproc.errors import GatewayError
-from extproc.generation import Generation, GenerationRequest, Message
+from extproc.generation import SSE_KEEPALIVE, Generation, GenerationRequest, Message
 from extproc.openai_schema import (
     ChatRequest,
     JsonObjectFormat,
@@ -86,6 +86,7 @@ class ChatCompletions:
 
     route: ClassVar[str] = "chat"
     operation: ClassVar[str] = "chat"
+    keepalive: ClassVar[bytes] = SSE_KEEPALIVE
     path: ClassVar[str] = "/v1/chat/completions"
     error_shape: ClassVar[str] = "openai"
     endpoints: ClassVar[dict[str, str]] = {}

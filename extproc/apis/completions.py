@@ -14,7 +14,7 @@ import msgspec
 
 from extproc.apis.chat import finish_reason, usage
 from extproc.errors import GatewayError
-from extproc.generation import Generation, GenerationRequest
+from extproc.generation import SSE_KEEPALIVE, Generation, GenerationRequest
 from extproc.openai_schema import parse_completion_request
 from extproc.sse import DONE, encode_event
 from extproc.tools import ToolCall
@@ -29,6 +29,7 @@ class Completions:
 
     route: ClassVar[str] = "completions"
     operation: ClassVar[str] = "text_completion"
+    keepalive: ClassVar[bytes] = SSE_KEEPALIVE
     path: ClassVar[str] = "/v1/completions"
     error_shape: ClassVar[str] = "openai"
     endpoints: ClassVar[dict[str, str]] = {}

@@ -229,6 +229,7 @@ class Messages:
 
     route: ClassVar[str] = "messages"
     operation: ClassVar[str] = "chat"
+    keepalive: ClassVar[bytes] = b'event: ping\ndata: {"type":"ping"}\n\n'  # Anthropic's own keep-alive
     path: ClassVar[str] = "/v1/messages"
     error_shape: ClassVar[str] = "anthropic"
     endpoints: ClassVar[dict[str, str]] = {"/v1/messages/count_tokens": "messages_count_tokens"}

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from extproc.errors import GatewayError
-from extproc.generation import Generation, GenerationRequest, Message
+from extproc.generation import SSE_KEEPALIVE, Generation, GenerationRequest, Message
 from extproc.openai_schema import (
     CompactRequest,
     ResponsesNamedChoice,
@@ -132,6 +132,7 @@ class Responses:
 
     route: ClassVar[str] = "responses"
     operation: ClassVar[str] = "chat"
+    keepalive: ClassVar[bytes] = SSE_KEEPALIVE
     path: ClassVar[str] = "/v1/responses"
     error_shape: ClassVar[str] = "openai"
     endpoints: ClassVar[dict[str, str]] = {}

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from bench.stack import die_with_parent, free_port  # the tests' ports too: one allocator, never the same port twice
-from shimmy.versions import PINNED
+from shimmy_spec.versions import PINNED
 from tests.open_responses import recording
 
 # Shimmy lines that differ where clients feel it (docs/shimmy-versions.md): the image's 1.x and 2.x HEAD.

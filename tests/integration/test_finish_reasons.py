@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shimmy.versions import PINNED
+from shimmy_spec.versions import PINNED
 from tests.integration.conftest import Stack, start_stack, stop_stack
 
 MODEL = "phi3-lora"

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import Stack, free_port, start_stack, stop_stack
+from tests.integration.test_observability import access_log, metric
 from tests.integration.test_security import http_body, json_error_status, raw_request
 
 CHAT = {"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
@@ -743,3 +744,115 @@ def test_prose_that_begins_with_a_bracket_is_text_with_tools_offered(hostile: St
         assert resp.status_code == 200, resp.text
         [message] = [item for item in resp.json()["output"] if item["type"] == "message"]
         assert message["content"][0]["text"] == prose
+
+
+# -- issue 22 items 3 and 5: a failed generation's slot; a Shimmy gone silent -----------------------------------
+
+
+def _slots(stack: Stack) -> tuple[float, float]:
+    """(slots busy, abandoned generations counted as client_gone so far) from the processor's metrics."""
+    text = httpx.get(f"{stack.url}/metrics").text
+    return metric(text, "shimmy_slots_busy"), metric(text, "shimmy_abandoned_generations_total", reason="client_gone")
+
+
+def test_a_failed_one_piece_generation_gives_its_slot_back_at_once(hostile: Stack) -> None:
+    """1.x answers a non-stream generation in one piece, and a failure as an empty 502: Shimmy is done by then, so
+    the slot is free within a second, not counted as abandoned for the default pace's ~85 s."""
+    assert _slots(hostile)[0] == 0
+    _, abandoned = _slots(hostile)
+    hostile.configure(error_after=2, token_delay_ms=20)
+    answer = httpx.post(f"{hostile.url}/v1/chat/completions", json={**CHAT, "max_tokens": 256}, timeout=30)
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "generation_failed", answer.text
+    failed = time.monotonic()
+    while _slots(hostile)[0] != 0:
+        assert time.monotonic() - failed < 1, "the failed generation still holds its slot"
+        time.sleep(0.05)
+    assert _slots(hostile)[1] == abandoned  # not counted as a generation Shimmy goes on with for nobody
+
+
+SILENT_TIMEOUT_S = 8  # the processor's deadline is 2 s earlier (6 s), Envoy's route timeout 1 s earlier (7 s)
+
+
+@pytest.fixture(scope="module")
+def silent() -> Iterator[Stack]:
+    """A stack whose generations end soon and whose streams get a keep-alive every second of silence (a third of
+    STREAM_IDLE_TIMEOUT_S)."""
+    stack = start_stack({"GENERATION_TIMEOUT_S": str(SILENT_TIMEOUT_S), "STREAM_IDLE_TIMEOUT_S": "3",
+                         "MAX_ACTIVE_REQUESTS": "4"})
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
+
+
+def _stream(
+    stack: Stack, path: str, body: dict, headers: dict[str, str] | None = None
+) -> tuple[list[tuple[float, str]], float]:
+    """A stream's lines with their arrival (seconds from the request), read to the end; and the whole duration."""
+    lines: list[tuple[float, str]] = []
+    started = time.monotonic()
+    with httpx.stream("POST", f"{stack.url}{path}", json={**body, "stream": True}, headers=headers,
+                      timeout=SILENT_TIMEOUT_S + 5) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            lines.append((time.monotonic() - started, line))
+    return lines, time.monotonic() - started
+
+
+def test_a_shimmy_silent_mid_stream_gets_the_client_an_in_band_timeout_at_the_deadline(silent: Stack) -> None:
+    silent.configure(stall_after=2, repeat=True)
+    request_id = f"silent-{time.monotonic_ns()}"
+    lines, took = _stream(silent, "/v1/chat/completions", {**CHAT, "max_tokens": 50}, {"x-request-id": request_id})
+    data = [line for _, line in lines if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]", lines  # the stream ends cleanly, not with a reset
+    error = json.loads(data[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "timeout" and error["type"] == "server_error", error
+    assert SILENT_TIMEOUT_S - 2 - 0.5 < took < SILENT_TIMEOUT_S - 1, took  # the processor's, before Envoy's cut
+    entry = access_log(silent, request_id)
+    assert entry["model"] == "phi3-lora" and entry["outcome"] == "error", entry
+
+
+def test_a_messages_stream_gone_silent_gets_pings_then_its_error_event(silent: Stack) -> None:
+    """Anthropic's `ping` every second of Shimmy's silence (a third of STREAM_IDLE_TIMEOUT_S, so Envoy's idle timer
+    never cuts it), then its `error` event at the deadline."""
+    silent.configure(stall_after=2, repeat=True)
+    body = {"model": "phi3-lora", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
+    lines, _ = _stream(silent, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    events = [line.removeprefix("event: ") for _, line in lines if line.startswith("event: ")]
+    assert events[0] == "message_start" and events[-1] == "error", events
+    assert events.count("content_block_delta") == 2, events
+    silence = events[events.index("content_block_delta") + 2 : -1]
+    assert len(silence) >= 4 and set(silence) == {"ping"}, events  # 6 s deadline, 2 tokens, a ping a second
+    error = json.loads(lines[[line for _, line in lines].index("event: error") + 1][1].removeprefix("data: "))
+    assert error["type"] == "error" and error["error"]["type"] == "timeout_error", error
+
+
+@pytest.fixture(scope="module")
+def prefill() -> Iterator[Stack]:
+    """Generations of at most 4 s (the processor's deadline at 2 s, Envoy's route timeout at 3 s), idle timeout
+    longer: the processor's deadline is the first to come. A 2.x Shimmy, which the gateway asks to stream even a
+    non-stream answer (1.x answers one in one piece: there Envoy's route timeout answers, a second later)."""
+    stack = start_stack({"GENERATION_TIMEOUT_S": "4", "STREAM_IDLE_TIMEOUT_S": "10", "MAX_ACTIVE_REQUESTS": "4",
+                         "EMULATOR_VERSION": "2.5.0"})
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_a_shimmy_silent_before_its_first_token_is_a_json_504_at_the_deadline(prefill: Stack, stream: bool) -> None:
+    """Envoy takes no body from the processor before Shimmy's first byte, so a stream's headers wait for it: a
+    prefill that never ends is a 504 JSON error at the processor's deadline, never a 200 that ends in a reset."""
+    prefill.configure(stall_after=0)
+    request_id = f"prefill-{time.monotonic_ns()}"
+    started = time.monotonic()
+    answer = httpx.post(f"{prefill.url}/v1/chat/completions", json={**CHAT, "max_tokens": 20, "stream": stream},
+                        headers={"x-request-id": request_id}, timeout=10)
+    took = time.monotonic() - started
+    assert answer.status_code == 504, answer.text
+    error = assert_openai_error(answer.status_code, dict(answer.headers), answer.content)
+    assert error["code"] == "timeout" and error["type"] == "server_error", error
+    assert 1.5 < took < 3, took  # the processor's deadline (2 s), before Envoy's route timeout (3 s)
+    entry = access_log(prefill, request_id)
+    assert entry["model"] == "phi3-lora" and entry["outcome"] == "error", entry

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from shimmy.versions import PINNED, profile_for
+from shimmy_spec.versions import PINNED, profile_for
 from tests.integration.conftest import Stack, start_stack, stop_stack
 
 LIMIT = profile_for(PINNED).prompt_limit or 0

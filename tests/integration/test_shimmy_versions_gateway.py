@@ -17,7 +17,7 @@ import importlib.util
 import httpx
 import pytest
 
-from shimmy.versions import PINNED
+from shimmy_spec.versions import PINNED
 from tests.integration.conftest import Stack, start_stack, stop_stack
 
 REPLY = "Hello there, I am the emulator speaking"  # 8 emulator tokens; 39 bytes, estimated at 10 tokens

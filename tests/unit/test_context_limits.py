@@ -14,7 +14,7 @@ from extproc.generation import Exchange, GenerationRequest, Message, start
 from extproc.limits import ESTIMATE_MARGIN, ContextLimits, parse_context_tokens
 from extproc.tokens import EXACT
 from settings import load
-from shimmy.versions import profile_for
+from shimmy_spec.versions import profile_for
 
 
 class Fixed:

@@ -23,12 +23,13 @@ import pytest
 from aiohttp import web
 
 import settings
-from shimmy import axum, binary, llama_engine, versions
+from shimmy import axum, binary, llama_engine
 from shimmy.emulator import EmulatorConfig, create_app
 from shimmy.engine import tokenize
 from shimmy.native import GENERATE
 from shimmy.profiles import profile_for
 from shimmy.runtime import BATCH_ASSERT, KV_FULL, Die, prompt_count
+from shimmy_spec import versions
 from tests.integration.conftest import die_with_parent, free_port
 
 MODEL = "phi3-lora"
@@ -652,6 +653,7 @@ async def test_config_controls(emu: Emulator) -> None:
         "error_after",
         "drop_after",
         "hang",
+        "stall_after",
         "engine",
         "gguf",
         "max_generations",
@@ -757,7 +759,7 @@ def test_console_script_serves_and_stops_on_sigterm() -> None:
             proc.communicate()
 
 
-# --- the backend profile per version (shimmy/versions.py) and the pin ----------------------------------------------
+# --- the backend profile per version (shimmy_spec/versions.py) and the pin -----------------------------------------
 
 
 def test_the_emulator_defaults_to_the_pinned_shimmy() -> None:

@@ -13,7 +13,7 @@ from extproc.errors import UpstreamError
 from extproc.generation import Exchange, start
 from extproc.tokens import ESTIMATED, EXACT, FIXED, counter
 from shimmy.runtime import prompt_count
-from shimmy.versions import profile_for
+from shimmy_spec.versions import profile_for
 
 V1, V2 = profile_for("1.8.1"), profile_for("2.5.0")
 
