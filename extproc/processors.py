@@ -288,7 +288,7 @@ class GenerationProcessor(Processor):
         self.body_seen = False  # Shimmy's first body chunk arrived: Envoy takes body answers from now on
         self.quiet_since = 0.0  # when the client last got bytes of a stream (the keep-alive counts from it)
 
-    @property  # type: ignore[override]
+    @property
     def traceparent(self) -> str:
         return self.record.traceparent
 
@@ -420,14 +420,14 @@ class GenerationProcessor(Processor):
                 self.lease.shimmy_done()  # a buffered body is Shimmy's whole answer
             return self.record.end(mutations.response_body(body, [("content-length", str(len(body)))]), "ok", "", gen)
         try:
-            body = exchange.collect(msg.body, end)
+            whole = exchange.collect(msg.body, end)
         except GatewayError as exc:
             return self._held_error(exc)
         finally:
             self._shimmy_progress(gen, end)
-        if body is None:
+        if whole is None:
             return None
-        answer = self._release_held(body)
+        answer = self._release_held(whole)
         self.record.end(answer[-1], "ok", "", gen)
         return answer
 

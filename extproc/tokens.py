@@ -6,7 +6,8 @@ have produced it, without BOS. With `TOKENIZER_GGUF` (the GGUF Shimmy serves
 the model from, or any GGUF with the same vocabulary) the processor counts with llama.cpp's tokenizer exactly as
 Shimmy tokenizes a prompt: BOS always added (`AddBos::Always`) and special tokens parsed, so a template's
 `<|im_start|>` is one token. `TOKENIZER_GGUF=fixed` counts with the emulator's fixed engine's own rule
-(`shimmy.engine.split`), which is that engine's vocabulary; the supervisor sets it whenever the fixed engine serves.
+(`shimmy_spec.fixed_vocab.split`), which is that engine's vocabulary; the supervisor sets it whenever the fixed
+engine serves.
 Without either, the estimate is UTF-8 bytes / 4, rounded up. `x-gateway-prompt-tokens` says which one a response
 used (`Generation.prompt_tokens_kind`).
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
+
+from shimmy_spec.fixed_vocab import split
 
 __all__ = [
     "ESTIMATE",
@@ -106,8 +109,8 @@ class GgufCounter:
 
 
 class SplitCounter:
-    """Exact counts for the emulator's fixed engine: its own splitter (`shimmy.engine.split`), plus the BOS that
-    Shimmy adds to a prompt (as the emulator counts prompts, `shimmy.runtime.prompt_count`).
+    """Exact counts for the emulator's fixed engine: its own splitter (`shimmy_spec.fixed_vocab.split`), plus the BOS
+    that Shimmy adds to a prompt (as the emulator counts prompts, `shimmy.runtime.prompt_count`).
 
     `models` as for `GgufCounter`.
     """
@@ -115,8 +118,6 @@ class SplitCounter:
     kind = EXACT
 
     def __init__(self, models: Collection[str] | None = None) -> None:
-        from shimmy.engine import split  # the emulator's module (aiohttp with it): only where the fixed engine serves
-
         self._split: Callable[[str], list[str]] = split
         self.models = frozenset(models) if models is not None else None
 

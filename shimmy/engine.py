@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from shimmy.axum import sse_event
+from shimmy_spec.fixed_vocab import split
 
 __all__ = [
     "Engine",
@@ -30,8 +30,6 @@ __all__ = [
 ]
 
 _YIELD_EVERY = 64
-# Newline runs, words and numbers and punctuation runs (each with at most one leading space), other blank runs.
-_TOKEN = re.compile(r"\n+| ?[^\W\d_]+| ?\d+| ?[^\s\w]+| ?_+|[^\S\n]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +42,6 @@ class Token:
 def make_token(piece: str) -> Token:
     """One engine token's text with its wire encodings."""
     return Token(piece, None if "\r" in piece else sse_event(piece), json.dumps(piece, ensure_ascii=False))
-
-
-def split(text: str) -> list[str]:
-    """The fixed engine's tokens of `text` as strings: its whole vocabulary, in effect.
-
-    The gateway counts with this same rule where the fixed engine serves (`extproc.tokens.SplitCounter`), so the
-    counts it gives a one-piece answer equal the tokens this engine generated.
-    """
-    return _TOKEN.findall(text)
 
 
 def tokenize(text: str) -> tuple[Token, ...]:

@@ -5,5 +5,6 @@ the emulator (`shimmy`) all import it, and the processor never imports the emula
 
     versions     what each Shimmy release does with a generation: the backend profile, the pinned release
     protocol     Shimmy's native generation API: its path, its default `max_tokens`, its stream's sentinels
+    fixed_vocab  the emulator's fixed engine's tokenizer (the processor counts with it where that engine serves)
     llama_logs   llama.cpp's log lines routed to Python logging (the emulator's engine and the GGUF tokenizer)
 """

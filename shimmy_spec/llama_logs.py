@@ -27,13 +27,13 @@ def route_llama_logs() -> None:
     logger = logging.getLogger("llama.cpp")
     last = [logging.DEBUG]
 
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: Any) -> None:
+    def log(level: int, text: bytes, user_data: Any) -> None:
         if level != _GGML_CONT:
             last[0] = logging.ERROR if level == _GGML_ERROR else logging.DEBUG
         message = text.decode("utf-8", "replace").rstrip()
         if message and logger.isEnabledFor(last[0]):
             logger.log(last[0], "%s", message)
 
+    callback: Any = llama_cpp.llama_log_callback(log)  # a ctypes callback, kept alive below
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     _log_callback = callback

@@ -365,8 +365,12 @@ def test_the_token_metric_does_not_call_exact_input_counts_an_estimate() -> None
 
 METRIC_TOKEN = re.compile(r"`((?:gen_ai|shimmy)_[a-z0-9_]+)")
 MIGRATION = "### Metric names before the GenAI conventions"
-# Named in the guides, but not metrics: label names, the access log's metadata namespace, a health answer's field.
-NOT_METRICS = {"gen_ai_request_model", "gen_ai_token_type", "gen_ai_operation_name", "shimmy_gateway", "shimmy_status"}
+# Named in the guides, but not metrics: label names, the access log's metadata namespace, a health answer's field,
+# the leaf package of Shimmy facts.
+NOT_METRICS = {
+    "gen_ai_request_model", "gen_ai_token_type", "gen_ai_operation_name", "shimmy_gateway", "shimmy_status",
+    "shimmy_spec",
+}
 # Upper-case names the guides use that are not settings: Shimmy's own variables, Envoy's and Linux's terms, GGUF
 # quantizations, KServe's and AI Core's fields, other programs' variables (gRPC, LiteLLM, Anthropic's SDK, pip).
 # The image's build arguments are read from the Dockerfile.
