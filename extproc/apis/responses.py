@@ -365,6 +365,7 @@ class ResponsesCompact:
     conversation:". The answer is never streamed (OpenAI's endpoint has no `stream`)."""
 
     route: ClassVar[str] = "responses_compact"
+    keepalive: ClassVar[bytes] = SSE_KEEPALIVE  # never streamed: the protocol asks every adapter for one
     operation: ClassVar[str] = "chat"
     path: ClassVar[str] = "/v1/responses/compact"
     error_shape: ClassVar[str] = "openai"
