@@ -82,11 +82,20 @@ def test_the_processor_never_imports_the_emulator_package() -> None:
     assert not {name: found for name, found in offenders.items() if found}
 
 
-def test_importing_the_processor_loads_no_emulator_and_no_web_server() -> None:
-    extproc = sorted(name for name in MODULES if name.split(".")[0] == "extproc")
-    probe = f"import sys\nfor m in {extproc!r}: __import__(m)\nprint('\\n'.join(sys.modules))"
+def _loaded_by(modules: list[str]) -> set[str]:
+    probe = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('\\n'.join(sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    modules = set(loaded.stdout.split())
+    return set(loaded.stdout.split())
+
+
+def test_importing_the_processor_loads_no_emulator_module() -> None:
+    modules = _loaded_by(sorted(name for name in MODULES if name.split(".")[0] == "extproc"))
     assert "shimmy_spec.versions" in modules  # the leaf package is what the processor knows of Shimmy
     assert not {m for m in modules if m == "shimmy" or m.startswith("shimmy.")}
+
+
+def test_the_generation_path_loads_no_web_server() -> None:
+    """The processor's gRPC side and its generation core need no HTTP server (only the Responses WebSocket mode,
+    `extproc.responses_ws`, serves HTTP, and `extproc.cli` starts it)."""
+    modules = _loaded_by(["extproc.server", "extproc.processors", "extproc.generation", "extproc.apis"])
     assert "aiohttp.web" not in modules
