@@ -33,7 +33,6 @@ ROUTE_METADATA = "x-gateway-route"
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 MAX_MESSAGE_BYTES = 8 << 20  # above the largest body Envoy may buffer (MAX_REQUEST_BYTES)
-_TICK, _END = object(), object()  # a timed stream's inbox: the processor's timer fired; Envoy closed the stream
 
 
 class ExternalProcessor:
@@ -111,46 +110,35 @@ class ExternalProcessor:
     async def _timed(
         self, processor: Processor, requests: AsyncIterator[ep.ProcessingRequest]
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        """The stream loop of a processor that keeps time: Envoy's messages and the processor's timer share one
-        inbox, so the processor answers on its own (a full-duplex body takes a response at any time) when Shimmy
-        is silent: the deadline's error, a keep-alive.
-
-        The timer is armed lazily: only when the processor wants waking earlier than the armed time. A tick that
-        comes early (a keep-alive pushed back by traffic) is answered with nothing and re-arms it.
+        """The stream loop of a processor that keeps time: while it wants waking (`wake_at`), Envoy's next message
+        is awaited with that timeout, and the processor answers on its own when it comes first (a full-duplex body
+        takes a response at any time once Shimmy's body has begun): the deadline's error, a keep-alive. While it
+        wants no waking, the next message is awaited directly, as in the plain loop: no task, no timer.
         """
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[ep.ProcessingRequest | object] = asyncio.Queue()
-
-        async def read() -> None:
-            try:
-                async for msg in requests:
-                    inbox.put_nowait(msg)
-            except Exception:  # the stream broke under us (Envoy went away): the loop ends as at a close
-                log.debug("reading an ext_proc stream failed", exc_info=True)
-            finally:
-                inbox.put_nowait(_END)
-
-        reader = asyncio.ensure_future(read())
-        timer: asyncio.TimerHandle | None = None
-        armed: float | None = None
+        pending: asyncio.Future[ep.ProcessingRequest] | None = None  # Envoy's next message, while a timer runs
         try:
             while True:
                 wake = processor.wake_at()
-                if wake is not None and (armed is None or wake < armed):
-                    if timer is not None:
-                        timer.cancel()
-                    armed = wake
-                    timer = loop.call_later(max(wake - time.monotonic(), 0.0), inbox.put_nowait, _TICK)
-                item = await inbox.get()
-                if item is _END:
-                    return
-                if item is _TICK:
-                    timer = armed = None
-                    for each in processor.tick(time.monotonic()):
-                        yield each
-                    continue
-                assert isinstance(item, ep.ProcessingRequest)
-                response = self.dispatch(processor, item)
+                if pending is None and wake is None:
+                    try:
+                        msg = await anext(requests)
+                    except StopAsyncIteration:
+                        return
+                else:
+                    if pending is None:
+                        pending = asyncio.ensure_future(anext(requests))
+                    timeout = None if wake is None else max(wake - time.monotonic(), 0.0)
+                    done, _ = await asyncio.wait((pending,), timeout=timeout)
+                    if not done:
+                        for each in processor.tick(time.monotonic()):
+                            yield each
+                        continue
+                    arrived, pending = pending, None
+                    try:
+                        msg = arrived.result()
+                    except StopAsyncIteration:
+                        return
+                response = self.dispatch(processor, msg)
                 if inspect.isawaitable(response):
                     response = await response
                 if isinstance(response, list):
@@ -159,9 +147,8 @@ class ExternalProcessor:
                 elif response is not None:
                     yield response
         finally:
-            if timer is not None:
-                timer.cancel()
-            reader.cancel()
+            if pending is not None:
+                pending.cancel()
 
 
 def _handler(servicer: ExternalProcessor) -> grpc.GenericRpcHandler:
