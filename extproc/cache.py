@@ -5,10 +5,14 @@ client decides how large each one is: 64 entries of a few bytes and 64 entries o
 cache. Each entry here is charged its `cost` (a size in the caller's unit, proportional to its memory), and the
 least recently used entries leave until the total fits the budget. An entry costing more than the whole budget is
 built and used, never kept.
+
+Thread-safe: large requests are prepared on a worker thread (`extproc.processors`) while the event loop prepares
+small ones. The lock covers the bookkeeping, not `build`: two threads missing the same key both build it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -22,21 +26,27 @@ V = TypeVar("V")
 class SizedCache(Generic[K, V]):
     """`get(key)` the cached value, else `build(key)`, keeping it while the total cost stays within `budget`."""
 
-    __slots__ = ("_build", "_cost", "_entries", "_total", "budget")
+    __slots__ = ("_build", "_cost", "_entries", "_lock", "_total", "budget")
 
     def __init__(self, build: Callable[[K], V], cost: Callable[[K], int], budget: int) -> None:
         self._build, self._cost, self.budget = build, cost, budget
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._total = 0
+        self._lock = threading.Lock()
 
     def get(self, key: K) -> V:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry[0]
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry[0]
         value = self._build(key)
         cost = self._cost(key)
-        if cost <= self.budget:
+        if cost > self.budget:
+            return value
+        with self._lock:
+            if key in self._entries:  # another thread built it meanwhile: keep one, charged once
+                return self._entries[key][0]
             self._entries[key] = (value, cost)
             self._total += cost
             while self._total > self.budget:

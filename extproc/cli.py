@@ -142,6 +142,10 @@ def tls_credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCredentia
     )
 
 
+class WebSocketBindError(OSError):
+    """WebSocket mode's socket cannot be bound: RESPONSES_WS_SOCKET's fault, not EXTPROC_PORT's."""
+
+
 async def _run(
     ctx: Context, server: GrpcServer, grace: float, websocket: tuple[str, ResponsesSocket] | None = None
 ) -> None:
@@ -165,7 +169,10 @@ async def _run(
     try:
         await server.start()
         if websocket is not None:
-            ws_runner = await serve(*websocket)
+            try:
+                ws_runner = await serve(*websocket)
+            except OSError as exc:  # not EXTPROC_PORT's fault
+                raise WebSocketBindError(f"RESPONSES_WS_SOCKET={websocket[0]!r}: {exc}") from None
         waiter = asyncio.create_task(stop.wait(), name="signals")
         try:
             await asyncio.wait({waiter, monitor}, return_when=asyncio.FIRST_COMPLETED)
@@ -299,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # asyncio's own loop: gRPC does its I/O in its C core, and uvloop measured no faster here (bench steps).
         asyncio.run(_run(ctx, server, grace, websocket(settings)))
+    except WebSocketBindError as exc:
+        fail(PROG, str(exc))
     except OSError as exc:  # the address cannot be bound: a setting to change (EXTPROC_PORT, EXTPROC_HOST)
         fail(PROG, f"{exc}; change EXTPROC_PORT (or EXTPROC_HOST)")
     finally:

@@ -14,6 +14,7 @@ used (`Generation.prompt_tokens_kind`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
@@ -80,7 +81,8 @@ class GgufCounter:
             from llama_cpp import Llama
         except ImportError:
             raise ValueError(
-                f"TOKENIZER_GGUF={path!r} needs llama-cpp-python: .venv/bin/pip install -e '.[llm]'"
+                f"TOKENIZER_GGUF={path!r} needs llama-cpp-python: the `tokenizer` extra (`make` installs it with a C++"
+                " compiler and cmake)"
             ) from None
         from shimmy_spec.llama_logs import route_llama_logs
 
@@ -91,10 +93,12 @@ class GgufCounter:
             raise ValueError(f"TOKENIZER_GGUF={path!r}: cannot load its vocabulary: {exc}") from None
         self.path = path
         self.models = frozenset(models) if models is not None else None
+        self._lock = threading.Lock()  # the event loop and the preparing thread (extproc.processors) share it
 
     def tokenize(self, text: str, bos: bool = True, special: bool = True) -> list[int]:
         """As Shimmy tokenizes a prompt by default: BOS added, special-token text parsed into control tokens."""
-        return list(self._vocab.tokenize(text.encode(), add_bos=bos, special=special))
+        with self._lock:
+            return list(self._vocab.tokenize(text.encode(), add_bos=bos, special=special))
 
     def count(self, model: str, prompt: str) -> int | None:
         if self.models is not None and model not in self.models:

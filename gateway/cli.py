@@ -24,7 +24,7 @@ from extproc import templates, tokens
 from gateway import probes
 from gateway.envoy_config import extproc_addresses, render
 from gateway.supervisor import Child, Port, supervise
-from settings import SETTINGS, Parser, SettingError, Settings, fail, load, parse_pairs
+from settings import SETTINGS, UNIX_PATH_MAX, Parser, SettingError, Settings, fail, load, parse_pairs
 from shimmy import binary
 from shimmy.llama_engine import EngineChoice, choose_engine, llama_importable
 
@@ -301,7 +301,12 @@ def up(settings: Settings) -> int:
     version = backend_version(settings, backend)
     say.info("Shimmy %s (%s backend): the processor follows its profile", version, backend)
     workdir = Path(tempfile.mkdtemp(prefix="shimmy-gateway-"))  # mode 0700: the WebSocket socket is ours alone
-    settings = Settings({**settings.values, "responses_ws_socket": str(workdir / "responses-ws.sock")})
+    try:
+        socket_dir = private_socket_dir(workdir)
+    except SettingError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        fail(PROG, str(exc))
+    settings = Settings({**settings.values, "responses_ws_socket": str(socket_dir / SOCKET_NAME)})
     envoy_config = workdir / "envoy.json"
     envoy_config.write_text(json.dumps(render(settings)))
     url = f"http://127.0.0.1:{settings.gateway_port}"
@@ -315,7 +320,26 @@ def up(settings: Settings) -> int:
     try:
         return asyncio.run(supervise(children(settings, backend, envoy_config, engine, version), on_ready=ready))
     finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+SOCKET_NAME = "responses-ws.sock"
+
+
+def private_socket_dir(workdir: Path) -> Path:
+    """A 0700 directory for WebSocket mode's socket: the work directory, or one in /tmp when TMPDIR is too deep for
+    a unix socket path (UNIX_PATH_MAX bytes: a long TMPDIR is legal, a socket under it is not)."""
+    if len(os.fsencode(workdir / SOCKET_NAME)) <= UNIX_PATH_MAX:
+        return workdir
+    try:
+        short = Path(tempfile.mkdtemp(prefix="shimmy-gateway-", dir="/tmp"))
+    except OSError as exc:
+        raise SettingError(
+            f"TMPDIR={str(workdir.parent)!r}: too long for a unix socket path under it ({UNIX_PATH_MAX} bytes at most)"
+            f" and /tmp is not writable ({exc.strerror}); set a shorter TMPDIR"
+        ) from None
+    return short
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ __all__ = [
     "ENVOY_MARGIN_S",
     "PROCESSOR_MARGIN_S",
     "SETTINGS",
+    "UNIX_PATH_MAX",
     "Parser", "Setting", "SettingError", "Settings", "fail", "load", "parse_bool",
     "parse_pairs",
 ]
@@ -48,8 +49,17 @@ def parse_bool(raw: str, setting: str = "value") -> bool:
     raise SettingError(f"{setting}={raw!r}: expected {_BOOLEANS}")
 
 
+UNIX_PATH_MAX = 107  # bytes of a unix socket path on Linux (sun_path is 108 with its NUL)
+
+
+def _socket_path(text: str) -> None:
+    if len(os.fsencode(text.strip())) > UNIX_PATH_MAX:
+        raise ValueError(f"a unix socket path of at most {UNIX_PATH_MAX} bytes")
+
+
 def _port_or_socket(text: str) -> None:
     if text.startswith("unix:") and len(text) > len("unix:"):
+        _socket_path(text.removeprefix("unix:").removeprefix("//"))
         return
     if not (text.isdigit() and 1 <= int(text) <= 65535):
         raise ValueError("a port from 1 to 65535, or unix:/path")
@@ -234,7 +244,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RESPONSES_WS_IDLE_TIMEOUT_S", "300", "Longest wait for a WebSocket client's next turn before the close.",
             float, low=1),
     Setting("RESPONSES_WS_SOCKET", "", "Unix socket the processor serves WebSocket mode on; `shimmy-gateway up` sets"
-            " it for its first worker."),
+            " it for its first worker.", check=_socket_path),
     Setting("HEALTH_INTERVAL_S", "2", "How often the processor and Envoy probe Shimmy's `/health`.", float,
             low=0.01),
     Setting("WARMUP", "false", "Keep `/health` at 503 until Shimmy has answered one tiny generation.", bool),

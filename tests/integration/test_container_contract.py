@@ -9,7 +9,9 @@ environment leaks in. Then the endpoints, the image's HEALTHCHECK command, and S
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from tests.integration.conftest import Stack, die_with_parent, free_port, stop_stack, wait_healthy
 from tests.unit.test_deployment import DOCKERFILE, ROOT, Dockerfile, healthcheck_command
@@ -199,6 +202,28 @@ def test_rendered_envoy_config_lives_in_tmpdir(container: Container) -> None:
     assert len(workdirs) == 1 and (workdirs[0] / "envoy.json").is_file()
 
 
+def websocket_socket(container: Container) -> Path:
+    """Where the supervisor put Responses WebSocket mode's unix socket: the pipe in the rendered Envoy config."""
+    (workdir,) = Path(container.env["TMPDIR"]).glob("shimmy-gateway-*")
+    pipes = re.findall(r'"pipe": \{"path": "([^"]+)"', (workdir / "envoy.json").read_text())
+    assert len(set(pipes)) == 1, pipes
+    return Path(pipes[0])
+
+
+def test_responses_websocket_mode(container: Container) -> None:
+    """The image's TMPDIR here is deep in pytest's temporary tree, too deep for a unix socket path (107 bytes): the
+    supervisor must still find its WebSocket socket a home, and a turn must work through Envoy."""
+    assert len(os.fsencode(websocket_socket(container))) <= 107
+    with connect(f"ws://127.0.0.1:{container.stack.gateway_port}/v1/responses", open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "response.create", "model": container.model_name, "input": "Hi", "store": False}))
+        events = []
+        while not events or events[-1]["type"] not in ("response.completed", "response.failed", "error"):
+            events.append(json.loads(ws.recv(timeout=30)))
+    assert events[-1]["type"] == "response.completed", events[-1]
+    (message,) = events[-1]["response"]["output"]
+    assert message["type"] == "message" and message["content"][0]["text"]
+
+
 def test_image_healthcheck_command(container: Container, dockerfile: Dockerfile) -> None:
     command = healthcheck_command(dockerfile.final.last("HEALTHCHECK"))
     result = subprocess.run(command, env=container.env, cwd=container.workdir, capture_output=True, timeout=10)
@@ -208,6 +233,7 @@ def test_image_healthcheck_command(container: Container, dockerfile: Dockerfile)
 def test_sigterm_stops_everything_cleanly(container: Container, dockerfile: Dockerfile) -> None:
     """Last in this module: tini hands SIGTERM to the supervisor, which must stop every child and exit quickly."""
     stack = container.stack
+    socket_path = websocket_socket(container)
     started = time.monotonic()
     stack.proc.send_signal(signal.SIGTERM)
     returncode = stack.proc.wait(timeout=15)
@@ -218,6 +244,7 @@ def test_sigterm_stops_everything_cleanly(container: Container, dockerfile: Dock
     assert "received SIGTERM, stopping" in output and "SIGKILL" not in output, output
     assert port_closed(stack.gateway_port) and port_closed(stack.shimmy_port), "a child outlived the supervisor"
     assert not list(Path(container.env["TMPDIR"]).iterdir()), "the supervisor leaves its temporary files behind"
+    assert not socket_path.parent.exists(), "the supervisor leaves its WebSocket socket's directory behind"
     command = healthcheck_command(dockerfile.final.last("HEALTHCHECK"))
     result = subprocess.run(command, env=container.env, cwd=container.workdir, capture_output=True, timeout=10)
     assert result.returncode != 0, "the HEALTHCHECK must fail once the gateway is gone"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -20,7 +22,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from extproc.health import ShimmyMonitor
-from extproc.processors import Context
+from extproc import schemas
+from extproc.processors import OFF_LOOP_BYTES, Context
 from extproc.server import ExternalProcessor, GrpcServer
 
 SERVICE = ep.DESCRIPTOR.services_by_name["ExternalProcessor"]
@@ -263,6 +266,54 @@ async def test_real_aio_server_over_loopback(unused_tcp_port: int) -> None:
         assert servicer.live_streams == 0
     finally:
         await server.stop(grace=0.1)
+
+
+def tools_body(salt: str, parameters: int, extra: dict[str, object] | None = None) -> bytes:
+    """A chat request offering one tool whose schema (`parameters` properties, each with a pattern) is new."""
+    properties = {f"p_{salt}_{i}": {"type": "string", "pattern": "^[a-z]{1,9}$"} for i in range(parameters)}
+    schema = {"type": "object", "properties": properties, **(extra or {})}
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": schema}}
+    messages = [{"role": "user", "content": "Hi"}]
+    return json.dumps({"model": "phi3-lora", "messages": messages, "tools": [tool]}).encode()
+
+
+async def test_a_large_body_is_prepared_off_the_event_loop(unused_tcp_port: int, monkeypatch) -> None:
+    """Checking a large request's new schemas must not hold the loop every other stream runs on (issue 22: 90 KiB
+    of tools never seen before held it for 334 ms); a small one is checked on the loop, where the hop costs more.
+    The answers are the same either way: forwarded, or the 400 naming the param."""
+    checked_on: list[threading.Thread] = []
+    check = schemas._checks._build
+
+    def recording(text: str) -> str | None:
+        checked_on.append(threading.current_thread())
+        return check(text)
+
+    monkeypatch.setattr(schemas._checks, "_build", recording)
+    salt = uuid.uuid4().hex
+    large, small = tools_body(salt, 200), tools_body(salt + "s", 2)
+    bad = tools_body(salt + "x", 200, {"$ref": "http://127.0.0.1:9/x.json"})
+    assert len(large) > OFF_LOOP_BYTES > len(small) and len(bad) > OFF_LOOP_BYTES
+    server = GrpcServer(ExternalProcessor(context()), f"127.0.0.1:{unused_tcp_port}")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{unused_tcp_port}") as channel:
+            answers = []
+            for body in (large, small, bad):
+                call = epg.ExternalProcessorStub(channel).Process(metadata=CHAT)
+                await call.write(ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)))
+                answers.append(await call.read())
+                call.cancel()
+    finally:
+        await server.stop(grace=0.1)
+    loop_thread = threading.current_thread()
+    assert len(checked_on) == 3
+    assert checked_on[0] is not loop_thread and checked_on[1] is loop_thread and checked_on[2] is not loop_thread
+    assert answers[0].request_body.response.body_mutation.body.startswith(b'{"model":"phi3-lora"')
+    assert answers[1].request_body.response.body_mutation.body.startswith(b'{"model":"phi3-lora"')
+    refused = answers[2].immediate_response
+    assert refused.status.code == 400
+    error = json.loads(refused.body)["error"]
+    assert error["param"] == "tools[0].function.parameters" and "$ref" in error["message"], error
 
 
 @pytest.mark.parametrize(("status", "code", "expected"), [

@@ -538,3 +538,17 @@ def test_worker_counts_below_one_are_refused(name: str) -> None:
     assert done.returncode == 2
     high = {"ENVOY_WORKERS": 256, "EXTPROC_WORKERS": 64}[name]
     assert done.stderr == f"shimmy-gateway: {name}='0': expected an integer from 1 to {high}\n"
+
+
+def test_the_websocket_socket_finds_a_short_home_when_tmpdir_is_deep(tmp_path: Path) -> None:
+    """A unix socket path has at most 107 bytes, and a legal TMPDIR can be longer than that leaves room for (the
+    container contract's is): the socket then goes to a private directory in /tmp, which the caller removes."""
+    shallow = tmp_path / "w"
+    assert cli.private_socket_dir(shallow) == shallow
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    chosen = cli.private_socket_dir(deep)
+    try:
+        assert chosen.parent == Path("/tmp") and chosen.is_dir() and (chosen.stat().st_mode & 0o777) == 0o700
+        assert len(os.fsencode(chosen / cli.SOCKET_NAME)) <= 107
+    finally:
+        chosen.rmdir()
