@@ -21,8 +21,8 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
-from extproc.health import ShimmyMonitor
 from extproc import schemas
+from extproc.health import ShimmyMonitor
 from extproc.processors import OFF_LOOP_BYTES, Context
 from extproc.server import ExternalProcessor, GrpcServer
 
