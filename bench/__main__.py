@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import chart, processor_cost, report, stack, stops, suite, wrk
+from bench import chart, processor_cost, report, stack, stall, stops, suite, wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,12 +94,15 @@ def _sigterm_as_sigint(signum: int, frame: object) -> None:
 
 
 def _in_process(rounds: int) -> str:
-    """What stop sequences and tools cost the processor, measured in process (no stack), as ratios in this run."""
+    """What stop sequences and tools cost the processor, and how long costly requests hold its event loop, measured
+    in process (no stack), against a baseline in this run."""
     return (
         "\n## In process: stop sequences and tools\n\n"
         + stops.table(rounds=max(rounds, 3))
         + "\n"
         + processor_cost.table(rounds=max(rounds, 3))
+        + "\n## In process: the event loop under costly requests\n\n"
+        + stall.table(rounds=max(rounds, 3))
     )
 
 

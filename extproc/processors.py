@@ -225,8 +225,11 @@ class TokenCountProcessor(Processor):
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]:
         if len(msg.body) > OFF_LOOP_BYTES:  # as a generation's: its tools' schemas are checked, its prompt counted
-            return asyncio.get_running_loop().run_in_executor(_PREPARING, self._answer, msg.body)
+            return self._answer_off_loop(msg.body)
         return self._answer(msg.body)
+
+    async def _answer_off_loop(self, raw: bytes) -> ep.ProcessingResponse:
+        return await asyncio.get_running_loop().run_in_executor(_PREPARING, self._answer, raw)
 
     def _answer(self, raw: bytes) -> ep.ProcessingResponse:
         ctx, api = self.ctx, MessagesCountTokens
