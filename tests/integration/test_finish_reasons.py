@@ -142,3 +142,28 @@ def test_a_stream_that_arrives_in_one_burst_counts_the_same(stack: Stack, api: s
     assert httpx.get(f"{stack.emulator}/config").json()["stream_burst"] is True
     assert outcome(stack, api, True, 3) == (CUT[api], 3, "Hello! I", "exact")
     assert stack.emulator_stats()["last_generate_body"]["stream"] is True
+
+
+@pytest.fixture(scope="module")
+def quick_idle() -> Iterator[Stack]:
+    """The pinned 1.x with Envoy's stream idle timeout at 2 s, so a burst stream's silence can outlast it."""
+    stack = start_stack({"EMULATOR_VERSION": PINNED, "STREAM_IDLE_TIMEOUT_S": "2"})
+    yield stack
+    stop_stack(stack)
+    stack.log.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("api", ["chat", "messages"])
+def test_a_burst_stream_silent_past_the_idle_timeout_is_a_clean_error(quick_idle: Stack, api: str) -> None:
+    """A 1.x stream silent for its whole generation (one burst at the end) cannot get keep-alives: Envoy takes no
+    body before Shimmy's first byte. Its headers are held until then, so when the silence outlasts
+    STREAM_IDLE_TIMEOUT_S the client gets a whole 504 in its API's error shape, never a 200 cut mid-body."""
+    quick_idle.configure(stream_burst=True, token_delay_ms=400, repeat=True)  # 10 tokens: 4 s of silence
+    path, body, headers = _request(api, True, 10)
+    reply = httpx.post(f"{quick_idle.url}{path}", json=body, headers=headers, timeout=30)
+    assert reply.status_code == 504, reply.text
+    assert reply.headers["content-type"].startswith("application/json")
+    if api == "chat":
+        assert reply.json()["error"]["type"] == "server_error" and reply.json()["error"]["code"] == "timeout"
+    else:  # Anthropic's own type for a 504
+        assert reply.json()["type"] == "error" and reply.json()["error"]["type"] == "timeout_error", reply.json()
