@@ -8,8 +8,9 @@ second signal cuts the grace short. envoy/standalone.example.yaml plugs it into 
 
 It reads exactly the settings in `SETTINGS` below. Two describe its surroundings: EXTPROC_WORKERS (more than one
 processor shares the generation slots through lock files) and EXTPROC_MESSAGE_TIMEOUT_MS (Envoy's limit on one
-answer, which bounds how long a request may queue for a slot). A bad setting, or an address it cannot bind, is one
-line and exit code 2.
+answer: a request that waits for a slot, up to QUEUE_TIMEOUT_S, first asks Envoy for that much more with
+`override_message_timeout`, which Envoy's `max_message_timeout` must allow). A bad setting, or an address it cannot
+bind, is one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from extproc.limits import ContextLimits, parse_context_tokens
 from extproc.processors import Context
 from extproc.responses_ws import ResponsesSocket, WsLimits, serve
 from extproc.server import ExternalProcessor, GrpcServer
-from settings import PROCESSOR_MARGIN_S, Settings, fail, load, parse_pairs
+from settings import PROCESSOR_MARGIN_S, Settings, fail, load, parse_pairs, waiting_message_timeout_s
 from shimmy_spec.versions import BackendProfile, profile_for
 
 __all__ = ["backend", "grpc_address", "main", "tls_credentials"]
@@ -64,6 +65,7 @@ SETTINGS = (
     "LOG_LEVEL",
     "MAX_ACTIVE_REQUESTS",
     "MAX_QUEUED_REQUESTS",
+    "QUEUE_TIMEOUT_S",
     "EXTPROC_MESSAGE_TIMEOUT_MS",
     "EXTPROC_WORKERS",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -232,6 +234,7 @@ def build(settings: Settings) -> tuple[Context, GrpcServer]:
         admission=admission,
         profile=profile,
         limits=limits,
+        waiting_timeout=waiting_message_timeout_s(settings.extproc_message_timeout_ms, settings.queue_timeout_s),
     )
     credentials = tls_credentials(
         settings.extproc_tls_cert.strip(), settings.extproc_tls_key.strip(), settings.extproc_tls_client_ca.strip()
@@ -274,10 +277,10 @@ def keepalive_interval(stream_idle_timeout_s: float) -> float:
 def build_admission(settings: Settings, shimmy_url: str, profile: BackendProfile) -> Admission:
     """Generation slots for the Shimmy at `shimmy_url`, following its version's profile (docs/admission.md).
 
-    A queued request waits at most a second less than Envoy's message_timeout, which bounds the processor's answer
-    to the request body. Several workers share one set of slots (lock files named after the Shimmy they serve).
+    A queued request waits at most QUEUE_TIMEOUT_S; Envoy's timer on that message is stretched to match first
+    (`Context.waiting_timeout`). Several workers share one set of slots (lock files named after the Shimmy they
+    serve).
     """
-    message_timeout = settings.extproc_message_timeout_ms / 1000
     shared = None
     if settings.extproc_workers > 1:
         key = hashlib.sha256(shimmy_url.encode()).hexdigest()[:16]
@@ -285,7 +288,7 @@ def build_admission(settings: Settings, shimmy_url: str, profile: BackendProfile
     return Admission(
         settings.max_active_requests,
         settings.max_queued_requests,
-        max(message_timeout - 1, message_timeout * 0.5),
+        settings.queue_timeout_s,
         serialized=profile.serialized,
         context_tokens=profile.context_tokens,
         shared_dir=shared,

@@ -21,6 +21,7 @@ __all__ = [
     "continue_response_body",
     "continue_response_headers",
     "immediate",
+    "message_timeout",
     "request_body",
     "response_body",
     "response_headers",
@@ -124,6 +125,14 @@ def immediate(status: int, body: bytes, headers: Iterable[Header] = ()) -> ep.Pr
             body=body,
         )
     )
+
+
+def message_timeout(seconds: float) -> ep.ProcessingResponse:
+    """Envoy's timer on the message being answered, restarted at `seconds` (once per message; at most the filter's
+    `max_message_timeout`, else Envoy ignores it)."""
+    response = ep.ProcessingResponse()
+    response.override_message_timeout.FromNanoseconds(round(seconds * 1e9))
+    return response
 
 
 def continue_response_headers() -> ep.ProcessingResponse:

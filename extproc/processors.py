@@ -79,6 +79,7 @@ class Context:
     admission: Admission | None = None  # generation slots; None admits everything (Envoy's breaker alone)
     profile: BackendProfile | None = None  # the Shimmy behind us (cli.build: SHIMMY_VERSION's); None: always stream
     limits: ContextLimits | None = None  # each model's context (cli.build sets it from the profile); None: unchecked
+    waiting_timeout: float = 0.0  # seconds Envoy allows a request body that waits (for a slot); 0: no override
 
     @property
     def known_models(self) -> Collection[str] | None:
@@ -140,6 +141,11 @@ class Processor:
     def response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | None:
         """None answers nothing for this chunk, which only a FULL_DUPLEX_STREAMED body allows."""
         return mutations.continue_response_body()
+
+    def waiting(self) -> ep.ProcessingResponse | None:
+        """What goes to Envoy before the server awaits an answer (a phase returned an awaitable): for a request
+        body that may wait for a slot, the longer timer it needs (`Context.waiting_timeout`)."""
+        return None
 
     timed = False  # GenerationProcessor: the stream loop calls `tick` when `wake_at` comes, message or not
 
@@ -348,6 +354,10 @@ class GenerationProcessor(Processor):
         except GatewayError as exc:
             return exc
         return exchange, body
+
+    def waiting(self) -> ep.ProcessingResponse | None:
+        timeout = self.ctx.waiting_timeout
+        return mutations.message_timeout(timeout) if timeout > 0 and self.phase == "request" else None
 
     async def _prepared_off_loop(self, raw: bytes) -> ep.ProcessingResponse:
         prepared = await asyncio.get_running_loop().run_in_executor(_PREPARING, self._prepare, raw)

@@ -96,6 +96,8 @@ class ExternalProcessor:
             async for msg in requests:
                 response = self.dispatch(processor, msg)
                 if inspect.isawaitable(response):
+                    if (first := processor.waiting()) is not None:  # a longer timer for Envoy, before the wait
+                        yield first
                     response = await response
                 if isinstance(response, list):  # held headers released with the body they waited for
                     for each in response:
@@ -140,6 +142,8 @@ class ExternalProcessor:
                         return
                 response = self.dispatch(processor, msg)
                 if inspect.isawaitable(response):
+                    if (first := processor.waiting()) is not None:  # a longer timer for Envoy, before the wait
+                        yield first
                     response = await response
                 if isinstance(response, list):
                     for each in response:

@@ -25,7 +25,7 @@ from extproc.apis import APIS
 from extproc.generation import Api
 from extproc.responses_ws import MAX_AGE_S
 from gateway import envoy_apis
-from settings import ENVOY_MARGIN_S, Settings
+from settings import ENVOY_MARGIN_S, Settings, waiting_message_timeout_s
 
 __all__ = ["config_path", "extproc_addresses", "render"]
 
@@ -304,6 +304,9 @@ def render(
     )
     ext_proc = _named(hcm["http_filters"], "envoy.filters.http.ext_proc")["typed_config"]
     ext_proc["message_timeout"] = _seconds(settings.extproc_message_timeout_ms / 1000)
+    ext_proc["max_message_timeout"] = _seconds(  # what a request waiting for a slot asks for (docs/admission.md)
+        waiting_message_timeout_s(settings.extproc_message_timeout_ms, settings.queue_timeout_s)
+    )
     ext_proc["grpc_service"]["timeout"] = _seconds(route_timeout)
     if settings.gateway_api_keys.strip():
         _require_api_keys(hcm, routes, settings.gateway_api_keys, settings.gateway_api_key_header)

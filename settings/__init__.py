@@ -26,8 +26,15 @@ __all__ = [
     "PROCESSOR_MARGIN_S",
     "SETTINGS",
     "UNIX_PATH_MAX",
-    "Parser", "Setting", "SettingError", "Settings", "fail", "load", "parse_bool",
+    "Parser",
+    "Setting",
+    "SettingError",
+    "Settings",
+    "fail",
+    "load",
+    "parse_bool",
     "parse_pairs",
+    "waiting_message_timeout_s",
 ]
 
 _TRUE = ("true", "1", "yes", "on")
@@ -96,6 +103,13 @@ def _pairs(text: str) -> None:
 # ends a chat this much earlier (in-band once streaming), Envoy's route timeout, its backstop, ENVOY_MARGIN_S earlier.
 PROCESSOR_MARGIN_S = 2
 ENVOY_MARGIN_S = 1
+
+
+def waiting_message_timeout_s(message_timeout_ms: int, queue_timeout_s: float) -> float:
+    """Envoy's limit on the answer to a request body that waits for a generation slot: the processor asks for it
+    (`override_message_timeout`) when the request starts waiting, Envoy's `max_message_timeout` allows it. The usual
+    message's time, plus the queue's: the processor's 429 always comes first."""
+    return message_timeout_ms / 1000 + queue_timeout_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +231,8 @@ SETTINGS: tuple[Setting, ...] = (
             low=1),
     Setting("MAX_QUEUED_REQUESTS", "16", "Requests waiting for a generation slot (429 beyond, or past the wait).", int,
             low=1),
+    Setting("QUEUE_TIMEOUT_S", "4", "Longest a request waits for a generation slot before its 429 `queue_full`.",
+            float, low=0.1, high=3600),
     Setting("GATEWAY_API_KEYS", "", "Comma-separated bearer keys; empty turns the check off."),
     Setting("MAX_CONNECTIONS", "1024", "Client connections Envoy holds at once; one more is closed on accept.", int,
             low=1),

@@ -38,6 +38,7 @@ def busy_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
             "MAX_ACTIVE_REQUESTS": str(CAP),
             "GENERATION_TIMEOUT_S": str(DEADLINE_S),
             "EXTPROC_MESSAGE_TIMEOUT_MS": "2000",
+            "QUEUE_TIMEOUT_S": "1",
             "EMULATOR_TOKEN_DELAY_MS": str(TOKEN_DELAY_S * 1000),
             "EMULATOR_VERSION": request.param,
         }
@@ -307,6 +308,7 @@ def test_processor_workers_share_one_cap() -> None:
             "EXTPROC_WORKERS": "2",
             "MAX_ACTIVE_REQUESTS": "1",
             "EXTPROC_MESSAGE_TIMEOUT_MS": "2000",
+            "QUEUE_TIMEOUT_S": "1",
             "EMULATOR_TOKEN_DELAY_MS": str(TOKEN_DELAY_S * 1000),
         }
     )
@@ -325,6 +327,49 @@ def test_processor_workers_share_one_cap() -> None:
                 c.join()
         assert sorted(results) == [200, 429, 429, 429]
         assert sampler.peak <= 1
+    finally:
+        stop_stack(stack)
+        stack.log.unlink(missing_ok=True)
+
+
+def test_a_queue_wait_longer_than_envoys_message_timeout_is_served() -> None:
+    """The queue is not bound by Envoy's limit on one processor answer (EXTPROC_MESSAGE_TIMEOUT_MS, 1 s here): a
+    request that waits ~2 s for the one slot asks Envoy for longer first (`override_message_timeout`, up to
+    `max_message_timeout`) and is answered 200, within QUEUE_TIMEOUT_S (4 s), and so is a third behind it."""
+    stack = start_stack(
+        {
+            "MAX_ACTIVE_REQUESTS": "1",
+            "MAX_QUEUED_REQUESTS": "2",
+            "EXTPROC_MESSAGE_TIMEOUT_MS": "1000",
+            "QUEUE_TIMEOUT_S": "4",
+            "EMULATOR_TOKEN_DELAY_MS": str(TOKEN_DELAY_S * 1000),
+        }
+    )
+    try:
+        stack.configure(repeat=True)
+        results: dict[str, tuple[int, float, str]] = {}
+
+        def call(name: str, tokens: int) -> None:
+            r, took = _post(stack, _chat(False, tokens))
+            results[name] = (r.status_code, took, r.text)
+
+        first = threading.Thread(target=call, args=("first", 10))  # 2 s in the slot
+        first.start()
+        deadline = time.monotonic() + 10
+        while stack.emulator_stats()["active_generations"] == 0:
+            assert time.monotonic() < deadline, "the first generation never started"
+            time.sleep(0.02)
+        second = threading.Thread(target=call, args=("second", 1))  # waits ~2 s: twice the message timeout
+        second.start()
+        time.sleep(0.2)
+        third = threading.Thread(target=call, args=("third", 1))  # behind both: ~2.2 s more, within 4 s, served
+        third.start()
+        for thread in (first, second, third):
+            thread.join()
+        assert results["first"][0] == 200, results["first"]
+        status, took, text = results["second"]
+        assert status == 200 and took > 1.5, (status, took, text)
+        assert results["third"][0] == 200, results["third"]
     finally:
         stop_stack(stack)
         stack.log.unlink(missing_ok=True)

@@ -29,9 +29,9 @@ TOLERATE_SPURIOUS_429 = False
 @pytest.mark.timeout(240)
 def test_soak_mixed_clients_leave_nothing_behind() -> None:
     queued = soak.queue_for(CLIENTS)
-    # A queued request waits at most EXTPROC_MESSAGE_TIMEOUT_MS - 1 s for a slot (docs/admission.md): room for 16
-    # clients on 2 slots, whose abandoned streams keep theirs while Shimmy goes on with them.
-    stack = start_stack({"MAX_QUEUED_REQUESTS": str(queued), "EXTPROC_MESSAGE_TIMEOUT_MS": "15000"})
+    # A queued request waits at most QUEUE_TIMEOUT_S for a slot (docs/admission.md): room for 16 clients on 2
+    # slots, whose abandoned streams keep theirs while Shimmy goes on with them.
+    stack = start_stack({"MAX_QUEUED_REQUESTS": str(queued), "QUEUE_TIMEOUT_S": "14"})
     try:
         report = soak.run(
             stack,

@@ -41,6 +41,13 @@ def test_deadlines_nest_inside_the_outer_limit() -> None:
     assert chat["timeout"] == ext_proc["grpc_service"]["timeout"] == f"{600 - ENVOY_MARGIN_S}s"
 
 
+def test_a_request_waiting_for_a_slot_may_ask_for_its_queue_time_on_top_of_the_message_timeout() -> None:
+    config = rendered("--extproc-message-timeout-ms", "1500", "--queue-timeout-s", "30")
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = _named(hcm["http_filters"], "envoy.filters.http.ext_proc")["typed_config"]
+    assert (ext_proc["message_timeout"], ext_proc["max_message_timeout"]) == ("1.5s", "31.5s")
+
+
 def test_an_outer_limit_too_short_for_the_margins_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         rendered("--generation-timeout-s", str(PROCESSOR_MARGIN_S))
@@ -116,7 +123,8 @@ def _validate(config: dict[str, Any], tmp_path: Path) -> None:
     ["--gateway-api-keys", "a,b", "--cors-allowed-origins", "https://a.example", "--metrics-port", "9199",
      "--public-metrics", "false", "--xff-trusted-hops", "2"],
     ["--gateway-api-keys", "a", "--gateway-api-key-header", "x-gateway-key", "--extproc-port", "unix:/tmp/x.sock"],
-    ["--extproc-workers", "3", "--generation-timeout-s", "30", "--request-headers-timeout-s", "3"],
+    ["--extproc-workers", "3", "--generation-timeout-s", "30", "--request-headers-timeout-s", "3",
+     "--queue-timeout-s", "0.5"],
 ])
 def test_envoy_validates_every_render(argv: list[str], tmp_path: Path) -> None:
     _validate(rendered(*argv), tmp_path)
