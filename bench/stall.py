@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import time
 from unittest import mock
@@ -23,6 +22,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
+from bench.stack import free_port
 from extproc import processors
 from extproc.health import ShimmyMonitor
 from extproc.processors import Context
@@ -47,17 +47,11 @@ def _body(salt: str) -> bytes:
     return json.dumps({"model": "phi3-lora", "messages": [{"role": "user", "content": "x"}], "tools": tools}).encode()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _storm(salt: str) -> tuple[float, float, float]:
     """(the loop's longest lateness, its p99, the storm's duration), in ms."""
     monitor = ShimmyMonitor("http://127.0.0.1:9", "phi3-lora", interval=60)
     monitor.healthy, monitor.models = True, frozenset({"phi3-lora"})
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     server = GrpcServer(ExternalProcessor(Context(templates={}, monitor=monitor, generation_timeout=60)), address)
     await server.start()
     late: list[float] = []
