@@ -207,9 +207,12 @@ def upgrade_routes(apis: Mapping[str, type[Api]]) -> list[dict[str, Any]]:
 
 
 def _ext_proc(route: str, mode: dict[str, str]) -> dict[str, Any]:
+    """A route's ext_proc override, with a copy of `mode`: each render is the caller's to change (the bench's
+    steps did, and a shared mode dict carried one step's change into every later render)."""
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-        "overrides": {"grpc_initial_metadata": [{"key": "x-gateway-route", "value": route}], "processing_mode": mode},
+        "overrides": {"grpc_initial_metadata": [{"key": "x-gateway-route", "value": route}],
+                      "processing_mode": dict(mode)},
     }
 
 
