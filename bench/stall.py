@@ -22,10 +22,9 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
+from bench import processor_cost
 from bench.stack import free_port
 from extproc import processors
-from extproc.health import ShimmyMonitor
-from extproc.processors import Context
 from extproc.server import ExternalProcessor, GrpcServer
 
 __all__ = ["table"]
@@ -49,10 +48,8 @@ def _body(salt: str) -> bytes:
 
 async def _storm(salt: str) -> tuple[float, float, float]:
     """(the loop's longest lateness, its p99, the storm's duration), in ms."""
-    monitor = ShimmyMonitor("http://127.0.0.1:9", "phi3-lora", interval=60)
-    monitor.healthy, monitor.models = True, frozenset({"phi3-lora"})
     address = f"127.0.0.1:{free_port()}"
-    server = GrpcServer(ExternalProcessor(Context(templates={}, monitor=monitor, generation_timeout=60)), address)
+    server = GrpcServer(ExternalProcessor(processor_cost.context()), address)
     await server.start()
     late: list[float] = []
     done = asyncio.Event()

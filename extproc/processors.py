@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import unquote
 
 import msgspec
@@ -63,6 +63,7 @@ __all__ = [
     "TokenCountProcessor",
 ]
 
+_T = TypeVar("_T")
 _encode = msgspec.json.Encoder().encode
 
 
@@ -231,11 +232,8 @@ class TokenCountProcessor(Processor):
 
     def request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]:
         if len(msg.body) > OFF_LOOP_BYTES:  # as a generation's: its tools' schemas are checked, its prompt counted
-            return self._answer_off_loop(msg.body)
+            return _on_preparing_thread(self._answer, msg.body)
         return self._answer(msg.body)
-
-    async def _answer_off_loop(self, raw: bytes) -> ep.ProcessingResponse:
-        return await asyncio.get_running_loop().run_in_executor(_PREPARING, self._answer, raw)
 
     def _answer(self, raw: bytes) -> ep.ProcessingResponse:
         ctx, api = self.ctx, MessagesCountTokens
@@ -282,6 +280,10 @@ _JSON_HEADERS = (("content-type", "application/json"),)
 # schemas of a 2 KiB body never seen before measured ~5 ms (8 KiB: 18 ms; a cached schema: well under 1 ms).
 OFF_LOOP_BYTES = 2 * 1024
 _PREPARING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extproc-prepare")
+
+
+async def _on_preparing_thread(prepare: Callable[[bytes], _T], raw: bytes) -> _T:
+    return await asyncio.get_running_loop().run_in_executor(_PREPARING, prepare, raw)
 
 _SHIMMY_END = re.compile(rb"^data: ?\[(?:DONE|ERROR)", re.MULTILINE)  # Shimmy's last event, read past the answer's end
 
@@ -360,7 +362,7 @@ class GenerationProcessor(Processor):
         return mutations.message_timeout(timeout) if timeout > 0 and self.phase == "request" else None
 
     async def _prepared_off_loop(self, raw: bytes) -> ep.ProcessingResponse:
-        prepared = await asyncio.get_running_loop().run_in_executor(_PREPARING, self._prepare, raw)
+        prepared = await _on_preparing_thread(self._prepare, raw)
         admitted = self._admit(prepared)
         return admitted if isinstance(admitted, ep.ProcessingResponse) else await admitted
 
