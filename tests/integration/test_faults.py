@@ -488,9 +488,10 @@ def test_stalled_clients_leave_other_users_served(supervised: Stack) -> None:
     connections behind them) until CLIENT_STALL_TIMEOUT_S cuts them; then the next user is served."""
     stack = supervised
     wait_for(lambda: chat_ok(stack))
-    # 1 KiB tokens: the context caps max_tokens near 4,000 (1.x), still megabytes, more than every buffer between
-    # Shimmy and a client that reads nothing can hold.
-    stack.configure(repeat=True, token_delay_ms=0, reply="x" * 1024)
+    # 8 KiB tokens: the context caps max_tokens near 4,000 (1.x), still 32 MB, more than every buffer between Shimmy
+    # and a client that reads nothing can hold. (1 KiB was not: on a busy machine, loopback's send buffer, which
+    # grows to 4 MB, and Envoy's took all 4 MB of an answer, and both streams ended before the test looked.)
+    stack.configure(repeat=True, token_delay_ms=0, reply="x" * 8192)
     stalled = [stalled_client(stack) for _ in range(2)]
     stalled_at = time.monotonic()
     try:
