@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import chart, processor_cost, report, stack, stall, stops, suite, wrk
+from bench import chart, processor_cost, report, stack, stall, stops, stream_loop, suite, wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,8 +94,8 @@ def _sigterm_as_sigint(signum: int, frame: object) -> None:
 
 
 def _in_process(rounds: int) -> str:
-    """What stop sequences and tools cost the processor, and how long costly requests hold its event loop, measured
-    in process (no stack), against a baseline in this run."""
+    """What stop sequences and tools cost the processor, how long costly requests hold its event loop, and what a
+    stream's timer costs per message, measured in process (no stack), against a baseline in this run."""
     return (
         "\n## In process: stop sequences and tools\n\n"
         + stops.table(rounds=max(rounds, 3))
@@ -103,6 +103,8 @@ def _in_process(rounds: int) -> str:
         + processor_cost.table(rounds=max(rounds, 3))
         + "\n## In process: the event loop under costly requests\n\n"
         + stall.table(rounds=max(rounds, 3))
+        + "\n## In process: the stream loop's timer\n\n"
+        + stream_loop.table(rounds=max(rounds, 3))
     )
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "Ports",
     "Proc",
     "Stack",
+    "cpu_seconds",
     "die_with_parent",
     "free_port",
     "free_ports",
@@ -174,7 +175,7 @@ def _status_kib(pid: int, key: str) -> int:
     return 0
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (all threads), from /proc/<pid>/stat; 0 for a process that is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -201,7 +202,7 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """CPU time of the process and its live descendants."""
-        return sum(_cpu_seconds(pid) for pid in self.pids())
+        return sum(cpu_seconds(pid) for pid in self.pids())
 
     def peak_rss_mib(self) -> float:
         """VmHWM (the largest resident set each process ever had), summed over the tree: an upper bound of the

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import os
 import socket
 import stat
@@ -84,75 +85,98 @@ class ExternalProcessor:
 
     async def Process(  # the gRPC method's name
         self, requests: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[ep.ProcessingResponse]:
+    ) -> None:
+        """The stream loop, on gRPC's reader/writer API (`requests` goes unread): a processor that keeps time
+        answers between Envoy's messages from its timer, which needs no task per message."""
         processor = self.processor_for(context.invocation_metadata())
+        timer = _Timer(processor, context) if processor.timed else None
         self.live_streams += 1
         metrics.LIVE_STREAMS.inc()
         try:
-            if processor.timed:
-                async for response in self._timed(processor, requests):
-                    yield response
-                return
-            async for msg in requests:
+            while True:
+                if timer is not None:
+                    timer.idle = True
+                    msg = await context.read()
+                    timer.idle = False
+                else:
+                    msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    if timer is not None and timer.sending is not None:  # Envoy is done: the answer in flight ends
+                        await timer.sending
+                    break
                 response = self.dispatch(processor, msg)
+                if timer is not None and timer.sending is not None:  # a timer's answers go first
+                    await timer.sending
                 if inspect.isawaitable(response):
                     if (first := processor.waiting()) is not None:  # a longer timer for Envoy, before the wait
-                        yield first
+                        await context.write(first)
                     response = await response
                 if isinstance(response, list):  # held headers released with the body they waited for
                     for each in response:
-                        yield each
+                        await context.write(each)
                 elif response is not None:
-                    yield response
+                    await context.write(response)
+                if timer is not None:
+                    timer.arm()
         finally:
+            if timer is not None:
+                timer.close()
             self.live_streams -= 1
             metrics.LIVE_STREAMS.dec()
             processor.close()
 
-    async def _timed(
-        self, processor: Processor, requests: AsyncIterator[ep.ProcessingRequest]
-    ) -> AsyncIterator[ep.ProcessingResponse]:
-        """The stream loop of a processor that keeps time: while it wants waking (`wake_at`), Envoy's next message
-        is awaited with that timeout, and the processor answers on its own when it comes first (a full-duplex body
-        takes a response at any time once Shimmy's body has begun): the deadline's error, a keep-alive. While it
-        wants no waking, the next message is awaited directly, as in the plain loop: no task, no timer.
-        """
-        pending: asyncio.Future[ep.ProcessingRequest] | None = None  # Envoy's next message, while a timer runs
+
+class _Timer:
+    """A timed processor's one timer (`wake_at`, `tick`): armed once for the earliest wake, and when it fires
+    early because the wake moved later (each streamed chunk moves the keep-alive) it re-arms, so a stream costs a
+    timer per keep-alive interval, not per message. It answers only while the stream loop awaits Envoy (`idle`):
+    then a task sends `tick`'s answers (a full-duplex body takes a response at any time once Shimmy's body has
+    begun: the deadline's error, a keep-alive), and the loop lets them go before its own.
+    """
+
+    def __init__(self, processor: Processor, context: grpc.aio.ServicerContext) -> None:
+        self.processor = processor
+        self.context = context
+        self.loop = asyncio.get_running_loop()
+        self.idle = False
+        self.sending: asyncio.Task[None] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = math.inf
+
+    def arm(self) -> None:
+        """After each message: a wake earlier than the armed one re-arms; a later one waits for the firing."""
+        wake = self.processor.wake_at()
+        if wake is not None and wake < self._at:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._handle = self.loop.call_later(max(wake - time.monotonic(), 0.0), self._fire)  # any loop's clock
+            self._at = wake
+
+    def _fire(self) -> None:
+        self._handle, self._at = None, math.inf
+        if not self.idle or self.sending is not None:  # the loop is busy with a message: it arms after it
+            return
+        answers = self.processor.tick(time.monotonic())
+        if answers:
+            self.sending = self.loop.create_task(self._send(answers))
+        else:
+            self.arm()
+
+    async def _send(self, answers: list[ep.ProcessingResponse]) -> None:
         try:
-            while True:
-                wake = processor.wake_at()
-                if pending is None and wake is None:
-                    try:
-                        msg = await anext(requests)
-                    except StopAsyncIteration:
-                        return
-                else:
-                    if pending is None:
-                        pending = asyncio.ensure_future(anext(requests))
-                    timeout = None if wake is None else max(wake - time.monotonic(), 0.0)
-                    done, _ = await asyncio.wait((pending,), timeout=timeout)
-                    if not done:
-                        for each in processor.tick(time.monotonic()):
-                            yield each
-                        continue
-                    arrived, pending = pending, None
-                    try:
-                        msg = arrived.result()
-                    except StopAsyncIteration:
-                        return
-                response = self.dispatch(processor, msg)
-                if inspect.isawaitable(response):
-                    if (first := processor.waiting()) is not None:  # a longer timer for Envoy, before the wait
-                        yield first
-                    response = await response
-                if isinstance(response, list):
-                    for each in response:
-                        yield each
-                elif response is not None:
-                    yield response
+            for each in answers:
+                await self.context.write(each)
+        except Exception as exc:  # the stream ended meanwhile: the loop's read says so
+            log.debug("a timer's answer was not sent: %r", exc)
         finally:
-            if pending is not None:
-                pending.cancel()
+            self.sending = None
+        self.arm()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self.sending is not None:
+            self.sending.cancel()
 
 
 def _handler(servicer: ExternalProcessor) -> grpc.GenericRpcHandler:

@@ -3,30 +3,33 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
+import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from extproc.admission import Admission
 from extproc.health import ShimmyMonitor
 from extproc.lease import SlotLease
 from extproc.processors import ROUTES, Context, GenerationProcessor
-from extproc.server import ExternalProcessor
+from extproc.server import ExternalProcessor, GrpcServer
 from shimmy_spec.versions import profile_for
 
 BODY = b'{"model":"phi3-lora","messages":[{"role":"user","content":"Hi"}],"max_tokens":8%s}'
 DUPLEX = ep.ProtocolConfiguration(response_body_mode=processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED)
 
 
-def context(version: str = "2.5.0", timeout: float = 60) -> Context:
+def context(version: str = "2.5.0", timeout: float = 60, keepalive: float = 1.0) -> Context:
     monitor = ShimmyMonitor("http://127.0.0.1:9", "phi3-lora", interval=60)
     monitor.healthy, monitor.models = True, frozenset({"phi3-lora"})
     admission = Admission(2, 4, 1.0, serialized=False)
     return Context(templates={}, monitor=monitor, generation_timeout=timeout, admission=admission,
-                   profile=profile_for(version), keepalive=1.0)
+                   profile=profile_for(version), keepalive=keepalive)
 
 
 def headers(status: int, content_type: str = "") -> ep.ProcessingRequest:
@@ -139,6 +142,53 @@ def test_the_deadline_timer_ends_a_silent_stream_in_band_and_shimmys_end_then_fr
     assert processor.wake_at() is None and processor.tick(deadline + 5) == []
     send(processor, chunk(b"data:b\n\ndata:[DONE]\n\n"))  # Shimmy goes on, then ends: its slot with it
     assert processor.lease.state == "released"
+
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def streamed(answer: ep.ProcessingResponse) -> ep.StreamedBodyResponse:
+    return answer.response_body.response.body_mutation.streamed_response
+
+
+async def test_the_stream_loop_sends_the_timers_answers_between_envoys_messages(unused_tcp_port: int) -> None:
+    """The timer over a real gRPC stream: tokens closer together than the keep-alive get none, Envoy's silence gets
+    one per interval, the next token's answer follows them, and the deadline's error ends the stream by itself."""
+    server = GrpcServer(ExternalProcessor(context(timeout=4, keepalive=0.5)), f"127.0.0.1:{unused_tcp_port}")
+    await server.start()
+    loop = asyncio.get_running_loop()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{unused_tcp_port}") as channel:
+            call = epg.ExternalProcessorStub(channel).Process(metadata=[("x-gateway-route", "chat")])
+            request = ep.ProcessingRequest(request_body=ep.HttpBody(body=BODY % b',"stream":true', end_of_stream=True))
+            request.protocol_config.CopyFrom(DUPLEX)
+            await call.write(request)
+            assert (await call.read()).HasField("request_body")
+            await call.write(headers(200))
+            await call.write(chunk(b"data:a\n\n"))  # Shimmy's first byte: the held headers go, then the token
+            assert (await call.read()).HasField("response_headers")
+            assert b'"content":"a"' in streamed(await call.read()).body
+            for _ in range(8):  # 0.8 s of tokens 0.1 s apart
+                await asyncio.sleep(0.1)
+                await call.write(chunk(b"data:b\n\n"))
+                assert b'"content":"b"' in streamed(await asyncio.wait_for(call.read(), 1)).body
+            silent = loop.time()
+            pings = []
+            for _ in range(2):
+                assert streamed(await asyncio.wait_for(call.read(), 2)).body == KEEPALIVE
+                pings.append(loop.time() - silent)
+            assert pings[0] > 0.45 and pings[1] - pings[0] > 0.45, pings
+            await call.write(chunk(b"data:c\n\n"))
+            while (answer := streamed(await asyncio.wait_for(call.read(), 1))).body == KEEPALIVE:
+                pass  # one may have fallen due meanwhile
+            assert b'"content":"c"' in answer.body and not answer.end_of_stream
+            while (answer := streamed(await asyncio.wait_for(call.read(), 4))).body == KEEPALIVE:
+                pass
+            assert answer.end_of_stream and b'"code":"timeout"' in answer.body
+            await call.done_writing()
+            assert await asyncio.wait_for(call.read(), 1) == grpc.aio.EOF
+    finally:
+        await server.stop(grace=0.1)
 
 
 def test_a_deadline_before_shimmys_first_byte_is_an_immediate_json_error() -> None:
