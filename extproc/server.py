@@ -100,13 +100,11 @@ class ExternalProcessor:
                     timer.idle = False
                 else:
                     msg = await context.read()
+                if timer is not None and timer.sending is not None:  # a timer's answers in flight go first
+                    await timer.sending
                 if msg is grpc.aio.EOF:
-                    if timer is not None and timer.sending is not None:  # Envoy is done: the answer in flight ends
-                        await timer.sending
                     break
                 response = self.dispatch(processor, msg)
-                if timer is not None and timer.sending is not None:  # a timer's answers go first
-                    await timer.sending
                 if inspect.isawaitable(response):
                     if (first := processor.waiting()) is not None:  # a longer timer for Envoy, before the wait
                         await context.write(first)
