@@ -151,10 +151,14 @@ def streamed(answer: ep.ProcessingResponse) -> ep.StreamedBodyResponse:
     return answer.response_body.response.body_mutation.streamed_response
 
 
-async def test_the_stream_loop_sends_the_timers_answers_between_envoys_messages(unused_tcp_port: int) -> None:
+@pytest.mark.parametrize("version", ["1.8.1", "2.5.0"])  # the image's Shimmy, and the 2.x profile
+async def test_the_stream_loop_sends_the_timers_answers_between_envoys_messages(
+    unused_tcp_port: int, version: str
+) -> None:
     """The timer over a real gRPC stream: tokens closer together than the keep-alive get none, Envoy's silence gets
     one per interval, the next token's answer follows them, and the deadline's error ends the stream by itself."""
-    server = GrpcServer(ExternalProcessor(context(timeout=4, keepalive=0.8)), f"127.0.0.1:{unused_tcp_port}")
+    ctx = context(version, timeout=4, keepalive=0.8)
+    server = GrpcServer(ExternalProcessor(ctx), f"127.0.0.1:{unused_tcp_port}")
     await server.start()
     loop = asyncio.get_running_loop()
     try:
